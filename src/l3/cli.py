@@ -1,0 +1,173 @@
+"""The `l3` command line: simulate a system, list presets, inspect the PIM device."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from l3.errors import L3Error
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="L3: GPU + DIMM-PIM LLM inference.")
+console = Console()
+
+
+def _fmt(x, unit: str = "", digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}{unit}"
+    return f"{x}{unit}"
+
+
+def print_summary(s: dict) -> None:
+    t = Table(
+        title=f"{s['system']} · {s['model']} · {s['workload']} ({s['workload_mode']})", show_header=False
+    )
+    t.add_column("metric", style="bold")
+    t.add_column("value", justify="right")
+    dep = s["deployment"]
+    rows = [
+        ("GPUs / parallelism", f"{dep['gpu']}, TP{dep['tp']} x DP{dep['dp']}"),
+        ("requests completed / rejected", f"{s['requests_completed']} / {s['requests_rejected']}"),
+        ("output throughput", _fmt(s["throughput_tok_s"], " tok/s", 4)),
+        ("mean batch size (per replica)", _fmt(s["mean_batch_size"])),
+        ("TTFT p50 / p99", f"{_fmt(s['ttft_p50_s'], ' s')} / {_fmt(s['ttft_p99_s'], ' s')}"),
+        ("TBT p50 / p90 / p99",
+         f"{_fmt(s['tbt_p50_s'], ' s')} / {_fmt(s['tbt_p90_s'], ' s')} / {_fmt(s['tbt_p99_s'], ' s')}"),
+        ("end-to-end p50 / p99", f"{_fmt(s['e2e_p50_s'], ' s')} / {_fmt(s['e2e_p99_s'], ' s')}"),
+        ("preemptions", str(s["preemptions"])),
+        ("KV capacity per replica", f"{s['kv_capacity_tokens_per_replica']:,} tokens"),
+        ("busy fraction", ", ".join(f"{d} {v:.1%}" for d, v in s["busy_fraction"].items())),
+        ("simulated time", _fmt(s["simulated_time_s"], " s", 5)),
+        ("wall time (measured)", _fmt(s["wall_time_s"], " s")),
+    ]  # fmt: skip
+    if s["reject_reasons"]:
+        rows.insert(2, ("rejection reasons", ", ".join(f"{k}: {v}" for k, v in s["reject_reasons"].items())))
+    for k, v in rows:
+        t.add_row(k, v)
+    console.print(t)
+    console.print(f"[dim]workload: {s['workload_source']}[/dim]")
+    console.print(f"[dim]{s['what_is_simulated']}[/dim]")
+
+
+@app.command()
+def simulate(
+    system: Annotated[str, typer.Option(help="system name (see `l3 list`) or a .toml file")] = "gpu-only",
+    model: Annotated[str, typer.Option(help="model preset or a Hugging Face config.json")] = "opt-66b",
+    workload: Annotated[str, typer.Option(help="workload name (see `l3 list`) or a trace file")] = "default",
+    requests: Annotated[
+        int | None, typer.Option(help="number of requests (default: all / 1000 synthetic)")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seed for synthetic lengths, sampling and arrivals")] = 0,
+    mode: Annotated[str | None, typer.Option(help="offline (all at t=0) or online (trace arrivals)")] = None,
+    rate_scale: Annotated[float, typer.Option(help="online: multiply the trace's request rate")] = 1.0,
+    arrival_rate: Annotated[float | None, typer.Option(help="online: Poisson arrivals, requests/s")] = None,
+    out: Annotated[Path | None, typer.Option(help="directory for summary.json, CSVs and plots")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="folder holding the real traces")] = None,
+) -> None:
+    """Serve a workload on a system and report throughput, latency and utilisation."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from l3.report.files import write_run
+    from l3.report.summary import summarize
+    from l3.sim.simulator import Simulator
+    from l3.specs.model import get_model
+    from l3.specs.system import get_system
+    from l3.workload import load_workload
+
+    wl = load_workload(workload, n_requests=requests, seed=seed, mode=mode, rate_scale=rate_scale,
+                       arrival_rate=arrival_rate, data_dir=data_dir)  # fmt: skip
+    dep = get_system(system).deploy(get_model(model))
+    sim = Simulator(dep, wl)
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True,
+                  disable=not console.is_terminal) as bar:  # fmt: skip
+        task = bar.add_task("simulating", total=len(wl))
+        res = sim.run(progress=lambda n: bar.update(task, completed=n))
+    summary = write_run(res, out) if out is not None else summarize(res)
+    print_summary(summary)
+    if out is not None:
+        console.print(
+            f"wrote {out}/summary.json, requests.csv, timeline.csv, batch_throughput.png, timeline.png"
+        )
+
+
+@app.command("list")
+def list_presets() -> None:
+    """Show the presets: models, GPUs, links, DRAM, systems and workloads."""
+    from l3.specs.dram import ORG_PRESETS, TIMING_PRESETS
+    from l3.specs.hardware import GPU_PRESETS, LINK_PRESETS
+    from l3.specs.model import MODEL_PRESETS
+    from l3.specs.system import builtin_system_names, get_system
+    from l3.workload import WORKLOAD_NAMES
+
+    t = Table(title="models")
+    for col in ("name", "layers", "d_model", "heads (q/kv)", "FFN", "params", "KV/token"):
+        t.add_column(col)
+    for m in MODEL_PRESETS.values():
+        t.add_row(
+            m.name,
+            str(m.n_layers),
+            str(m.d_model),
+            f"{m.n_heads}/{m.n_kv_heads}",
+            f"{m.ffn_dim} {m.ffn_kind}",
+            f"{m.n_params / 1e9:.1f} B",
+            f"{m.kv_bytes_per_token / 1e6:.3f} MB",
+        )
+    console.print(t)
+    t = Table(title="GPUs and links")
+    for col in ("name", "peak", "memory", "source"):
+        t.add_column(col)
+    for g in GPU_PRESETS.values():
+        t.add_row(
+            g.name,
+            f"{g.peak_flops / 1e12:.0f} TFLOP/s, {g.hbm_bw / 1e12:.2f} TB/s",
+            f"{g.hbm_bytes / 2**30:.0f} GiB",
+            g.source,
+        )
+    for lk in LINK_PRESETS.values():
+        t.add_row(lk.name, f"{lk.bw / 1e9:.1f} GB/s/dir", "", lk.source)
+    console.print(t)
+    t = Table(title="DRAM presets")
+    t.add_column("name")
+    t.add_column("facts")
+    for tm in TIMING_PRESETS.values():
+        t.add_row(tm.name, f"timing, tCK {tm.tck_ns:.4g} ns, {tm.data_rate_mts:.0f} MT/s")
+    for o in ORG_PRESETS.values():
+        t.add_row(o.name, f"organisation, {o.channels} ch, {o.ranks} ranks, {o.banks} banks, "
+                          f"{o.capacity_bytes / 2**30:.0f} GiB")  # fmt: skip
+    console.print(t)
+    t = Table(title="systems")
+    t.add_column("name")
+    t.add_column("description")
+    for name in builtin_system_names():
+        t.add_row(name, get_system(name).description)
+    console.print(t)
+    t = Table(title="workloads")
+    t.add_column("name")
+    t.add_column("description")
+    for name, desc in WORKLOAD_NAMES.items():
+        t.add_row(name, desc)
+    console.print(t)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except L3Error as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        sys.exit(130)
+    except Exception as exc:
+        # Usage errors and exits of the (possibly vendored) click layer carry their own message and code.
+        if hasattr(exc, "exit_code"):
+            if hasattr(exc, "show"):
+                exc.show()
+            sys.exit(exc.exit_code)
+        raise

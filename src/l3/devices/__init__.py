@@ -1,0 +1,1 @@
+"""Device models: capacity, timing and (where they compute) functional behaviour."""

@@ -1,0 +1,147 @@
+"""Analytic GPU cost model: per-operator roofline with wave quantisation and kernel overheads.
+
+Each operator's time is max(compute time, memory time) + a fixed kernel overhead, where
+- compute time of a GEMM counts the work of whole output tiles in whole waves over the SMs (a GEMM of M
+  tokens is padded to tiles of `tile_m x tile_n`; the tiles run in waves of `sm_count`), at `compute_util`
+  of the peak tensor-core rate;
+- memory time moves weights, activations in and out (and KV for attention) at `memory_util` of HBM bandwidth;
+- a tensor-parallel all-reduce is a ring over NVLink: 2 (t-1)/t of the message per GPU plus a fixed latency.
+
+All functions take token counts as scalars or numpy arrays (broadcast), so a run of decode steps can be
+evaluated at once. Times are seconds for one replica (one TP group); all GPUs of a group work in parallel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from l3.specs.base import SpecModel
+from l3.specs.hardware import GpuSpec, LinkSpec
+from l3.specs.model import ModelSpec
+
+
+class GpuModelParams(SpecModel):
+    """Named parameters of the GPU model (sources in docs/gpu-model.md)."""
+
+    compute_util: float = 0.8  # AttAcc's GPU model: 80% of peak FLOP/s
+    memory_util: float = 0.85  # AttAcc's GPU model: 85% of peak HBM bandwidth
+    tile_m: int = 128  # GEMM output tile (tokens), a common Hopper/Ampere tensor-core tile
+    tile_n: int = 256  # GEMM output tile (features)
+    min_tile_m: int = 16  # skinny GEMMs use tiles no taller than the next power of two >= M
+    min_split_k: int = 256  # split-K never cuts the reduction dimension below this many elements
+    gemm_overhead_s: float = 4e-6  # pipeline fill + tail of a tiled GEMM kernel (our assumption)
+    kernel_overhead_s: float = 1.5e-6  # fixed latency of a simple (elementwise/attention) kernel (assumption)
+    allreduce_latency_s: float = 10e-6  # NCCL small-message all-reduce latency on NVLink (our assumption)
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One decoder layer's time on one replica, split where L3 splits the work (seconds)."""
+
+    pre_attn: np.ndarray  # input norm + QKV projection + rotary embedding
+    prefill_attn: np.ndarray  # causal attention of prefill chunks (GPU in every system)
+    decode_attn: np.ndarray  # attention of decode tokens over their KV (GPU only in gpu-only)
+    post_attn: np.ndarray  # output projection + all-reduce + norm + FFN + all-reduce + residual adds
+
+    @property
+    def total(self) -> np.ndarray:
+        return self.pre_attn + self.prefill_attn + self.decode_attn + self.post_attn
+
+
+class GpuCostModel:
+    """Per-iteration GPU time of one TP group running `model` (TP degree `tp`)."""
+
+    def __init__(self, model: ModelSpec, gpu: GpuSpec, tp: int, nvlink: LinkSpec, params: GpuModelParams):
+        self.model, self.gpu, self.tp, self.nvlink, self.p = model, gpu, tp, nvlink, params
+        self._flops = gpu.peak_flops * params.compute_util
+        self._bw = gpu.hbm_bw * params.memory_util
+        self._sm_flops = self._flops / gpu.sm_count
+
+    # --- operator primitives ----------------------------------------------------------------------
+    def gemm(self, m, n: int, k: int) -> np.ndarray:
+        """Time of an (m x k) @ (k x n) GEMM on one GPU; m may be an array (tokens).
+
+        Output tiles of `tile_m x tile_n` (tile_m shrinks to the next power of two >= m for skinny GEMMs) run
+        in whole waves over the SMs. When there are fewer tiles than SMs the reduction dimension is split
+        (split-K) to fill them, at the cost of writing and re-reading FP32 partial outputs.
+        """
+        m = np.asarray(m, dtype=float)
+        p, sms = self.p, self.gpu.sm_count
+        tm = np.clip(2.0 ** np.ceil(np.log2(np.maximum(m, 1))), p.min_tile_m, p.tile_m)
+        tiles = np.ceil(m / tm) * np.ceil(n / p.tile_n)
+        split = np.clip(np.floor(sms / tiles), 1, max(1, k // p.min_split_k))
+        waves = np.ceil(tiles * split / sms)
+        t_compute = waves * 2.0 * tm * p.tile_n * np.ceil(k / split) / self._sm_flops
+        partials = np.where(split > 1, 2.0 * m * n * split * 4, 0.0)  # FP32 partials written and read back
+        t_memory = ((k * n + m * k + m * n) * self.model.dtype_bytes + partials) / self._bw
+        return np.where(m > 0, np.maximum(t_compute, t_memory) + p.gemm_overhead_s, 0.0)
+
+    def elementwise(self, m, width: int, passes: float = 2.0) -> np.ndarray:
+        """Memory-bound kernel touching `passes` x (m x width) elements (read + write = 2)."""
+        m = np.asarray(m, dtype=float)
+        t = passes * m * width * self.model.dtype_bytes / self._bw
+        return np.where(m > 0, t + self.p.kernel_overhead_s, 0.0)
+
+    def allreduce(self, m) -> np.ndarray:
+        """Ring all-reduce of m tokens' hidden states over the TP group."""
+        m = np.asarray(m, dtype=float)
+        if self.tp == 1:
+            return np.zeros_like(m)
+        nbytes = m * self.model.d_model * self.model.dtype_bytes
+        t = 2.0 * (self.tp - 1) / self.tp * nbytes / self.nvlink.bw + self.p.allreduce_latency_s
+        return np.where(m > 0, t, 0.0)
+
+    def attention(self, flops, kv_bytes, active) -> np.ndarray:
+        """Fused attention kernel: roofline of its FLOPs and KV bytes (per GPU), zero if not active."""
+        t = np.maximum(np.asarray(flops, float) / self._flops, np.asarray(kv_bytes, float) / self._bw)
+        return np.where(active, t + self.p.kernel_overhead_s, 0.0)
+
+    # --- per-layer operators (the names of the measured profiles) ---------------------------------
+    def op_times(self, m) -> dict[str, np.ndarray]:
+        """Dense per-layer operators for m tokens on one GPU of the TP group."""
+        md, t = self.model, self.tp
+        ffn_shard = md.ffn_dim // t
+        up_n = (2 if md.ffn_kind == "gated" else 1) * ffn_shard
+        return {
+            "input_layernorm": self.elementwise(m, md.d_model),
+            "attn_pre_proj": self.gemm(m, (md.q_dim + 2 * md.kv_dim) // t, md.d_model),
+            "attn_rope": self.elementwise(m, (md.q_dim + md.kv_dim) // t),
+            "attn_post_proj": self.gemm(m, md.d_model, md.q_dim // t),
+            "post_attention_layernorm": self.elementwise(m, md.d_model),
+            "mlp_up_proj": self.gemm(m, up_n, md.d_model),
+            "mlp_act": self.elementwise(m, ffn_shard, passes=3.0 if md.ffn_kind == "gated" else 2.0),
+            "mlp_down_proj": self.gemm(m, md.d_model, ffn_shard),
+            "add": self.elementwise(m, md.d_model, passes=3.0),
+            "all_reduce": self.allreduce(m),
+        }
+
+    def layer(self, n_tokens, n_decode, decode_ctx, prefill_pairs, prefill_kv_tokens) -> LayerCost:
+        """One layer's cost for an iteration.
+
+        n_tokens: tokens through the dense layers (prefill chunk tokens + decode tokens);
+        n_decode: decode requests; decode_ctx: sum of their context lengths (tokens attended);
+        prefill_pairs: causal query-key pairs of the prefill chunks; prefill_kv_tokens: KV tokens read by them.
+        """
+        md, t = self.model, self.tp
+        ops = self.op_times(n_tokens)
+        heads = md.n_heads / t
+        kv_tok = md.kv_bytes_per_token_layer / t
+        prefill_pairs = np.asarray(prefill_pairs, float)
+        decode_ctx = np.asarray(decode_ctx, float)
+        pre = ops["input_layernorm"] + ops["attn_pre_proj"] + ops["attn_rope"]
+        prefill = self.attention(4.0 * prefill_pairs * md.head_dim * heads, prefill_kv_tokens * kv_tok,
+                                 prefill_pairs > 0)  # fmt: skip
+        decode = self.attention(4.0 * decode_ctx * md.head_dim * heads, decode_ctx * kv_tok,
+                                np.asarray(n_decode) > 0)  # fmt: skip
+        post = (ops["attn_post_proj"] + ops["post_attention_layernorm"] + ops["mlp_up_proj"] + ops["mlp_act"]
+                + ops["mlp_down_proj"] + ops["add"] + 2.0 * ops["all_reduce"])  # fmt: skip
+        return LayerCost(pre, prefill, decode, post)
+
+    def lm_head(self, n_sampled) -> np.ndarray:
+        """Final norm + vocabulary projection for the tokens that are sampled."""
+        md = self.model
+        return self.elementwise(n_sampled, md.d_model) + self.gemm(
+            n_sampled, md.vocab_size // self.tp, md.d_model
+        )

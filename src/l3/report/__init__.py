@@ -1,0 +1,1 @@
+"""Reports: summary dicts, terminal tables, JSON/CSV files and PNG plots."""

@@ -1,0 +1,73 @@
+"""Turn a simulation result into the summary dict (summary.json) and the per-request table."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+
+from l3.sim.requests import Status
+from l3.sim.simulator import SimResult
+
+
+def _pct(x: np.ndarray, q: float) -> float | None:
+    x = x[np.isfinite(x)]
+    return float(np.percentile(x, q)) if len(x) else None
+
+
+def requests_frame(res: SimResult) -> pd.DataFrame:
+    """One row per request: lengths, status, times (seconds) and the reason of a rejection."""
+    t = res.table
+    ttft = t.first_token_s - t.arrival
+    e2e = t.finish_s - t.arrival
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_tbt = np.where(t.output > 1, (t.finish_s - t.first_token_s) / (t.output - 1), np.nan)
+    return pd.DataFrame({
+        "id": np.arange(t.n), "arrival_s": t.arrival, "prompt_tokens": t.prompt, "output_tokens": t.output,
+        "status": [Status(s).name.lower() for s in t.status], "replica": t.replica,
+        "admitted_s": t.admitted_s, "first_token_s": t.first_token_s, "finish_s": t.finish_s, "ttft_s": ttft,
+        "e2e_s": e2e, "mean_tbt_s": mean_tbt, "preemptions": t.preemptions,
+        "reject_reason": [t.reject_reason.get(i, "") for i in range(t.n)],
+    })  # fmt: skip
+
+
+def summarize(res: SimResult) -> dict:
+    """The run's headline numbers. Everything here is simulated except `wall_time_s`."""
+    t, m, dep = res.table, res.metrics, res.deployment
+    done = t.status == Status.DONE
+    out_tokens = int(t.output[done].sum())
+    sim_t = res.simulated_time_s
+    ttft = (t.first_token_s - t.arrival)[done]
+    e2e = (t.finish_s - t.arrival)[done]
+    reasons = Counter(t.reject_code.values())
+    replica_time = sim_t * dep.dp
+    return {
+        "system": dep.system.name,
+        "model": dep.model.name,
+        "workload": res.workload.name,
+        "workload_mode": res.workload.mode,
+        "workload_source": res.workload.source,
+        "deployment": dep.describe(),
+        "what_is_simulated": "all times are simulated by analytic device models; wall_time_s is measured",
+        "requests_total": int(t.n),
+        "requests_completed": int(done.sum()),
+        "requests_rejected": int((t.status == Status.REJECTED).sum()),
+        "reject_reasons": dict(reasons),
+        "output_tokens": out_tokens,
+        "throughput_tok_s": out_tokens / sim_t if sim_t > 0 else 0.0,
+        "mean_batch_size": m.mean_batch_size,
+        "iterations": m.steps,
+        "preemptions": int(t.preemptions.sum()),
+        "kv_capacity_tokens_per_replica": int(res.system.kv_capacity_tokens),
+        "ttft_p50_s": _pct(ttft, 50),
+        "ttft_p99_s": _pct(ttft, 99),
+        "tbt_p50_s": m.tbt.quantile(0.50),
+        "tbt_p90_s": m.tbt.quantile(0.90),
+        "tbt_p99_s": m.tbt.quantile(0.99),
+        "e2e_p50_s": _pct(e2e, 50),
+        "e2e_p99_s": _pct(e2e, 99),
+        "busy_fraction": {d: (b / replica_time if replica_time > 0 else 0.0) for d, b in m.busy.items()},
+        "simulated_time_s": sim_t,
+        "wall_time_s": res.wall_time_s,
+    }

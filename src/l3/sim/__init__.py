@@ -1,0 +1,1 @@
+"""The serving simulator: scheduler-driven iterations advanced on a simulated clock."""

@@ -1,0 +1,75 @@
+"""Run metrics gathered as the executor advances: token-gap histogram, batch sizes, busy time, timeline."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from l3.systems.base import Interval
+
+
+class LogHistogram:
+    """Weighted histogram on log-spaced bins (1e-7 s .. 1e4 s, 0.23% wide): bounded memory percentiles."""
+
+    PER_DECADE = 1000
+    LO, HI = -7.0, 4.0
+
+    def __init__(self):
+        self.counts = np.zeros(int((self.HI - self.LO) * self.PER_DECADE) + 1)
+
+    def add(self, values, weights) -> None:
+        v = np.maximum(np.asarray(values, float), 10**self.LO)
+        idx = np.clip(((np.log10(v) - self.LO) * self.PER_DECADE).astype(np.int64), 0, len(self.counts) - 1)
+        self.counts += np.bincount(
+            idx, weights=np.broadcast_to(weights, idx.shape), minlength=len(self.counts)
+        )
+
+    @property
+    def total(self) -> float:
+        return float(self.counts.sum())
+
+    def quantile(self, q: float) -> float:
+        """Value at quantile q (bin centre); NaN if empty."""
+        total = self.total
+        if total <= 0:
+            return float("nan")
+        i = int(np.searchsorted(np.cumsum(self.counts), q * total, side="left"))
+        return float(10 ** (self.LO + (min(i, len(self.counts) - 1) + 0.5) / self.PER_DECADE))
+
+
+class Metrics:
+    def __init__(self, devices: tuple[str, ...], timeline_limit: int):
+        self.tbt = LogHistogram()
+        self.steps = 0
+        self.batch_sum = 0.0  # sum over steps of requests in the batch
+        self.busy = dict.fromkeys(devices, 0.0)
+        self.timeline_limit = timeline_limit
+        self.timeline: list[tuple[int, str, float, float, str]] = []  # (replica, device, start, end, label)
+        self._series: list[tuple[int, float, float, int, int, float]] = []  # replica,t0,t1,steps,batch,tokens
+
+    def record(self, replica: int, t0: float, durations: np.ndarray, batch: int, n_decode: int, tokens: float,
+               busy: dict[str, float | np.ndarray], intervals: list[Interval]) -> None:  # fmt: skip
+        """One executed plan: `durations` per step, `tokens` output tokens produced over all its steps."""
+        k = len(durations)
+        if n_decode:
+            self.tbt.add(durations, n_decode)
+        self.steps += k
+        self.batch_sum += batch * k
+        for dev, b in busy.items():
+            self.busy[dev] += float(np.sum(b))
+        t1 = t0 + float(np.sum(durations))
+        self._series.append((replica, t0, t1, k, batch, tokens))
+        if len(self.timeline) < self.timeline_limit:
+            if k > 1:
+                self.timeline.append((replica, "gpu", t0, t1, f"decode x{k}"))
+            else:
+                self.timeline.extend(
+                    (replica, iv.device, t0 + iv.start, t0 + iv.end, iv.label) for iv in intervals
+                )
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.batch_sum / self.steps if self.steps else 0.0
+
+    def series(self) -> np.ndarray:
+        """Rows (replica, t0, t1, steps, batch, tokens), one per executed plan."""
+        return np.asarray(self._series, dtype=float).reshape(-1, 6)

@@ -1,0 +1,67 @@
+"""An iteration plan (what the scheduler decided) and its shape (what a cost model needs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+_EMPTY = np.empty(0, np.int64)
+
+
+@dataclass
+class Plan:
+    """One iteration, or `steps` identical decode-only iterations advanced together.
+
+    decode_ids: requests producing one token each step; prefill_ids / prefill_chunks: prompt tokens processed
+    this iteration per prefilling request, after `prefill_prefix` tokens already processed.
+    """
+
+    decode_ids: np.ndarray = field(default_factory=lambda: _EMPTY)
+    prefill_ids: np.ndarray = field(default_factory=lambda: _EMPTY)
+    prefill_chunks: np.ndarray = field(default_factory=lambda: _EMPTY)
+    prefill_prefix: np.ndarray = field(default_factory=lambda: _EMPTY)
+    prefill_completes: np.ndarray = field(default_factory=lambda: np.empty(0, bool))
+    steps: int = 1
+
+    @property
+    def empty(self) -> bool:
+        return len(self.decode_ids) == 0 and len(self.prefill_ids) == 0
+
+    @property
+    def decode_only(self) -> bool:
+        return len(self.prefill_ids) == 0 and len(self.decode_ids) > 0
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.decode_ids) + len(self.prefill_ids)
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """Aggregate work of an iteration (tokens). `decode_ctx` may be an array: one entry per repeated step."""
+
+    n_decode: int
+    decode_ctx: np.ndarray | float  # sum over decode requests of tokens attended
+    prefill_tokens: int = 0
+    prefill_pairs: float = 0.0  # causal query-key pairs of the prefill chunks
+    prefill_kv_tokens: float = 0.0  # KV tokens the prefill chunks attend over
+    n_sampled: int = 0  # tokens projected to the vocabulary (decodes + completed prefills)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_decode + self.prefill_tokens
+
+    @staticmethod
+    def of(plan: Plan, decode_context: np.ndarray) -> BatchShape:
+        """Shape of a single iteration; `decode_context` = tokens attended per decode request."""
+        c = plan.prefill_chunks.astype(np.float64)
+        p = plan.prefill_prefix.astype(np.float64)
+        return BatchShape(
+            n_decode=len(plan.decode_ids),
+            decode_ctx=float(decode_context.sum()),
+            prefill_tokens=int(c.sum()),
+            prefill_pairs=float((c * p + c * (c + 1) / 2).sum()),
+            prefill_kv_tokens=float((p + c).sum()),
+            n_sampled=len(plan.decode_ids) + int(plan.prefill_completes.sum()),
+        )

@@ -1,0 +1,154 @@
+"""Continuous batching with chunked prefill for one replica (vLLM/Sarathi-style policy).
+
+The scheduler sees only the request table, the waiting queue and its KV pool; it never sees the clock's
+mechanics or a cost model, so the same code can drive a simulator or a real engine.
+
+Policy (docs/memory-policy.md):
+- Admission: FIFO from the waiting queue while the head's prefill KV fits with `watermark` of the pool kept
+  free, the batch is under `max_batch_size`, and pending prefill work is under the iteration's token budget.
+- Each iteration runs one decode token for every request past its prefill, and fills the remaining token
+  budget (`max_batched_tokens` - decodes) with prefill chunks in admission order.
+- Memory exhaustion during decode: the most recently admitted running request is preempted (its KV freed,
+  re-queued at the front; it later re-prefills prompt + generated tokens). Requests are never dropped.
+- A request whose prompt + output KV can never fit a replica is rejected with a reason when it arrives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from l3.sim.kv import KvPool
+from l3.sim.plan import Plan
+from l3.sim.requests import RequestTable, Status, WaitingQueue
+from l3.specs.system import SchedulerSpec
+
+
+@dataclass(frozen=True)
+class RepeatLimit:
+    """How many times a decode-only plan may repeat, and whether an arrival would change the decision."""
+
+    steps: int
+    arrival_sensitive: bool
+
+
+class ContinuousBatchingScheduler:
+    def __init__(
+        self, spec: SchedulerSpec, kv: KvPool, table: RequestTable, queue: WaitingQueue, replica: int
+    ):
+        self.spec, self.kv, self.table, self.queue, self.replica = spec, kv, table, queue, replica
+        self.running = np.empty(0, np.int64)  # admission order
+        self._watermark_blocks = int(np.ceil(spec.watermark * kv.capacity_blocks))
+
+    # --- admission control ------------------------------------------------------------------------
+    def max_request_tokens(self) -> int:
+        """Largest prompt + output a request may have and still fit this replica alone."""
+        return (self.kv.capacity_blocks - self._watermark_blocks) * self.kv.block_size
+
+    def _batch_full(self) -> bool:
+        return 0 < self.spec.max_batch_size <= len(self.running)
+
+    def _head_fits(self) -> bool:
+        rid = self.queue.peek()
+        if rid is None or self._batch_full():
+            return False
+        need = int(self.kv.blocks(self.table.prefill_target[rid]))
+        return need + self._watermark_blocks <= self.kv.free_blocks
+
+    def _admit(self, now: float) -> None:
+        t = self.table
+        pending = int((t.prefill_target[self.running] - t.prefilled[self.running]).sum())
+        budget = self.spec.max_batched_tokens
+        admitted = []
+        while pending < budget and self._head_fits():
+            rid = self.queue.pop()
+            blocks = int(self.kv.blocks(t.prefill_target[rid]))
+            self.kv.allocate(blocks)
+            t.kv_blocks[rid] = blocks
+            t.status[rid] = Status.RUNNING
+            t.replica[rid] = self.replica
+            if np.isnan(t.admitted_s[rid]):
+                t.admitted_s[rid] = now
+            pending += int(t.prefill_target[rid] - t.prefilled[rid])
+            admitted.append(rid)
+        if admitted:
+            self.running = np.concatenate([self.running, np.asarray(admitted, np.int64)])
+
+    def _preempt_last(self) -> None:
+        t = self.table
+        rid = int(self.running[-1])
+        self.running = self.running[:-1]
+        self.kv.free(int(t.kv_blocks[rid]))
+        t.kv_blocks[rid] = 0
+        t.prefilled[rid] = 0
+        t.prefill_target[rid] = t.prompt[rid] + t.generated[rid]
+        t.preemptions[rid] += 1
+        self.queue.push_front(rid)
+
+    def _decode_growth_blocks(self, ids: np.ndarray) -> np.ndarray:
+        """Extra blocks each decoding request needs to write one more token."""
+        t = self.table
+        return self.kv.blocks(t.prompt[ids] + t.generated[ids]) - t.kv_blocks[ids]
+
+    # --- the per-iteration decision ---------------------------------------------------------------
+    def schedule(self, now: float) -> Plan:
+        t = self.table
+        self._admit(now)
+        while True:
+            run = self.running
+            in_decode = t.prefilled[run] >= t.prefill_target[run]
+            decode_ids = run[in_decode]
+            if int(self._decode_growth_blocks(decode_ids).sum()) <= self.kv.free_blocks:
+                break
+            self._preempt_last()
+        prefill_ids = run[~in_decode]
+        budget = max(self.spec.max_batched_tokens - len(decode_ids), 0)
+        remaining = t.prefill_target[prefill_ids] - t.prefilled[prefill_ids]
+        before = np.cumsum(remaining) - remaining
+        chunks = np.clip(budget - before, 0, remaining)
+        take = chunks > 0
+        prefill_ids, chunks = prefill_ids[take], chunks[take]
+        prefix = t.prefilled[prefill_ids]
+        return Plan(decode_ids=decode_ids, prefill_ids=prefill_ids, prefill_chunks=chunks, prefill_prefix=prefix,
+                    prefill_completes=prefix + chunks >= t.prefill_target[prefill_ids])  # fmt: skip
+
+    def repeat_limit(self, plan: Plan) -> RepeatLimit:
+        """Steps a decode-only plan can repeat with no scheduling decision in between.
+
+        It stops at the first step where a request finishes or memory would run out. Arrivals matter only
+        if the queue is empty now (a non-empty queue stays blocked: memory only shrinks while decoding).
+        """
+        t = self.table
+        ids = plan.decode_ids
+        steps = int((t.output[ids] - t.generated[ids]).min())
+        stored = t.prompt[ids] + t.generated[ids] - 1
+        steps = max(1, self.kv.growth_steps(stored, steps))
+        sensitive = len(self.queue) == 0 and not self._batch_full()
+        return RepeatLimit(steps, sensitive)
+
+    def commit(self, plan: Plan, end_s: float) -> np.ndarray:
+        """Apply a finished plan (all its steps); returns the ids of requests that completed."""
+        t = self.table
+        d = plan.decode_ids
+        if len(d):
+            t.generated[d] += plan.steps
+            need = self.kv.blocks(t.prompt[d] + t.generated[d] - 1)
+            self.kv.allocate(int((need - t.kv_blocks[d]).sum()))
+            t.kv_blocks[d] = need
+        p = plan.prefill_ids
+        if len(p):
+            t.prefilled[p] += plan.prefill_chunks
+            done = p[plan.prefill_completes]
+            t.generated[done] += 1
+            first = done[np.isnan(t.first_token_s[done])]
+            t.first_token_s[first] = end_s
+        run = self.running
+        finished = run[t.generated[run] >= t.output[run]]
+        if len(finished):
+            self.kv.free(int(t.kv_blocks[finished].sum()))
+            t.kv_blocks[finished] = 0
+            t.status[finished] = Status.DONE
+            t.finish_s[finished] = end_s
+            self.running = run[t.generated[run] < t.output[run]]
+        return finished

@@ -1,0 +1,1 @@
+"""Validated, plain-data descriptions of models, hardware and whole systems."""

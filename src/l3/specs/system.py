@@ -1,0 +1,163 @@
+"""Named systems: a whole machine (GPUs, links, memory-side device) plus serving parameters, as TOML files.
+
+Built-in systems live in `l3/data/systems/*.toml`; a user passes either a name or a path to a copy they edited.
+`SystemSpec.deploy(model)` checks the model fits and fixes the parallelism, failing early with a clear message.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from l3.devices.gpu import GpuModelParams
+from l3.errors import SpecError
+from l3.specs.base import SpecModel, load_toml
+from l3.specs.hardware import GpuSpec, LinkSpec, get_gpu, get_link
+from l3.specs.model import ModelSpec
+
+
+class GpuGroupSpec(SpecModel):
+    preset: str
+    count: int
+    memory_reserve_fraction: float = 0.1  # HBM kept for activations and workspace (our assumption)
+    model: GpuModelParams = GpuModelParams()
+
+    @model_validator(mode="after")
+    def _check(self) -> GpuGroupSpec:
+        get_gpu(self.preset)
+        if self.count < 1:
+            raise ValueError("count must be >= 1")
+        if not 0 <= self.memory_reserve_fraction < 1:
+            raise ValueError("memory_reserve_fraction must be in [0, 1)")
+        return self
+
+
+class LinksSpec(SpecModel):
+    nvlink: str = "nvlink3"
+    host: str = "pcie4-x16"
+
+    @model_validator(mode="after")
+    def _check(self) -> LinksSpec:
+        get_link(self.nvlink)
+        get_link(self.host)
+        return self
+
+
+class ParallelSpec(SpecModel):
+    tp: int
+    dp: int
+
+    @model_validator(mode="after")
+    def _check(self) -> ParallelSpec:
+        if self.tp < 1 or self.dp < 1:
+            raise ValueError("tp and dp must be >= 1")
+        return self
+
+
+class SchedulerSpec(SpecModel):
+    """Continuous batching with chunked prefill (units: tokens, requests)."""
+
+    max_batched_tokens: int = 2048  # tokens per iteration (decode tokens + prefill chunk tokens)
+    max_batch_size: int = 0  # running requests per replica; 0 = bounded by KV memory only
+    block_size: int = 16  # KV allocation granularity, tokens
+    watermark: float = 0.01  # fraction of KV blocks kept free at admission, to absorb decode growth
+
+    @model_validator(mode="after")
+    def _check(self) -> SchedulerSpec:
+        if self.max_batched_tokens < 1 or self.block_size < 1 or self.max_batch_size < 0:
+            raise ValueError("max_batched_tokens and block_size must be >= 1, max_batch_size >= 0")
+        if not 0 <= self.watermark < 1:
+            raise ValueError("watermark must be in [0, 1)")
+        return self
+
+
+class SystemSpec(SpecModel):
+    name: str
+    kind: Literal["gpu-only"]
+    description: str = ""
+    gpu: GpuGroupSpec
+    links: LinksSpec = LinksSpec()
+    parallelism: dict[str, ParallelSpec] = Field(default_factory=dict)  # per model name
+    scheduler: SchedulerSpec = SchedulerSpec()
+
+    def deploy(self, model: ModelSpec) -> Deployment:
+        """Fix TP/DP for `model` and check that it fits; raises SpecError naming the field."""
+        gpu = get_gpu(self.gpu.preset)
+        if model.name in self.parallelism:
+            par = self.parallelism[model.name]
+            where = f"parallelism.{model.name}"
+        else:
+            par = auto_parallelism(model, gpu, self.gpu)
+            where = "parallelism (automatic)"
+        if par.tp * par.dp > self.gpu.count:
+            raise SpecError(
+                f"{self.name}: {where}: tp*dp = {par.tp * par.dp} exceeds gpu.count = {self.gpu.count}"
+            )
+        if model.n_heads % par.tp:
+            raise SpecError(
+                f"{self.name}: {where}.tp = {par.tp} must divide the model's n_heads = {model.n_heads}"
+            )
+        if par.tp % model.n_kv_heads and model.n_kv_heads % par.tp:
+            raise SpecError(
+                f"{self.name}: {where}.tp = {par.tp} and n_kv_heads = {model.n_kv_heads}: one must divide the other"
+            )
+        usable = par.tp * gpu.hbm_bytes * (1 - self.gpu.memory_reserve_fraction)
+        if model.weight_bytes >= usable:
+            raise SpecError(
+                f"{self.name}: {where}.tp = {par.tp}: model weights {model.weight_bytes / 1e9:.1f} GB do not fit "
+                f"the {usable / 1e9:.1f} GB usable HBM of {par.tp} x {gpu.name}; expected a larger tp"
+            )
+        return Deployment(self, model, gpu, get_link(self.links.nvlink), get_link(self.links.host), par.tp,
+                          par.dp, int(usable - model.weight_bytes))  # fmt: skip
+
+
+class Deployment:
+    """A system with a model placed on it: the facts the simulator needs (per replica)."""
+
+    def __init__(self, system: SystemSpec, model: ModelSpec, gpu: GpuSpec, nvlink: LinkSpec, host_link: LinkSpec,
+                 tp: int, dp: int, hbm_free_bytes: int):  # fmt: skip
+        self.system, self.model, self.gpu, self.nvlink, self.host_link = system, model, gpu, nvlink, host_link
+        self.tp, self.dp = tp, dp
+        self.hbm_free_bytes = hbm_free_bytes  # per replica, after weights and reserve
+
+    def describe(self) -> dict:
+        return {"system": self.system.name, "model": self.model.name, "gpu": f"{self.tp * self.dp} x {self.gpu.name}",
+                "tp": self.tp, "dp": self.dp}  # fmt: skip
+
+
+def auto_parallelism(model: ModelSpec, gpu: GpuSpec, group: GpuGroupSpec) -> ParallelSpec:
+    """Smallest power-of-two TP dividing the heads whose weights use <= half the usable HBM; DP fills the rest."""
+    usable = gpu.hbm_bytes * (1 - group.memory_reserve_fraction)
+    tp = 1
+    while tp <= group.count:
+        if model.n_heads % tp == 0 and model.weight_bytes / tp <= 0.5 * usable:
+            return ParallelSpec(tp=tp, dp=group.count // tp)
+        tp *= 2
+    raise SpecError(
+        f"model {model.name}: weights {model.weight_bytes / 1e9:.1f} GB do not fit {group.count} x {gpu.name}"
+    )
+
+
+SYSTEMS_PACKAGE = "l3.data.systems"
+
+
+def builtin_system_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files(SYSTEMS_PACKAGE).iterdir() if p.name.endswith(".toml"))
+
+
+def get_system(name_or_path: str) -> SystemSpec:
+    """A built-in system by name, or a TOML file path."""
+    p = Path(name_or_path)
+    if p.suffix == ".toml":
+        return SystemSpec.build(load_toml(p), where=str(p))
+    names = builtin_system_names()
+    if name_or_path not in names:
+        raise SpecError(
+            f"unknown system {name_or_path!r}; expected one of: {', '.join(names)} or a .toml path"
+        )
+    path = resources.files(SYSTEMS_PACKAGE) / f"{name_or_path}.toml"
+    with resources.as_file(path) as fp:
+        return SystemSpec.build(load_toml(fp), where=f"system {name_or_path}")

@@ -1,0 +1,30 @@
+"""Shared fixtures: small systems and workloads that run in milliseconds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from l3.specs.model import get_model
+from l3.specs.system import SystemSpec
+from l3.workload.workload import Workload
+
+
+def small_system(kv_fraction_reserve: float = 0.83, dp: int = 1, **sched) -> SystemSpec:
+    """llama-2-7b on A100s with most HBM reserved, so the KV pool holds only a few thousand tokens."""
+    return SystemSpec.build({
+        "name": "test-small", "kind": "gpu-only",
+        "gpu": {"preset": "a100-80gb", "count": dp, "memory_reserve_fraction": kv_fraction_reserve},
+        "parallelism": {"llama-2-7b": {"tp": 1, "dp": dp}},
+        "scheduler": {"max_batched_tokens": 512, **sched},
+    })  # fmt: skip
+
+
+def make_workload(arrival, prompt, output, mode="online") -> Workload:
+    return Workload(name="test", arrival_s=np.asarray(arrival, float), prompt_len=np.asarray(prompt, np.int64),
+                    output_len=np.asarray(output, np.int64), mode=mode, source="test")  # fmt: skip
+
+
+@pytest.fixture
+def llama7b():
+    return get_model("llama-2-7b")

@@ -1,0 +1,63 @@
+"""The `l3` command: outputs, required summary fields, and one-line errors with non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+REQUIRED = ["throughput_tok_s", "requests_completed", "requests_rejected", "mean_batch_size", "ttft_p50_s",
+            "ttft_p99_s", "tbt_p50_s", "tbt_p99_s", "simulated_time_s", "wall_time_s", "model", "system",
+            "workload"]  # fmt: skip
+
+
+def l3(*args, check=True):
+    proc = subprocess.run([sys.executable, "-c", "from l3.cli import main; main()", *args],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    if check:
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+    return proc
+
+
+def test_simulate_writes_summary_csv_and_plots(tmp_path):
+    out = tmp_path / "run"
+    l3("simulate", "--system", "gpu-only", "--model", "llama-3-8b", "--workload", "dolphin-short",
+       "--requests", "40", "--out", str(out))  # fmt: skip
+    s = json.loads((out / "summary.json").read_text())
+    for key in REQUIRED:
+        assert key in s, key
+    assert s["requests_completed"] + s["requests_rejected"] == 40
+    assert s["throughput_tok_s"] > 0
+    lines = (out / "requests.csv").read_text().splitlines()
+    assert len(lines) == 41 and lines[0].startswith("id,arrival_s")
+    for png in ("batch_throughput.png", "timeline.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_builtin_sample_trace_online(tmp_path):
+    out = tmp_path / "run"
+    l3("simulate", "--model", "llama-2-7b", "--workload", "azure-conv-sample", "--requests", "50",
+       "--out", str(out))  # fmt: skip
+    s = json.loads((out / "summary.json").read_text())
+    assert s["workload_mode"] == "online" and s["requests_completed"] + s["requests_rejected"] == 50
+
+
+def test_list_shows_presets():
+    text = l3("list").stdout
+    for name in ("opt-66b", "qwen-72b", "gpt-175b", "a100-80gb", "gpu-only", "openr1", "ddr4-3200"):
+        assert name in text
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [(["simulate", "--model", "nope"], "unknown model"),
+     (["simulate", "--system", "nope"], "unknown system"),
+     (["simulate", "--workload", "nope"], "nope")],
+)  # fmt: skip
+def test_errors_are_one_line_without_traceback(args, needle):
+    proc = l3(*args, check=False)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert needle in proc.stderr

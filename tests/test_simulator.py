@@ -1,0 +1,158 @@
+"""Serving-simulator invariants (property-based) and hand-checked timing of tiny cases."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import make_workload, small_system
+from l3.report.summary import summarize
+from l3.sim.kv import KvPool
+from l3.sim.plan import BatchShape
+from l3.sim.requests import Status
+from l3.sim.simulator import Simulator
+from l3.specs.model import get_model
+from l3.systems.gpu_only import GpuOnlySystem
+
+LLAMA = get_model("llama-2-7b")
+
+
+@st.composite
+def workloads(draw):
+    n = draw(st.integers(1, 40))
+    prompt = draw(st.lists(st.integers(1, 3000), min_size=n, max_size=n))
+    output = draw(st.lists(st.integers(1, 3000), min_size=n, max_size=n))
+    online = draw(st.booleans())
+    gaps = draw(st.lists(st.floats(0, 2.0), min_size=n, max_size=n)) if online else [0.0] * n
+    return make_workload(np.cumsum(gaps), prompt, output, "online" if online else "offline")
+
+
+class CheckedPool(KvPool):
+    """A KV pool that records its peak use, to check it never exceeds capacity."""
+
+    peak = 0
+
+    def allocate(self, n_blocks: int) -> None:
+        super().allocate(n_blocks)
+        CheckedPool.peak = max(CheckedPool.peak, self.used_blocks / self.capacity_blocks)
+
+
+def run(workload, dp=1, bulk=True, **sched):
+    dep = small_system(dp=dp, **sched).deploy(LLAMA)
+    return Simulator(dep, workload, bulk=bulk).run()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(wl=workloads(), dp=st.integers(1, 3), max_batch=st.sampled_from([0, 3]))
+def test_every_request_ends_completed_or_rejected(wl, dp, max_batch):
+    res = run(wl, dp=dp, max_batch_size=max_batch)
+    t = res.table
+    assert np.all((t.status == Status.DONE) | (t.status == Status.REJECTED))
+    done = t.status == Status.DONE
+    assert np.array_equal(t.generated[done], t.output[done])
+    assert all(t.reject_reason[i] for i in np.flatnonzero(~done))
+    # Time never runs backwards: arrival <= admission <= first token <= finish, plans in order per replica.
+    assert np.all(t.admitted_s[done] >= t.arrival[done])
+    assert np.all(t.first_token_s[done] > t.admitted_s[done])
+    assert np.all(t.finish_s[done] >= t.first_token_s[done])
+    s = res.metrics.series()
+    assert np.all(s[:, 2] >= s[:, 1])
+    for r in range(dp):
+        rows = s[s[:, 0] == r]
+        assert np.all(np.diff(rows[:, 1]) >= 0) and np.all(rows[1:, 1] >= rows[:-1, 2] - 1e-9)
+    assert res.simulated_time_s >= s[:, 2].max(initial=0) - 1e-9
+
+
+@settings(max_examples=25, deadline=None)
+@given(wl=workloads())
+def test_kv_never_exceeds_capacity(wl):
+    import l3.sim.simulator as simmod
+
+    CheckedPool.peak = 0
+    orig = simmod.KvPool
+    simmod.KvPool = CheckedPool
+    try:
+        sim = Simulator(small_system().deploy(LLAMA), wl)
+        res = sim.run()
+    finally:
+        simmod.KvPool = orig
+    assert 0 < CheckedPool.peak <= 1.0 or (res.table.status == Status.REJECTED).all()
+    assert all(s.kv.used_blocks == 0 for s in sim.schedulers)  # everything freed at the end
+    assert res.table.kv_blocks.sum() == 0
+
+
+@settings(max_examples=20, deadline=None)
+@given(wl=workloads())
+def test_bulk_advance_equals_single_steps(wl):
+    a, b = run(wl, bulk=True), run(wl, bulk=False)
+    np.testing.assert_allclose(a.table.finish_s, b.table.finish_s, rtol=1e-9, equal_nan=True)
+    np.testing.assert_array_equal(a.table.status, b.table.status)
+    assert a.metrics.steps == b.metrics.steps
+    assert a.metrics.tbt.total == b.metrics.tbt.total
+    for q in (0.5, 0.99):
+        np.testing.assert_allclose(a.metrics.tbt.quantile(q), b.metrics.tbt.quantile(q), rtol=0.005)
+
+
+def test_same_seed_same_summary():
+    from l3.workload import load_workload
+
+    def once(seed):
+        wl = load_workload("openr1", n_requests=30, seed=seed)
+        s = summarize(Simulator(get_system_small(), wl).run())
+        s.pop("wall_time_s")
+        return s
+
+    assert once(3) == once(3)
+    assert once(3) != once(4)
+
+
+def get_system_small():
+    return small_system(kv_fraction_reserve=0.5, dp=2).deploy(LLAMA)
+
+
+def test_single_request_time_matches_hand_computation():
+    """One request: a prefill iteration, then output-1 decode steps whose context grows by one each."""
+    prompt, output = 300, 50
+    dep = small_system().deploy(LLAMA)
+    res = Simulator(dep, make_workload([0.0], [prompt], [output])).run()
+    sysm = GpuOnlySystem(dep)
+    cost = sysm.gpu
+    L = LLAMA.n_layers
+    # prefill: 300 tokens <= 512 budget: one iteration of 300 tokens, causal pairs 300*301/2, samples 1 token
+    pre = L * cost.layer(prompt, 0, 0.0, prompt * (prompt + 1) / 2, prompt).total + cost.lm_head(1)
+    ctx = prompt + np.arange(1, output)  # decode step g attends prompt + g tokens
+    dec = L * cost.layer(1, 1, ctx.astype(float), 0.0, 0.0).total + cost.lm_head(1)
+    expected = float(pre) + float(np.sum(dec))
+    assert abs(res.simulated_time_s - expected) <= 1e-9 * expected
+    assert abs(res.table.first_token_s[0] - float(pre)) <= 1e-12
+    s = summarize(res)
+    assert s["requests_completed"] == 1 and s["output_tokens"] == output
+
+
+def test_oversized_request_rejected_with_reason():
+    dep = small_system().deploy(LLAMA)
+    sim = Simulator(dep, make_workload([0, 0], [100, 10**6], [10, 10]))
+    res = sim.run()
+    assert res.table.status.tolist() == [Status.DONE, Status.REJECTED]
+    assert "kv_exceeds_capacity" in res.table.reject_reason[1]
+
+
+def test_memory_pressure_preempts_and_recovers():
+    """Many long requests at once on a tiny pool: preemption happens, nobody is lost."""
+    dep = small_system().deploy(LLAMA)
+    cap = GpuOnlySystem(dep).kv_capacity_tokens
+    n = 8
+    res = Simulator(dep, make_workload([0.0] * n, [cap // 8] * n, [cap // 4] * n, "offline")).run()
+    assert res.table.preemptions.sum() > 0
+    assert np.all(res.table.status == Status.DONE)
+
+
+def test_batch_shape_counts_causal_pairs():
+    from l3.sim.plan import Plan
+
+    plan = Plan(prefill_ids=np.array([0, 1]), prefill_chunks=np.array([4, 2]), prefill_prefix=np.array([0, 10]),
+                prefill_completes=np.array([True, False]))  # fmt: skip
+    shape = BatchShape.of(plan, np.empty(0))
+    # chunk of 4 from 0: 1+2+3+4 = 10 pairs; chunk of 2 after 10: 11+12 = 23 pairs
+    assert shape.prefill_pairs == 33 and shape.prefill_kv_tokens == 16 and shape.n_sampled == 1

@@ -1,0 +1,133 @@
+"""Spec validation: presets are consistent, impossible specs fail early naming the field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from l3.errors import SpecError
+from l3.specs.dram import DramSpec, get_org, get_timing
+from l3.specs.model import MODEL_PRESETS, ModelSpec, get_model
+from l3.specs.system import builtin_system_names, get_system
+
+PAPER_MODELS = {"opt-66b": (64, 72, 72, 9216), "qwen-72b": (80, 64, 8, 8192), "gpt-175b": (96, 96, 96, 12288)}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_MODELS))
+def test_paper_model_shapes(name):
+    m = get_model(name)
+    assert (m.n_layers, m.n_heads, m.n_kv_heads, m.d_model) == PAPER_MODELS[name]
+    assert m.head_dim == 128
+
+
+def test_parameter_counts_match_public_sizes():
+    # Public sizes (billions) of the real checkpoints; our count must be within 3%.
+    for name, billions in {"llama-2-7b": 6.74, "llama-2-70b": 68.98, "llama-3-8b": 8.03, "gpt-175b": 175.0,
+                           "opt-66b": 65.7, "llama-2-13b": 13.0}.items():  # fmt: skip
+        assert abs(MODEL_PRESETS[name].n_params / 1e9 - billions) / billions < 0.03, name
+
+
+def test_kv_bytes_per_token():
+    m = get_model("opt-66b")
+    assert m.kv_bytes_per_token == 2 * 64 * 9216 * 2
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [({"n_kv_heads": 96}, "n_kv_heads"), ({"n_layers": 0}, "n_layers"), ({"n_kv_heads": 7}, "n_heads")],
+)
+def test_impossible_model_names_field(change, field):
+    data = get_model("llama-2-7b").model_dump() | change
+    with pytest.raises(SpecError, match=field):
+        ModelSpec.build(data)
+
+
+def test_hf_config_llama_and_opt(tmp_path):
+    llama = {
+        "model_type": "llama",
+        "num_hidden_layers": 2,
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 128,
+        "vocab_size": 100,
+        "torch_dtype": "bfloat16",
+    }
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(llama))
+    m = get_model(str(p))
+    assert (m.n_kv_heads, m.head_dim, m.ffn_kind, m.gqa_group) == (2, 16, "gated", 2)
+    opt = {"model_type": "opt", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+           "ffn_dim": 256, "vocab_size": 100}  # fmt: skip
+    p.write_text(json.dumps(opt))
+    assert get_model(str(tmp_path)).ffn_kind == "plain"
+    p.write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(SpecError, match="model_type"):
+        get_model(str(p))
+    p.write_text("{ not json")
+    with pytest.raises(SpecError, match="line 1"):
+        get_model(str(p))
+    del llama["hidden_size"]
+    p.write_text(json.dumps(llama))
+    with pytest.raises(SpecError, match="hidden_size"):
+        get_model(str(p))
+
+
+def test_all_builtin_systems_deploy_paper_models():
+    for name in builtin_system_names():
+        s = get_system(name)
+        for m in PAPER_MODELS:
+            dep = s.deploy(get_model(m))
+            assert dep.tp * dep.dp <= s.gpu.count
+
+
+def test_gpu_only_paper_parallelism():
+    s = get_system("gpu-only")
+    got = {m: (s.deploy(get_model(m)).tp, s.deploy(get_model(m)).dp) for m in PAPER_MODELS}
+    assert got == {"opt-66b": (2, 4), "qwen-72b": (4, 2), "gpt-175b": (8, 1)}
+
+
+def _edited(tmp_path, text_from, text_to):
+    from importlib import resources
+
+    src = (resources.files("l3.data.systems") / "gpu-only.toml").read_text()
+    assert text_from in src
+    p = tmp_path / "edited.toml"
+    p.write_text(src.replace(text_from, text_to))
+    return p
+
+
+def test_impossible_systems_fail_naming_the_field(tmp_path):
+    with pytest.raises(SpecError, match="count"):
+        get_system(str(_edited(tmp_path, "count = 8", "count = 0")))
+    with pytest.raises(SpecError, match=r"parallelism\.gpt-175b\.tp = 5 must divide"):
+        get_system(str(_edited(tmp_path, "gpt-175b = { tp = 8", "gpt-175b = { tp = 5"))).deploy(
+            get_model("gpt-175b")
+        )
+    with pytest.raises(SpecError, match="do not fit"):
+        get_system(
+            str(_edited(tmp_path, "gpt-175b = { tp = 8, dp = 1 }", "gpt-175b = { tp = 2, dp = 4 }"))
+        ).deploy(get_model("gpt-175b"))
+    with pytest.raises(SpecError, match=r"exceeds gpu\.count"):
+        get_system(
+            str(_edited(tmp_path, "opt-66b = { tp = 2, dp = 4 }", "opt-66b = { tp = 2, dp = 8 }"))
+        ).deploy(get_model("opt-66b"))
+    with pytest.raises(SpecError, match="unknown GPU"):
+        get_system(str(_edited(tmp_path, 'preset = "a100-80gb"', 'preset = "z9000"')))
+    with pytest.raises(SpecError, match="invalid TOML"):
+        get_system(str(_edited(tmp_path, "[links]", "[links")))
+    with pytest.raises(SpecError, match="unknown system"):
+        get_system("no-such-system")
+
+
+def test_dram_derived_capacity_and_bandwidth():
+    spec = DramSpec(timing=get_timing("ddr4-3200"), org=get_org("ddr4-l3-2tb"))
+    assert spec.org.capacity_bytes == 2 * 2**40
+    assert spec.org.banks == 8192 and spec.org.ranks == 64
+    assert spec.channel_peak_bw == pytest.approx(25.6e9)
+    assert spec.external_peak_bw == pytest.approx(409.6e9)
+    with pytest.raises(SpecError, match="channels"):
+        from l3.specs.dram import DramOrg
+
+        DramOrg.build(get_org("ddr4-l3-2tb").model_dump() | {"channels": 0})

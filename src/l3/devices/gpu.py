@@ -71,7 +71,7 @@ class GpuCostModel:
         p, sms = self.p, self.gpu.sm_count
         tm = np.clip(2.0 ** np.ceil(np.log2(np.maximum(m, 1))), p.min_tile_m, p.tile_m)
         tiles = np.ceil(m / tm) * np.ceil(n / p.tile_n)
-        split = np.clip(np.floor(sms / tiles), 1, max(1, k // p.min_split_k))
+        split = np.clip(np.floor(sms / np.maximum(tiles, 1)), 1, max(1, k // p.min_split_k))
         waves = np.ceil(tiles * split / sms)
         t_compute = waves * 2.0 * tm * p.tile_n * np.ceil(k / split) / self._sm_flops
         partials = np.where(split > 1, 2.0 * m * n * split * 4, 0.0)  # FP32 partials written and read back

@@ -23,7 +23,7 @@ def main() -> None:
         for r in t.itertuples():
             print(f"| {r.model} | {r.operator} | {r.median_abs_error:.1%} | {r.median_error:+.1%} | "
                   f"{r.p90_abs_error:.1%} | {r.points} |")
-        print(f"\nmedian over models of the median abs error: "
+        print("\nmedian over models of the median abs error: "
               + ", ".join(f"{op} {v:.1%}" for op, v in t.groupby('operator')['median_abs_error'].median().items()))
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
+from hypothesis import settings
 
 from l3.specs.model import get_model
 from l3.specs.system import SystemSpec
@@ -28,3 +31,9 @@ def make_workload(arrival, prompt, output, mode="online") -> Workload:
 @pytest.fixture
 def llama7b():
     return get_model("llama-2-7b")
+
+
+# CI runs property tests with a fixed derivation of examples (reproducible); local runs explore new ones.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")

@@ -61,3 +61,20 @@ def test_errors_are_one_line_without_traceback(args, needle):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert needle in proc.stderr
+
+
+def test_pim_json_has_required_fields():
+    import json as _json
+
+    out = _json.loads(l3("pim", "--model", "qwen-72b", "--context", "4096", "--batch", "16", "--json",
+                         "--no-ablate").stdout)  # fmt: skip
+    for key in ("capacity_bytes", "peak_attention_bw_bytes_per_s", "effective_attention_bw_bytes_per_s", "n_hc",
+                "step_attention_time_s", "breakdown"):  # fmt: skip
+        assert key in out, key
+    assert out["n_hc"] == 1 and 12e12 < out["peak_attention_bw_bytes_per_s"] < 14e12
+    assert abs(sum(out["breakdown"].values()) - out["step_attention_time_s"]) <= 1e-9 * out["step_attention_time_s"]
+
+
+def test_pim_needs_a_pim_system():
+    proc = l3("pim", "--system", "gpu-only", check=False)
+    assert proc.returncode != 0 and "no [pim] section" in proc.stderr

@@ -97,6 +97,63 @@ def simulate(
         )
 
 
+@app.command()
+def pim(
+    system: Annotated[str, typer.Option(help="a system with a [pim] section, or a .toml file")] = "l3",
+    model: Annotated[str, typer.Option(help="model preset or a Hugging Face config.json")] = "opt-66b",
+    context: Annotated[int, typer.Option(min=1, help="tokens attended per request")] = 8192,
+    batch: Annotated[int, typer.Option(min=1, help="decode requests in the step")] = 64,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    ablate: Annotated[bool, typer.Option(help="also time the step with each hardware fix disabled")] = True,
+) -> None:
+    """The DIMM-PIM device: capacity, bandwidth, and one decode step's attention time by mechanism."""
+    import json
+
+    from l3.devices.pim.report import ablation, pim_report
+    from l3.errors import SpecError
+    from l3.specs.model import get_model
+    from l3.specs.system import get_system
+
+    spec = get_system(system)
+    if spec.pim is None:
+        raise SpecError(f"system {spec.name!r} has no [pim] section; try --system l3")
+    dram, m = spec.pim.dram(), get_model(model)
+    rep = pim_report(dram, spec.pim.pu, m, context, batch)
+    if ablate:
+        rep["ablation"] = ablation(dram, spec.pim.pu, m, context, batch)
+    if as_json:
+        print(json.dumps(rep, indent=2))
+        return
+    t = Table(title=f"DIMM-PIM of {spec.name} · {m.name} · {batch} x {context} tokens (simulated)", show_header=False)
+    t.add_column("quantity", style="bold")
+    t.add_column("value", justify="right")
+    t.add_row("organisation", f"{rep['dram']}, {dram.org.ranks} ranks, {dram.org.banks:,} banks")
+    t.add_row("capacity", f"{rep['capacity_bytes'] / 2**40:.2f} TiB = {rep['kv_capacity_tokens']:,} tokens of KV")
+    t.add_row("chips per KV head (N_hc)", str(rep["n_hc"]))
+    t.add_row("peak bank-level bandwidth", f"{rep['peak_attention_bw_bytes_per_s'] / 1e12:.2f} TB/s")
+    t.add_row("effective attention bandwidth", f"{rep['effective_attention_bw_bytes_per_s'] / 1e12:.2f} TB/s")
+    t.add_row("one step's attention (slowest rank)", f"{rep['step_attention_time_s'] * 1e3:.3f} ms")
+    if not rep["fits"]:
+        t.add_row("[yellow]note[/yellow]", "[yellow]this batch does not fit the capacity[/yellow]")
+    console.print(t)
+    b = Table(title="where the time goes (slowest rank, all layers)")
+    for col in ("mechanism", "ms", "share", "what it is"):
+        b.add_column(col)
+    total = rep["step_attention_time_s"]
+    for k, v in rep["breakdown"].items():
+        if v > 0:
+            b.add_row(k, f"{v * 1e3:.3f}", f"{v / total:.1%}", rep["mechanisms"][k])
+    console.print(b)
+    if ablate:
+        a = Table(title="hardware fixes disabled one at a time")
+        for col in ("fix disabled", "step (ms)", "slowdown", "prefill KV write (s)", "mechanism"):
+            a.add_column(col)
+        for r in rep["ablation"]:
+            a.add_row(r["fix_disabled"], f"{r['step_attention_time_s'] * 1e3:.3f}", f"{r['slowdown']:.2f}x",
+                      f"{r['prefill_write_time_s']:.3f}", r["mechanism"])
+        console.print(a)
+
+
 @app.command("list")
 def list_presets() -> None:
     """Show the presets: models, GPUs, links, DRAM, systems and workloads."""
@@ -160,7 +217,9 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except L3Error as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
+        from rich.text import Text
+
+        Console(stderr=True).print(Text("error: ", style="red") + Text(str(exc)), soft_wrap=True, highlight=False)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         sys.exit(130)

@@ -7,8 +7,10 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 
+from l3.sim.predictors import ErrorLog
 from l3.sim.requests import Status
 from l3.sim.simulator import SimResult
+from l3.sim.subbatch import SubBatchScheduler
 
 
 def _pct(x: np.ndarray, q: float) -> float | None:
@@ -70,4 +72,24 @@ def summarize(res: SimResult) -> dict:
         "busy_fraction": {d: (b / replica_time if replica_time > 0 else 0.0) for d, b in m.busy.items()},
         "simulated_time_s": sim_t,
         "wall_time_s": res.wall_time_s,
+        **coordination_summary(res),
     }
+
+
+def coordination_summary(res: SimResult) -> dict:
+    """Figures of systems that pair the GPUs with a memory-side device (empty for GPU-only)."""
+    m = res.metrics
+    if "imbalance" not in m.stats or not m.steps:
+        return {}
+    reports = [s.report() for s in res.schedulers]
+    out = {
+        "policy": reports[0].get("policy"),
+        "rank_load_imbalance": m.stats["imbalance"] / m.steps,
+        "gpu_waited_fraction": m.stats["gpu_waited"] / m.steps,
+        "pim_waited_fraction": m.stats["pim_waited"] / m.steps,
+        "prefill_chunks_shortened": sum(r.get("prefill_chunks_shortened", 0) for r in reports),
+    }
+    learners = [s for s in res.schedulers if isinstance(s, SubBatchScheduler)]
+    out["pim_predictor_error"] = ErrorLog.merged([s.pim_err for s in learners]).summary()
+    out["gpu_predictor_error"] = ErrorLog.merged([s.gpu_err for s in learners]).summary()
+    return out

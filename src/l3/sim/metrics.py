@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from l3.systems.base import Interval
+from l3.sim.plan import Plan
+from l3.systems.base import IterationTiming
 
 
 class LogHistogram:
@@ -42,29 +43,33 @@ class Metrics:
         self.steps = 0
         self.batch_sum = 0.0  # sum over steps of requests in the batch
         self.busy = dict.fromkeys(devices, 0.0)
+        self.stats: dict[str, float] = {}  # sums over steps of system-specific quantities
         self.timeline_limit = timeline_limit
         self.timeline: list[tuple[int, str, float, float, str]] = []  # (replica, device, start, end, label)
         self._series: list[tuple[int, float, float, int, int, float]] = []  # replica,t0,t1,steps,batch,tokens
 
-    def record(self, replica: int, t0: float, durations: np.ndarray, batch: int, n_decode: int, tokens: float,
-               busy: dict[str, float | np.ndarray], intervals: list[Interval]) -> None:  # fmt: skip
-        """One executed plan: `durations` per step, `tokens` output tokens produced over all its steps."""
+    def record(self, replica: int, t0: float, plan: Plan, timing: IterationTiming) -> None:
+        """One executed plan (all its steps)."""
+        durations = timing.durations
         k = len(durations)
+        n_decode = len(plan.decode_ids)
         if n_decode:
             self.tbt.add(durations, n_decode)
         self.steps += k
-        self.batch_sum += batch * k
-        for dev, b in busy.items():
-            self.busy[dev] += float(np.sum(b))
+        self.batch_sum += plan.batch_size * k
+        for dev, b in timing.busy.items():
+            self.busy[dev] = self.busy.get(dev, 0.0) + float(np.sum(b))
+        for key, v in timing.stats.items():
+            self.stats[key] = self.stats.get(key, 0.0) + float(np.sum(v))
         t1 = t0 + float(np.sum(durations))
-        self._series.append((replica, t0, t1, k, batch, tokens))
+        tokens = n_decode * k + int(plan.prefill_completes.sum())
+        self._series.append((replica, t0, t1, k, plan.batch_size, tokens))
         if len(self.timeline) < self.timeline_limit:
             if k > 1:
                 self.timeline.append((replica, "gpu", t0, t1, f"decode x{k}"))
             else:
-                self.timeline.extend(
-                    (replica, iv.device, t0 + iv.start, t0 + iv.end, iv.label) for iv in intervals
-                )
+                self.timeline.extend((replica, iv.device, t0 + iv.start, t0 + iv.end, iv.label)
+                                     for iv in timing.intervals)  # fmt: skip
 
     @property
     def mean_batch_size(self) -> float:

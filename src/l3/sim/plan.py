@@ -22,7 +22,21 @@ class Plan:
     prefill_chunks: np.ndarray = field(default_factory=lambda: _EMPTY)
     prefill_prefix: np.ndarray = field(default_factory=lambda: _EMPTY)
     prefill_completes: np.ndarray = field(default_factory=lambda: np.empty(0, bool))
+    decode_sub: np.ndarray | None = None  # sub-batch (0/1) of each decode request; None = all in sub-batch 0
+    prefill_sub: np.ndarray | None = None  # sub-batch of each prefill request
     steps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.decode_sub is None:
+            self.decode_sub = np.zeros(len(self.decode_ids), np.int8)
+        if self.prefill_sub is None:
+            self.prefill_sub = np.zeros(len(self.prefill_ids), np.int8)
+
+    def sub_batch(self, s: int) -> Plan:
+        """The part of this plan in sub-batch `s`."""
+        d, p = self.decode_sub == s, self.prefill_sub == s
+        return Plan(self.decode_ids[d], self.prefill_ids[p], self.prefill_chunks[p], self.prefill_prefix[p],
+                    self.prefill_completes[p], steps=self.steps)  # fmt: skip
 
     @property
     def empty(self) -> bool:

@@ -23,6 +23,7 @@ from l3.sim.kv import KvPool
 from l3.sim.plan import Plan
 from l3.sim.requests import RequestTable, Status, WaitingQueue
 from l3.specs.system import SchedulerSpec
+from l3.systems.base import IterationTiming
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class ContinuousBatchingScheduler:
     def _admit(self, now: float) -> None:
         t = self.table
         pending = int((t.prefill_target[self.running] - t.prefilled[self.running]).sum())
-        budget = self.spec.max_batched_tokens
+        budget = self.admission_budget()
         admitted = []
         while pending < budget and self._head_fits():
             rid = self.queue.pop()
@@ -73,7 +74,9 @@ class ContinuousBatchingScheduler:
             pending += int(t.prefill_target[rid] - t.prefilled[rid])
             admitted.append(rid)
         if admitted:
-            self.running = np.concatenate([self.running, np.asarray(admitted, np.int64)])
+            ids = np.asarray(admitted, np.int64)
+            self.on_admit(ids)
+            self.running = np.concatenate([self.running, ids])
 
     def _preempt_last(self) -> None:
         t = self.table
@@ -84,6 +87,7 @@ class ContinuousBatchingScheduler:
         t.prefilled[rid] = 0
         t.prefill_target[rid] = t.prompt[rid] + t.generated[rid]
         t.preemptions[rid] += 1
+        t.sub_batch[rid] = -1
         self.queue.push_front(rid)
 
     def _decode_growth_blocks(self, ids: np.ndarray) -> np.ndarray:
@@ -103,15 +107,32 @@ class ContinuousBatchingScheduler:
                 break
             self._preempt_last()
         prefill_ids = run[~in_decode]
-        budget = max(self.spec.max_batched_tokens - len(decode_ids), 0)
+        budget = self.prefill_budget(len(decode_ids))
         remaining = t.prefill_target[prefill_ids] - t.prefilled[prefill_ids]
         before = np.cumsum(remaining) - remaining
-        chunks = np.clip(budget - before, 0, remaining)
+        chunks = np.clip(budget - before, 0, remaining).astype(np.int64)
         take = chunks > 0
         prefill_ids, chunks = prefill_ids[take], chunks[take]
         prefix = t.prefilled[prefill_ids]
-        return Plan(decode_ids=decode_ids, prefill_ids=prefill_ids, prefill_chunks=chunks, prefill_prefix=prefix,
+        plan = Plan(decode_ids=decode_ids, prefill_ids=prefill_ids, prefill_chunks=chunks, prefill_prefix=prefix,
                     prefill_completes=prefix + chunks >= t.prefill_target[prefill_ids])  # fmt: skip
+        return self.split(plan)
+
+    # --- hooks for policies that extend this one -----------------------------------------------------
+    def admission_budget(self) -> float:
+        """Admit while the prefill work already admitted is below this many tokens."""
+        return self.spec.max_batched_tokens
+
+    def prefill_budget(self, n_decode: int) -> float:
+        """Prefill tokens this iteration: what the token budget leaves after one token per decode."""
+        return max(self.spec.max_batched_tokens - n_decode, 0)
+
+    def on_admit(self, ids: np.ndarray) -> None:
+        """Called with newly admitted requests (e.g. to place their KV)."""
+
+    def split(self, plan: Plan) -> Plan:
+        """Divide the plan into sub-batches (this policy runs one batch)."""
+        return plan
 
     def repeat_limit(self, plan: Plan) -> RepeatLimit:
         """Steps a decode-only plan can repeat with no scheduling decision in between.
@@ -126,6 +147,13 @@ class ContinuousBatchingScheduler:
         steps = max(1, self.kv.growth_steps(stored, steps))
         sensitive = len(self.queue) == 0 and not self._batch_full()
         return RepeatLimit(steps, sensitive)
+
+    def observe(self, plan: Plan, timing: IterationTiming) -> None:
+        """Times the executor measured for `plan` (this policy does not learn from them)."""
+
+    def report(self) -> dict:
+        """Policy-specific figures for the run summary."""
+        return {}
 
     def commit(self, plan: Plan, end_s: float) -> np.ndarray:
         """Apply a finished plan (all its steps); returns the ids of requests that completed."""

@@ -17,11 +17,12 @@ import numpy as np
 
 from l3.sim.kv import KvPool
 from l3.sim.metrics import Metrics
-from l3.sim.plan import BatchShape
 from l3.sim.requests import RequestTable, WaitingQueue
 from l3.sim.scheduler import ContinuousBatchingScheduler
+from l3.sim.subbatch import SubBatchScheduler
 from l3.specs.system import Deployment
 from l3.systems import SystemModel, build_system
+from l3.systems.base import IterationTiming
 from l3.workload import Workload
 
 MAX_BULK_STEPS = 1 << 16  # cap on one vectorised run (bounds temporary arrays)
@@ -34,6 +35,7 @@ class SimResult:
     system: SystemModel
     table: RequestTable
     metrics: Metrics
+    schedulers: list[ContinuousBatchingScheduler]
     simulated_time_s: float
     wall_time_s: float
 
@@ -46,14 +48,17 @@ class Simulator:
         self.system = build_system(dep)
         self.table = RequestTable(workload.arrival_s, workload.prompt_len, workload.output_len)
         self.queue = WaitingQueue(self.table)
-        spec = dep.system.scheduler
-        self.schedulers = [
-            ContinuousBatchingScheduler(spec, KvPool(self.system.kv_capacity_tokens, spec.block_size), self.table,
-                                        self.queue, replica=r)
-            for r in range(dep.dp)
-        ]  # fmt: skip
+        self.schedulers = [self._scheduler(r) for r in range(dep.dp)]
         self.metrics = Metrics(self.system.devices, timeline_limit)
         self._reject_oversized()
+
+    def _scheduler(self, r: int) -> ContinuousBatchingScheduler:
+        spec = self.dep.system.scheduler
+        kv = KvPool(self.system.kv_capacity_tokens, spec.block_size)
+        if self.dep.system.kind == "l3":
+            return SubBatchScheduler(spec, kv, self.table, self.queue, r, self.dep.system.coordination,
+                                     self.system.slots, self.dep.model)  # fmt: skip
+        return ContinuousBatchingScheduler(spec, kv, self.table, self.queue, replica=r)
 
     def _reject_oversized(self) -> None:
         t = self.table
@@ -82,7 +87,7 @@ class Simulator:
             if progress is not None and self.completed != done_before:
                 done_before = self.completed
                 progress(done_before + len(self.table.reject_reason))
-        return SimResult(self.dep, self.workload, self.system, self.table, self.metrics, end,
+        return SimResult(self.dep, self.workload, self.system, self.table, self.metrics, self.schedulers, end,
                          time.perf_counter() - wall0)  # fmt: skip
 
     def _act(self, r: int, now: float) -> float | None:
@@ -97,27 +102,29 @@ class Simulator:
                 raise RuntimeError(f"replica {r} idle at t={now:.6f}s with {len(queue)} requests waiting")
             nxt = queue.next_arrival()
             return max(nxt, now) if nxt < np.inf else None
+        steps = 1
         if plan.decode_only:
             lim = sched.repeat_limit(plan)
-            k = min(lim.steps, self.max_bulk)
-            n = len(plan.decode_ids)
-            ctx0 = float(table.context(plan.decode_ids).sum())
-            durations, busy = self.system.decode_steps(n, ctx0 + n * np.arange(k))
-            nxt_arrival = queue.next_arrival()
-            if lim.arrival_sensitive and nxt_arrival < np.inf and k > 1:
-                ends = np.cumsum(durations)
-                k = min(k, int(np.searchsorted(ends, nxt_arrival - now, side="left")) + 1)
-                durations = durations[:k]
-                busy = {d: b[:k] for d, b in busy.items()}
-            plan.steps = k
-            intervals = []
-            tokens = float(n * k)
-        else:
-            shape = BatchShape.of(plan, table.context(plan.decode_ids))
-            timing = self.system.iteration(shape)
-            durations, busy, intervals = np.array([timing.duration]), timing.busy, timing.intervals
-            tokens = float(shape.n_sampled)
-        duration = float(durations.sum())
-        self.metrics.record(r, now, durations, plan.batch_size, len(plan.decode_ids), tokens, busy, intervals)
+            steps = min(lim.steps, self.max_bulk)
+        record = len(self.metrics.timeline) < self.metrics.timeline_limit
+        timing = self.system.run(plan, table, steps, record=record and steps == 1)
+        if steps > 1 and lim.arrival_sensitive and queue.next_arrival() < np.inf:
+            ends = np.cumsum(timing.durations)
+            steps = min(steps, int(np.searchsorted(ends, queue.next_arrival() - now, side="left")) + 1)
+            timing = truncate(timing, steps)
+        plan.steps = steps
+        duration = timing.duration
+        self.metrics.record(r, now, plan, timing)
+        sched.observe(plan, timing)
         self.completed += len(sched.commit(plan, now + duration))
         return now + duration
+
+
+def truncate(t: IterationTiming, steps: int) -> IterationTiming:
+    """The first `steps` steps of a multi-step timing."""
+
+    def cut(x):
+        return None if x is None else x[:steps]
+
+    return IterationTiming(t.durations[:steps], {d: b[:steps] for d, b in t.busy.items()}, cut(t.sub_gpu_s),
+                           cut(t.sub_mem_s), {k: v[:steps] for k, v in t.stats.items()})  # fmt: skip

@@ -17,18 +17,29 @@ class BankPuSpec(SpecModel):
     """One PU per bank, in the DRAM process; reads its own bank one column access per tCCD_L."""
 
     gqa_reuse_max: int = 8  # N_cmr: query heads one fetched K/V element can serve (MACs per element)
-    result_buffer_bytes: int = 256  # per bank: partial sums held for the rank PU (64 x FP32)
+    # Per bank. Our assumption: it must hold the context-phase accumulators (query heads x E_h / N_hc at
+    # `accumulate` precision: 8 x 128 x 4 B = 4 KB for GQA-8 on one chip per head, the densest default case)
+    # plus double-buffered score partials; 8 KB is the next power of two.
+    result_buffer_bytes: int = 8192
     accumulate: Literal["fp32", "fp16"] = "fp32"  # accumulation precision of the MAC datapath
+    # Bytes of one score partial sent to the rank PU. 2 (FP16, the KV element width) is our reading of the
+    # paper's bubble-free condition, which counts partials like KV elements; 4 halves the N_hc bound.
+    partial_bytes: int = 2
 
 
 class RankPuSpec(SpecModel):
     """One PU per rank on the DIMM buffer chip (logic process): adder, softmax, re-layout."""
 
-    link_to_chips_multiple: float = 8.0  # B_rk / B_bk (L3.md: derived from the bubble-free condition)
-    clock_ghz: float = 1.0
-    adder_lanes: int = 32  # FP32 adds per cycle (cross-chip / cross-bank partial sums)
-    softmax_lanes: int = 16  # exp + running max/sum per cycle
+    # B_rk / B_bk, B_rk = the rank PU's link to all chips of its rank together (L3 paper's bubble-free
+    # condition: N_hc = 8 for MHA needs B_rk = 8 B_bk).
+    link_to_chips_multiple: float = 8.0
+    clock_ghz: float = 1.0  # our assumption: a modest clock for a logic block on the DIMM buffer chip
+    adder_lanes: int = 32  # FP32 adds per rank-PU cycle (cross-chip / cross-bank sums); our assumption
+    softmax_lanes: int = 16  # exp / scale operations per rank-PU cycle; our assumption
     relayout_sram_bytes: int = 4096  # double-buffered burst re-layout staging
+    # Scores of one head round held between the score and context phases (our assumption: 1 MiB of SRAM;
+    # MHA scores of 256K tokens fit). Longer contexts are processed in segments that each fit.
+    score_buffer_bytes: int = 1 << 20
 
 
 class PimFeatures(SpecModel):
@@ -43,13 +54,21 @@ class PimFeatures(SpecModel):
 class PimSpec(SpecModel):
     bank_pu: BankPuSpec = BankPuSpec()
     rank_pu: RankPuSpec = RankPuSpec()
-    shared_buffer_bytes: int = 4096  # per rank: broadcast operand (Q for scores, a chunk of S for context)
+    # Per chip (shared by its bank PUs): the broadcast operand, Q for scores and a double-buffered chunk of S
+    # for context. Our assumption (4 KB, four rows' worth of one head slice).
+    shared_buffer_bytes: int = 4096
+    # How an all-bank ACT meets the activation-power limits. "ganged": one command opens the row in every
+    # bank and counts as one activation for tRRD/tFAW (our assumption: PIM DIMMs provision power for it, as
+    # bank-level PIM designs do); "staggered": it is issued as N_bk single-bank ACTs under tRRD_S/L and tFAW.
+    all_bank_act: Literal["ganged", "staggered"] = "ganged"
     features: PimFeatures = PimFeatures()
 
     @model_validator(mode="after")
     def _check(self) -> PimSpec:
         if self.bank_pu.gqa_reuse_max < 1:
             raise ValueError("bank_pu.gqa_reuse_max must be >= 1")
+        if self.bank_pu.partial_bytes not in (2, 4):
+            raise ValueError("bank_pu.partial_bytes must be 2 or 4")
         if self.rank_pu.link_to_chips_multiple <= 0:
             raise ValueError("rank_pu.link_to_chips_multiple must be > 0")
         n = self.features.n_hc

@@ -15,8 +15,10 @@ from pydantic import Field, model_validator
 from l3.devices.gpu import GpuModelParams
 from l3.errors import SpecError
 from l3.specs.base import SpecModel, load_toml
+from l3.specs.dram import DramOrg, DramSpec, get_org, get_timing
 from l3.specs.hardware import GpuSpec, LinkSpec, get_gpu, get_link
 from l3.specs.model import ModelSpec
+from l3.specs.pim import PimSpec
 
 
 class GpuGroupSpec(SpecModel):
@@ -74,14 +76,53 @@ class SchedulerSpec(SpecModel):
         return self
 
 
+class PimMemorySpec(SpecModel):
+    """The host's DIMM-PIM: a DRAM timing preset on an organisation preset (fields overridable), plus PUs."""
+
+    timing: str = "ddr4-3200"
+    org: str = "ddr4-l3-2tb"
+    org_overrides: dict[str, int] = Field(default_factory=dict)  # e.g. {channels = 8} for a capacity sweep
+    pu: PimSpec = PimSpec()
+
+    @model_validator(mode="after")
+    def _check(self) -> PimMemorySpec:
+        self.dram()
+        return self
+
+    def dram(self) -> DramSpec:
+        org = get_org(self.org)
+        if self.org_overrides:
+            org = DramOrg.build(org.model_dump() | self.org_overrides, where="pim.org_overrides")
+        return DramSpec(timing=get_timing(self.timing), org=org)
+
+
+class CoordinationSpec(SpecModel):
+    """How the GPUs and the memory-side device share an iteration (L3 coordination; ablation switches)."""
+
+    pipeline: bool = True  # two sub-batches whose GPU and PIM work overlap; off: run them back to back
+    rankset_overlap: bool = True  # a write blocks only the rank written; off: it blocks its whole channel
+    policy: Literal["alignment", "fill-capacity", "halving"] = "alignment"
+    decode_group: int = 0  # decodes placed at a time by the alignment policy; 0 = 1 for MHA, 16 for GQA
+    warmup_iterations: int = 16  # observations before the predictors drive decisions
+    predictor_window: int = 512  # most recent observations the predictors train on
+
+
 class SystemSpec(SpecModel):
     name: str
-    kind: Literal["gpu-only"]
+    kind: Literal["gpu-only", "l3"]
     description: str = ""
     gpu: GpuGroupSpec
     links: LinksSpec = LinksSpec()
     parallelism: dict[str, ParallelSpec] = Field(default_factory=dict)  # per model name
     scheduler: SchedulerSpec = SchedulerSpec()
+    pim: PimMemorySpec | None = None
+    coordination: CoordinationSpec = CoordinationSpec()
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> SystemSpec:
+        if self.kind == "l3" and self.pim is None:
+            raise ValueError("pim: an l3 system needs a [pim] section")
+        return self
 
     def deploy(self, model: ModelSpec) -> Deployment:
         """Fix TP/DP for `model` and check that it fits; raises SpecError naming the field."""
@@ -105,6 +146,9 @@ class SystemSpec(SpecModel):
                 f"{self.name}: {where}.tp = {par.tp} and n_kv_heads = {model.n_kv_heads}: one must divide the other"
             )
         usable = par.tp * gpu.hbm_bytes * (1 - self.gpu.memory_reserve_fraction)
+        if self.pim is not None and self.pim.dram().org.channels % par.dp:
+            raise SpecError(f"{self.name}: {where}.dp = {par.dp} must divide pim channels = "
+                            f"{self.pim.dram().org.channels} (each replica owns a share of the channels)")
         if model.weight_bytes >= usable:
             raise SpecError(
                 f"{self.name}: {where}.tp = {par.tp}: model weights {model.weight_bytes / 1e9:.1f} GB do not fit "

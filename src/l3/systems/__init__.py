@@ -6,12 +6,14 @@ from l3.specs.system import Deployment
 from l3.systems.base import IterationTiming, SystemModel
 from l3.systems.gpu_only import GpuOnlySystem
 
-_KINDS: dict[str, type[SystemModel]] = {"gpu-only": GpuOnlySystem}
-
 
 def build_system(dep: Deployment) -> SystemModel:
     """The system model for a deployment, chosen by the system file's `kind`."""
-    return _KINDS[dep.system.kind](dep)
+    if dep.system.kind == "l3":
+        from l3.systems.l3 import L3System
+
+        return L3System(dep)
+    return GpuOnlySystem(dep)
 
 
 __all__ = ["IterationTiming", "SystemModel", "build_system"]

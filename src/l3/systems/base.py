@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from l3.sim.plan import BatchShape
+from l3.sim.plan import Plan
+from l3.sim.requests import RequestTable
 
 
 @dataclass(frozen=True)
@@ -18,13 +19,24 @@ class Interval:
     start: float
     end: float
     label: str
+    layer: int = -1  # decoder layer, where the interval belongs to one
 
 
 @dataclass(frozen=True)
 class IterationTiming:
-    duration: float  # seconds
-    busy: dict[str, float]  # seconds each device was busy during the iteration
-    intervals: list[Interval] = field(default_factory=list)
+    """What the executor measures of one plan: per-step durations, device busy time, and per-sub-batch
+    GPU and memory-side times (what a scheduler's predictors learn from). Arrays have one entry per step."""
+
+    durations: np.ndarray  # seconds, one per step
+    busy: dict[str, np.ndarray]  # seconds each device was busy, per step
+    sub_gpu_s: np.ndarray | None = None  # (steps, sub-batches): GPU seconds of each sub-batch
+    sub_mem_s: np.ndarray | None = None  # (steps, sub-batches): memory-side attention seconds of each sub-batch
+    stats: dict[str, np.ndarray] = field(default_factory=dict)  # per step: extra quantities to average
+    intervals: list[Interval] = field(default_factory=list)  # only for single steps, when asked
+
+    @property
+    def duration(self) -> float:
+        return float(self.durations.sum())
 
 
 class SystemModel(ABC):
@@ -38,9 +50,6 @@ class SystemModel(ABC):
         """Whole-model KV tokens one replica can hold."""
 
     @abstractmethod
-    def iteration(self, shape: BatchShape) -> IterationTiming:
-        """Time of one (mixed prefill + decode) iteration."""
-
-    @abstractmethod
-    def decode_steps(self, n_decode: int, decode_ctx: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Durations (and per-device busy seconds) of repeated decode-only steps, one per `decode_ctx` entry."""
+    def run(self, plan: Plan, table: RequestTable, steps: int, record: bool = False) -> IterationTiming:
+        """Time of `plan` repeated `steps` times (steps > 1 only for decode-only plans; each step every decode
+        request's context grows by one). `record` asks for the device intervals of a single step."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from l3.devices.gpu import GpuCostModel
-from l3.sim.plan import BatchShape
+from l3.sim.plan import BatchShape, Plan
+from l3.sim.requests import RequestTable
 from l3.specs.system import Deployment
 from l3.systems.base import Interval, IterationTiming, SystemModel
 
@@ -25,17 +26,18 @@ class GpuOnlySystem(SystemModel):
     def kv_capacity_tokens(self) -> int:
         return self._kv_tokens
 
-    def _time(self, shape: BatchShape, decode_ctx) -> np.ndarray:
-        layer = self.gpu.layer(shape.n_tokens, shape.n_decode, decode_ctx, shape.prefill_pairs,
+    def time(self, shape: BatchShape) -> np.ndarray:
+        """Seconds of one iteration of `shape` (vectorised over `shape.decode_ctx`)."""
+        layer = self.gpu.layer(shape.n_tokens, shape.n_decode, shape.decode_ctx, shape.prefill_pairs,
                                shape.prefill_kv_tokens)  # fmt: skip
         return self.dep.model.n_layers * layer.total + self.gpu.lm_head(shape.n_sampled)
 
-    def iteration(self, shape: BatchShape) -> IterationTiming:
-        t = float(self._time(shape, shape.decode_ctx))
+    def run(self, plan: Plan, table: RequestTable, steps: int, record: bool = False) -> IterationTiming:
+        shape = BatchShape.of(plan, table.context(plan.decode_ids))
+        if steps > 1:
+            ctx = shape.decode_ctx + shape.n_decode * np.arange(steps, dtype=float)
+            shape = BatchShape(shape.n_decode, ctx, n_sampled=shape.n_sampled)
+        t = np.atleast_1d(self.time(shape)).astype(float)
         label = "prefill+decode" if shape.prefill_tokens else "decode"
-        return IterationTiming(t, {"gpu": t}, [Interval("gpu", 0.0, t, label)])
-
-    def decode_steps(self, n_decode: int, decode_ctx: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        shape = BatchShape(n_decode=n_decode, decode_ctx=0.0, n_sampled=n_decode)
-        t = self._time(shape, np.asarray(decode_ctx, float))
-        return t, {"gpu": t}
+        intervals = [Interval("gpu", 0.0, float(t[0]), label)] if record else []
+        return IterationTiming(t, {"gpu": t}, intervals=intervals)

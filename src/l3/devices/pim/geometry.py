@@ -1,7 +1,8 @@
 """Derived geometry and bandwidths of a DIMM-PIM device, and the bubble-free choice of N_hc.
 
 Units: bytes, seconds, bytes/s. B_bk is one bank PU's read bandwidth (one column access of
-`burst_bytes_per_chip` bytes every tCCD_L); B_rk is the rank PU's link to one chip.
+`burst_bytes_per_chip` bytes every tCCD_L); B_rk is the rank PU's link to the chips of its rank, all chips
+together (each chip has an equal lane of B_rk / chips_per_rank).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class PimGeometry:
 
     @property
     def rank_link_bw(self) -> float:
-        """B_rk: rank PU <-> one chip bandwidth, bytes/s."""
+        """B_rk: rank PU <-> all chips of the rank, bytes/s (one chip's lane is B_rk / chips_per_rank)."""
         return self.pim.rank_pu.link_to_chips_multiple * self.bank_bw
 
     @property
@@ -51,13 +52,13 @@ class PimGeometry:
     def n_hc_bound(self, head_dim: int, gqa_group: int) -> float:
         """Largest chips-per-head for which rank-side score transfer hides behind bank-side compute.
 
-        From T_comm <= T_comp with T_comm = L * N_gqa * N_chips / B_rk and
-        T_comp = L * E_h * ceil(N_gqa / N_cmr) / (B_bk * N_bk * N_hc).
+        From T_comm <= T_comp with T_comm = L * N_gqa * N_chips * p / B_rk (p = bytes per partial) and
+        T_comp = 2 L * E_h * ceil(N_gqa / N_cmr) / (B_bk * N_bk * N_hc) (FP16 K, 2 bytes per element).
         """
         org = self.dram.org
         reuse = math.ceil(gqa_group / self.pim.bank_pu.gqa_reuse_max)
-        return (head_dim * self.rank_link_bw * reuse) / (
-            self.bank_bw * org.banks_per_chip * gqa_group * org.chips_per_rank
+        return (2 * head_dim * self.rank_link_bw * reuse) / (
+            self.pim.bank_pu.partial_bytes * self.bank_bw * org.banks_per_chip * gqa_group * org.chips_per_rank
         )
 
     def n_hc(self, head_dim: int, gqa_group: int) -> int:

@@ -1,0 +1,180 @@
+"""Fast vectorised estimate of the timing engine's answer, for the simulator's hot path.
+
+The engine's schedule of one rank is a sum of per-round pieces plus a few exposed edges, so the surrogate
+measures those pieces *with the engine itself* (on one-, two- and three-round streams) and composes
+them with numpy:
+
+    T(rank) = R * sum_i B(s_i) + (n - 1) * H + E(s_last) + N_ref * c_ref
+
+- s_i = ceil(context_i / N_bk): slots per bank of request i; R head rounds per request; n requests.
+- B(s): marginal cost of one more round of s slots (its host K/V writes and its kernel), from engine runs of
+  one to three rounds (T_r); E(s): the exposed start (first Q) and end (accumulator drain, output read) of a
+  rank's work; H: the extra cost per additional request (Q write). See `_measure`.
+- Beyond a warm-up (grown until pipeline transients are over) the kernel repeats every `shape.period`
+  slots, so B grows by a constant per period: B(s) = B(r) + q * (B(r) - B(r - period)) with r the slot count
+  q periods back in the measured range. Each score-buffer segment boundary adds a measured constant X.
+- Refresh: N_ref = the refreshes falling due while the bank side is busy (first due tREFI / 2, then every
+  tREFI, as in the engine), each costing c_ref(s) = the mean delay per refresh the engine shows on a stream of
+  rounds of s slots (small where the bank side mostly waits for the rank link and refresh hides), and c_1(s)
+  for refreshes in a rank's first round, measured on a one-round stream.
+
+Measured pieces are cached per slot count, so cost is paid once per distinct s (in the measured range).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from l3.devices.pim.kernels import KernelShape, rank_layer_stream
+from l3.devices.pim.timing import CATEGORIES, EngineResult, RankEngine
+from l3.specs.dram import DramSpec
+from l3.specs.model import ModelSpec
+from l3.specs.pim import PimSpec
+
+_NC = len(CATEGORIES)
+_REFRESH = CATEGORIES.index("refresh")
+_COLS = 2 * _NC + 3
+
+
+class PimSurrogate:
+    """Per-rank time of one layer's decode attention, vectorised over requests and queries."""
+
+    def __init__(self, dram: DramSpec, pim: PimSpec, model: ModelSpec):
+        self.shape = KernelShape.build(dram, pim, model)
+        self.refi = dram.timing.refi
+        self._engine = RankEngine(dram, pim, refresh=False)
+        self._engine_ref = RankEngine(dram, pim, refresh=True)
+        self._memo: dict[int, tuple[np.ndarray, np.ndarray, float, float, float]] = {}
+        sh = self.shape
+        self._k = min(sh.rounds, 3)  # rounds per request measured
+        self.period = sh.period
+        self.s_hi = self._warm_up() * self.period
+        self._tab = np.full((self.s_hi + 1, _COLS), np.nan)  # per s: B, E (cycles/category), tail, c_1, c_ref
+        self._x = np.zeros(_NC)
+        self._c1_long = self._first_round_refresh()
+        k = self._k
+        self._h = self._vec(self._run(k, [sh.n_bk, sh.n_bk])) - self._vec(self._run(k, [sh.n_bk]))
+        self._h -= k * self._lookup(np.array([1]))[0][0]
+        if sh.mapped:
+            s_x = sh.segment + self.period
+            self._x = self._measure(s_x)[0] - self._lookup(np.array([s_x]), segments=False)[0][0]
+
+    # --- engine measurements -----------------------------------------------------------------------
+    def _run(self, rounds: int, contexts: list[int], refresh: bool = False) -> EngineResult:
+        sh = dataclasses.replace(self.shape, n_kv_heads=self.shape.groups * rounds)
+        eng = self._engine_ref if refresh else self._engine
+        return eng.run(rank_layer_stream(sh, contexts), serial=sh.serial)
+
+    @staticmethod
+    def _vec(res: EngineResult) -> np.ndarray:
+        return np.array([res.breakdown[c] for c in CATEGORIES], dtype=float)
+
+    def _measure(self, s: int) -> tuple[np.ndarray, np.ndarray, float, float, float]:
+        """(B, E, bank-side tail, c_1, c_ref) of slot count s, cycles. With k = min(R, 3) rounds measured:
+        B = T_k - T_(k-1) (T_3 - T_2 once rounds are in steady state; T_2 - T_1 for R = 1), E = T_k - k B, so
+        one request of R <= 3 rounds is exact and longer ones extrapolate linearly. c_ref = mean delay per
+        refresh over enough rounds for six; c_1 the same within one round (no earlier round's drain to stall
+        on, so refresh hides less)."""
+        if s not in self._memo:
+            ctx, k = int(s) * self.shape.n_bk, self._k
+            t = {r: self._run(r, [ctx]) for r in range(1, max(k, 2) + 1)}
+            m = max(k, 2)
+            b = self._vec(t[m]) - self._vec(t[m - 1])
+            rounds = max(m, math.ceil(6 * self.refi / b.sum()))
+            off = t[m] if rounds == m else self._run(rounds, [ctx])
+            on = self._run(rounds, [ctx], refresh=True)
+            c_ref = (on.cycles - off.cycles) / max(1, on.refreshes)
+            one_on = self._run(1, [ctx], refresh=True)
+            c_1 = (one_on.cycles - t[1].cycles) / one_on.refreshes if one_on.refreshes else c_ref
+            tail = t[k].cycles - t[k].bank_cycles
+            self._memo[s] = (b, self._vec(t[k]) - k * b, tail, c_1, c_ref)
+        return self._memo[s]
+
+    def _warm_up(self) -> int:
+        """Periods measured directly: doubled until B grows per period as it does far out (pipeline
+        transients and link-bound starts over), at most what one score-buffer segment holds."""
+        p = self.period
+        k_ref = min(self.shape.segment // p, 64)
+        d_ref = self._measure(k_ref * p)[0].sum() - self._measure((k_ref - 1) * p)[0].sum()
+        k = 4
+        while k < k_ref:
+            b = [self._measure(j * p)[0].sum() for j in (k - 2, k - 1, k)]
+            if all(abs(d - d_ref) <= 1e-4 * b[2] for d in (b[1] - b[0], b[2] - b[1])):
+                break
+            k = min(2 * k, k_ref)
+        return min(k, k_ref)
+
+    def _first_round_refresh(self) -> float:
+        """c_1 for first rounds longer than the measured range: one round long enough for eight refreshes."""
+        s = self.s_hi
+        while (off := self._run(1, [s * self.shape.n_bk])).bank_cycles < 8 * self.refi and s < 1 << 16:
+            s *= 2
+        on = self._run(1, [s * self.shape.n_bk], refresh=True)
+        return (on.cycles - off.cycles) / max(1, on.refreshes)
+
+    def _fill(self, s: np.ndarray) -> None:
+        for v in s[np.isnan(self._tab[s, 0])]:
+            b, e, tail, c_1, c_ref = self._measure(int(v))
+            self._tab[v] = np.concatenate([b, e, [tail, c_1, c_ref]])
+
+    # --- composition ---------------------------------------------------------------------------------
+    def _lookup(self, s: np.ndarray, segments: bool = True) -> tuple[np.ndarray, ...]:
+        """B (n, categories), E (n, categories), bank tail, c_1 and c_ref (n,) for slot counts s >= 1."""
+        p, big = self.period, s > self.s_hi
+        q = np.where(big, -(-(s - self.s_hi) // p), 0)
+        r = s - q * p
+        self._fill(np.unique(np.concatenate([r, r[big] - p])))
+        row = self._tab[r]
+        b = row[:, :_NC] + q[:, None] * (row[:, :_NC] - self._tab[np.where(big, r - p, r), :_NC])
+        if segments and self.shape.mapped:
+            b = b + ((s - 1) // self.shape.segment)[:, None] * self._x
+        return b, row[:, _NC : 2 * _NC], row[:, -3], np.where(big, self._c1_long, row[:, -2]), row[:, -1]
+
+    def _with_refresh(self, t: np.ndarray, tail: np.ndarray, first: np.ndarray, c_1: np.ndarray,
+                      c_ref: np.ndarray) -> np.ndarray:  # fmt: skip
+        """Add refresh to breakdowns t (ranks, categories) whose bank side ends `tail` before the end and
+        whose first round takes about `first` cycles (refreshes there cost c_1, later ones c_ref)."""
+        busy = t.sum(axis=1) - tail
+        c = np.where(busy > 0, (c_1 * np.minimum(first, busy) + c_ref * np.maximum(busy - first, 0))
+                     / np.maximum(busy, 1), c_ref)  # fmt: skip
+        half = self.refi // 2
+        n = np.zeros(len(t))
+        for _ in range(3):
+            end = busy + n * c
+            n = np.where(end >= half, np.floor((end - half) / self.refi) + 1, 0)
+        t[:, _REFRESH] += n * c
+        return t
+
+    def rank_cycles(self, contexts: np.ndarray, rank: np.ndarray, n_ranks: int) -> np.ndarray:
+        """Per-rank breakdown (n_ranks, categories) in cycles of one layer's attention. Request i (context
+        contexts[i] tokens) runs on rank rank[i]; each rank serves its requests in input order."""
+        contexts, rank = np.asarray(contexts, dtype=np.int64), np.asarray(rank, dtype=np.int64)
+        out = np.zeros((n_ranks, _NC))
+        if contexts.size == 0:
+            return out
+        b, e, tail, c_1, c_ref = self._lookup(-(-contexts // self.shape.n_bk))
+        for k in range(_NC):
+            out[:, k] = np.bincount(rank, weights=b[:, k], minlength=n_ranks) * self.shape.rounds
+        n = np.bincount(rank, minlength=n_ranks)
+        last, first = np.full(n_ranks, -1), np.full(n_ranks, len(rank))
+        np.maximum.at(last, rank, np.arange(len(rank)))
+        np.minimum.at(first, rank, np.arange(len(rank)))
+        on = n > 0
+        out[on] += (n[on] - 1)[:, None] * self._h + e[last[on]]
+        weight = b.sum(axis=1)  # refresh delay per event: c_ref of the rank's requests, weighted by time
+        c_rank = np.bincount(rank, weights=weight * c_ref, minlength=n_ranks)[on] / np.bincount(
+            rank, weights=weight, minlength=n_ranks)[on]  # fmt: skip
+        f = first[on]
+        out[on] = self._with_refresh(out[on], tail[last[on]], b[f].sum(axis=1), c_1[f], c_rank)
+        return out
+
+    def uniform_cycles(self, n_requests: np.ndarray, context: np.ndarray) -> np.ndarray:
+        """Total cycles of ranks each holding n_requests[j] requests of context[j] tokens (0 for none);
+        vectorised over queries j."""
+        n, ctx = np.asarray(n_requests, dtype=np.int64), np.maximum(np.asarray(context, dtype=np.int64), 1)
+        b, e, tail, c_1, c_ref = self._lookup(-(-ctx // self.shape.n_bk))
+        t = (n * self.shape.rounds)[:, None] * b + (n - 1)[:, None] * self._h + e
+        return self._with_refresh(t, tail, b.sum(axis=1), c_1, c_ref).sum(axis=1) * (n > 0)

@@ -1,0 +1,95 @@
+"""Online predictors of a sub-batch's GPU time and memory-side (PIM) attention time.
+
+Both learn only from times the executor reports (simulated or measured), never from the cost models:
+- PIM: least-squares linear model of [slowest channel's decode tokens, decode tokens, decode requests,
+  prefill tokens written]; attention is bandwidth-bound, so time is close to linear in these.
+- GPU: random-forest regression (scikit-learn) of [prefill chunk tokens, tokens already prefilled
+  (attention work), decode requests]; GEMM time is a step function of tokens (tiles, waves), which trees follow.
+Each keeps a sliding window of recent observations and refits as it grows.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+from sklearn.ensemble import RandomForestRegressor
+
+
+class _Windowed:
+    def __init__(self, window: int):
+        self.x: deque[np.ndarray] = deque(maxlen=window)
+        self.y: deque[float] = deque(maxlen=window)
+        self.seen = 0
+
+    def add(self, x: np.ndarray, y: float) -> None:
+        self.x.append(np.asarray(x, float))
+        self.y.append(float(y))
+        self.seen += 1
+
+
+class LinearPredictor(_Windowed):
+    """y ~ w . [x, 1], refit by least squares after every observation (a few features: cheap)."""
+
+    def __init__(self, window: int):
+        super().__init__(window)
+        self.w: np.ndarray | None = None
+
+    def add(self, x, y) -> None:
+        super().add(x, y)
+        X = np.column_stack([np.asarray(self.x), np.ones(len(self.x))])
+        self.w = np.linalg.lstsq(X, np.asarray(self.y), rcond=None)[0]
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        x = np.atleast_2d(np.asarray(x, float))
+        if self.w is None:
+            return np.full(len(x), np.nan)
+        return np.maximum(x @ self.w[:-1] + self.w[-1], 0.0)
+
+
+class ForestPredictor(_Windowed):
+    """Random forest, refit when the number of observations grows by `refit_growth` (and every 64 after)."""
+
+    def __init__(self, window: int, seed: int = 0, refit_growth: float = 1.25):
+        super().__init__(window)
+        self.model: RandomForestRegressor | None = None
+        self._fitted_at = 0
+        self._seed, self._growth = seed, refit_growth
+
+    def add(self, x, y) -> None:
+        super().add(x, y)
+        due = self.seen >= max(self._fitted_at * self._growth, self._fitted_at + 1) or self.seen - self._fitted_at >= 64
+        if due and len(self.y) >= 4:
+            self.model = RandomForestRegressor(n_estimators=24, min_samples_leaf=1, random_state=self._seed, n_jobs=1)
+            self.model.fit(np.asarray(self.x), np.asarray(self.y))
+            self._fitted_at = self.seen
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        x = np.atleast_2d(np.asarray(x, float))
+        if self.model is None:
+            return np.full(len(x), np.nan)
+        return self.model.predict(x)
+
+
+class ErrorLog:
+    """Relative errors |predicted - measured| / measured of one predictor."""
+
+    def __init__(self):
+        self.errors: list[float] = []
+
+    def add(self, predicted: float, measured: float) -> None:
+        if np.isfinite(predicted) and measured > 0:
+            self.errors.append(abs(predicted - measured) / measured)
+
+    @staticmethod
+    def merged(logs: list[ErrorLog]) -> ErrorLog:
+        out = ErrorLog()
+        for log in logs:
+            out.errors.extend(log.errors)
+        return out
+
+    def summary(self) -> dict:
+        e = np.asarray(self.errors)
+        if not len(e):
+            return {"n": 0, "median": None, "p90": None}
+        return {"n": len(e), "median": float(np.median(e)), "p90": float(np.percentile(e, 90))}

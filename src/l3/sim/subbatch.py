@@ -1,0 +1,187 @@
+"""Sub-batch scheduling for systems whose memory-side device runs decode attention (L3).
+
+Extends continuous batching with: KV placement on memory channels at admission (least-loaded channel), two
+sub-batches per iteration (a decoding request keeps its sub-batch), and one of three policies:
+- `alignment` (L3): predicted PIM and GPU times of each sub-batch keep the pipeline aligned: prefills are
+  spread one per sub-batch; new decodes join, N at a time, the sub-batch whose PIM time is furthest below the
+  other sub-batch's GPU time; when memory is full and the PIM would idle, the other sub-batch's last prefill
+  chunk is shortened until its predicted GPU time matches this sub-batch's PIM time.
+- `halving` (NeuPIMs-style): split by count, chunked prefill with the usual token budget.
+- `fill-capacity` (naive): admit and prefill everything that fits memory at once, split by count.
+Predictors learn from the times the executor reports (`observe`), never from cost models.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from l3.sim.kv import KvPool
+from l3.sim.plan import Plan
+from l3.sim.predictors import ErrorLog, ForestPredictor, LinearPredictor
+from l3.sim.requests import RequestTable, WaitingQueue
+from l3.sim.scheduler import ContinuousBatchingScheduler
+from l3.specs.model import ModelSpec
+from l3.specs.system import CoordinationSpec, SchedulerSpec
+from l3.systems.base import IterationTiming
+
+CHUNK_FRACTIONS = np.array([1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0625])
+
+
+class SubBatchScheduler(ContinuousBatchingScheduler):
+    def __init__(self, spec: SchedulerSpec, kv: KvPool, table: RequestTable, queue: WaitingQueue, replica: int,
+                 coord: CoordinationSpec, positions: int, model: ModelSpec):  # fmt: skip
+        super().__init__(spec, kv, table, queue, replica)
+        self.coord, self.positions = coord, positions
+        self.group = coord.decode_group or (1 if model.gqa_group == 1 else 16)
+        self.pim_pred = LinearPredictor(coord.predictor_window)
+        self.gpu_pred = ForestPredictor(coord.predictor_window, seed=replica)
+        self.pim_err, self.gpu_err = ErrorLog(), ErrorLog()
+        self._last: tuple[np.ndarray, np.ndarray] | None = None  # predictions for the plan just made
+        self.chunked = 0  # prefill chunks shortened to close a PIM bubble
+
+    @property
+    def learning(self) -> bool:
+        return self.coord.policy == "alignment"
+
+    @property
+    def warm(self) -> bool:
+        return self.learning and self.gpu_pred.seen >= self.coord.warmup_iterations and self.pim_pred.w is not None
+
+    # --- admission and placement --------------------------------------------------------------------
+    def admission_budget(self) -> float:
+        return np.inf if self.coord.policy == "fill-capacity" else self.spec.max_batched_tokens
+
+    def prefill_budget(self, n_decode: int) -> float:
+        # Decode tokens do not eat the prefill budget: their attention runs on the memory side.
+        return np.inf if self.coord.policy == "fill-capacity" else self.spec.max_batched_tokens
+
+    def on_admit(self, ids: np.ndarray) -> None:
+        """Place each new request on the least-loaded slot (by tokens it and its neighbours will hold)."""
+        t = self.table
+        run = self.running
+        load = np.bincount(t.placement[run], weights=t.context(run), minlength=self.positions).astype(float)
+        for rid in ids:  # a handful per iteration
+            pos = int(np.argmin(load))
+            t.placement[rid] = pos
+            load[pos] += t.prefill_target[rid] + t.output[rid] / 2
+
+    # --- features -------------------------------------------------------------------------------------
+    def pim_features(self, ids: np.ndarray, pre_ids: np.ndarray, pre_tokens: np.ndarray, grow: int = 0) -> np.ndarray:
+        """[busiest slot's decode tokens, its requests, its prefill tokens written, all decode tokens]: requests
+        sharing a slot share a rank in every layer, so the busiest slot sets each layer's attention time."""
+        t = self.table
+        ctx = t.context(ids) + grow
+        tokens = np.bincount(t.placement[ids], weights=ctx, minlength=self.positions)
+        written = np.bincount(t.placement[pre_ids], weights=pre_tokens, minlength=self.positions)
+        k = int(np.argmax(tokens + written))
+        count = np.count_nonzero(t.placement[ids] == k)
+        return np.array([tokens[k], count, written[k], ctx.sum()], float)
+
+    @staticmethod
+    def gpu_features(chunks: np.ndarray, prefix: np.ndarray, n_decode: int) -> np.ndarray:
+        return np.array([chunks.sum(), prefix.sum(), n_decode], float)
+
+    # --- the split ------------------------------------------------------------------------------------
+    def split(self, plan: Plan) -> Plan:
+        t = self.table
+        pre_sub = np.arange(len(plan.prefill_ids), dtype=np.int8) % 2  # one prefill per sub-batch, alternating
+        d = plan.decode_ids
+        sub = t.sub_batch[d]
+        new = np.flatnonzero(sub < 0)
+        if len(new):
+            if self.warm:
+                self._place_aligned(plan, pre_sub, sub, new)
+            else:
+                counts = np.bincount(sub[sub >= 0], minlength=2)
+                for i in new:  # balance by count
+                    x = int(np.argmin(counts))
+                    sub[i] = x
+                    counts[x] += 1
+            t.sub_batch[d[new]] = sub[new]
+        plan.decode_sub, plan.prefill_sub = sub.astype(np.int8), pre_sub
+        if self.warm and len(plan.prefill_ids) and len(self.queue) and not self._head_fits():
+            self._chunk_to_align(plan)
+        self._last = self._predict(plan) if self.learning else None
+        return plan
+
+    def _predict(self, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
+        """(GPU, PIM) predicted seconds of both sub-batches of `plan` (NaN before the predictors are trained)."""
+        gx, px = [], []
+        for x in (0, 1):
+            sb = plan.sub_batch(x)
+            gx.append(self.gpu_features(sb.prefill_chunks, sb.prefill_prefix, len(sb.decode_ids)))
+            px.append(self.pim_features(sb.decode_ids, sb.prefill_ids, sb.prefill_chunks))
+        return self.gpu_pred.predict(np.array(gx)), self.pim_pred.predict(np.array(px))
+
+    def _place_aligned(self, plan: Plan, pre_sub: np.ndarray, sub: np.ndarray, new: np.ndarray) -> None:
+        """Place new decodes, N at a time, where predicted PIM time has most room under the other's GPU time."""
+        d = plan.decode_ids
+        for g0 in range(0, len(new), self.group):
+            grp = new[g0 : g0 + self.group]
+            slack = np.empty(2)
+            gpu_rows, pim_rows = [], []
+            for x in (0, 1):
+                members = np.concatenate([np.flatnonzero(sub == x), grp])
+                p_sel = pre_sub == x
+                pim_rows.append(self.pim_features(d[members], plan.prefill_ids[p_sel], plan.prefill_chunks[p_sel]))
+                other_members = np.flatnonzero(sub == 1 - x)
+                o_sel = pre_sub == 1 - x
+                gpu_rows.append(self.gpu_features(plan.prefill_chunks[o_sel], plan.prefill_prefix[o_sel],
+                                                  len(other_members)))  # fmt: skip
+            pim = self.pim_pred.predict(np.array(pim_rows))
+            gpu_other = self.gpu_pred.predict(np.array(gpu_rows))
+            slack = gpu_other - pim
+            sub[grp] = int(np.argmax(slack))
+
+    def _chunk_to_align(self, plan: Plan) -> None:
+        """Memory is full: where sub-batch x's PIM time is below the other's GPU time, shorten the other's last
+        prefill chunk so its GPU time matches (the PIM would otherwise idle)."""
+        gpu, pim = self._predict(plan)
+        for x in (0, 1):
+            o = 1 - x
+            idx = np.flatnonzero(plan.prefill_sub == o)
+            if not len(idx) or not pim[x] < gpu[o]:
+                continue
+            last = idx[-1]
+            c0 = int(plan.prefill_chunks[last])
+            cands = np.maximum((c0 * CHUNK_FRACTIONS).astype(np.int64) // self.kv.block_size * self.kv.block_size,
+                               min(c0, self.kv.block_size))  # fmt: skip
+            rows = []
+            for c in cands:
+                chunks = plan.prefill_chunks[idx].copy()
+                chunks[-1] = c
+                rows.append(self.gpu_features(chunks, plan.prefill_prefix[idx], int((plan.decode_sub == o).sum())))
+            pred = self.gpu_pred.predict(np.array(rows))
+            ok = np.flatnonzero(pred <= pim[x])
+            c = int(cands[ok[0]] if len(ok) else cands[-1])
+            if c < c0:
+                plan.prefill_chunks[last] = c
+                plan.prefill_completes[last] = plan.prefill_prefix[last] + c >= self.table.prefill_target[
+                    plan.prefill_ids[last]]
+                self.chunked += 1
+
+    # --- learning ------------------------------------------------------------------------------------
+    def observe(self, plan: Plan, timing: IterationTiming) -> None:
+        if not self.learning or timing.sub_gpu_s is None:
+            return
+        warm = self.warm
+        for x in (0, 1):
+            sb = plan.sub_batch(x)
+            if sb.empty:
+                continue
+            if warm and self._last is not None:
+                self.gpu_err.add(float(self._last[0][x]), float(timing.sub_gpu_s[0, x]))
+                if len(sb.decode_ids):
+                    self.pim_err.add(float(self._last[1][x]), float(timing.sub_mem_s[0, x]))
+            self.gpu_pred.add(self.gpu_features(sb.prefill_chunks, sb.prefill_prefix, len(sb.decode_ids)),
+                              timing.sub_gpu_s[0, x])  # fmt: skip
+            if len(sb.decode_ids):
+                feats = self.pim_features(sb.decode_ids, sb.prefill_ids, sb.prefill_chunks)
+                self.pim_pred.add(feats, timing.sub_mem_s[0, x])
+                if plan.steps > 1:
+                    last = self.pim_features(sb.decode_ids, sb.prefill_ids, sb.prefill_chunks, plan.steps - 1)
+                    self.pim_pred.add(last, timing.sub_mem_s[-1, x])
+
+    def report(self) -> dict:
+        return {"policy": self.coord.policy, "pim_predictor_error": self.pim_err.summary(),
+                "gpu_predictor_error": self.gpu_err.summary(), "prefill_chunks_shortened": self.chunked}

@@ -1,0 +1,157 @@
+"""DIMM-PIM functional model against a float64 reference on fresh random data (seed in every message)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from l3.devices.pim.allocator import PimCapacityError
+from l3.devices.pim.functional import FunctionalPim
+from l3.devices.pim.mapping import kv_addresses
+from l3.specs.dram import DramOrg, DramSpec, get_org, get_timing
+from l3.specs.pim import BankPuSpec, PimFeatures, PimSpec
+
+TOL = 1e-3
+FP32_PARTIALS = BankPuSpec(partial_bytes=4)  # accuracy suite: score partials leave the banks in FP32
+
+
+@pytest.fixture
+def rng():
+    seed = int(np.random.SeedSequence().entropy % 2**63)
+    print(f"data seed {seed}")  # shown by pytest on failure
+    return np.random.default_rng(seed), seed
+
+
+def dram(rows: int = 65536) -> DramSpec:
+    org = DramOrg(name="test-2ch", channels=2, dimms_per_channel=1, ranks_per_dimm=2, chips_per_rank=8,
+                  device_width_bits=8, bank_groups=4, banks_per_group=4, rows=rows, columns=1024)  # fmt: skip
+    return DramSpec(timing=get_timing("ddr4-3200"), org=org)
+
+
+def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, gqa: int, scale: float) -> np.ndarray:
+    """softmax(q k^T * scale) v in float64 from the same FP16 inputs; q (heads, E), k/v (T, kv_heads, E)."""
+    k64 = np.repeat(k.astype(np.float64), gqa, axis=1)
+    v64 = np.repeat(v.astype(np.float64), gqa, axis=1)
+    x = np.einsum("he,the->ht", q.astype(np.float64), k64) * scale
+    p = np.exp(x - x.max(axis=1, keepdims=True))
+    return np.einsum("ht,the->he", p / p.sum(axis=1, keepdims=True), v64)
+
+
+def rel_errors(out: np.ndarray, ref: np.ndarray, gqa: int) -> np.ndarray:
+    """||out - ref|| / ||ref|| per KV head group (the query heads sharing one KV head)."""
+    shape = (-1, gqa * ref.shape[-1])
+    return np.linalg.norm((out - ref).reshape(shape), axis=1) / np.linalg.norm(ref.reshape(shape), axis=1)
+
+
+def check_batch(
+    pim: FunctionalPim, lengths, gqa: int, rng, layer: int = 1, tol: float = TOL, q_std: float = 2
+):
+    gen, seed = rng
+    lay = pim.layout
+    kvs = {}
+    for request, n in enumerate(lengths):
+        k = gen.standard_normal((n, lay.n_kv_heads, lay.head_dim)).astype(np.float16)
+        v = gen.standard_normal((n, lay.n_kv_heads, lay.head_dim)).astype(np.float16)
+        cut = gen.integers(0, n + 1)  # a prefill then a second append (decode-like growth)
+        pim.append(request, layer, k[:cut], v[:cut])
+        pim.append(request, layer, k[cut:], v[cut:])
+        kvs[request] = k, v
+    q = (gen.standard_normal((len(lengths), lay.n_kv_heads * gqa, lay.head_dim)) * q_std).astype(np.float16)
+    out = pim.attend(list(kvs), layer, q)
+    scale = 1 / np.sqrt(lay.head_dim)
+    for b, (k, v) in kvs.items():
+        err = rel_errors(out[b], reference(q[b], k, v, gqa, scale), gqa).max()
+        assert err <= tol, f"seed {seed}: request of {len(k)} tokens, N_hc={lay.n_hc}: rel. error {err:.2e}"
+    return kvs
+
+
+@pytest.mark.parametrize("mapped", [True, False], ids=["l3-map", "naive-map"])
+@pytest.mark.parametrize("n_hc", [1, 2, 4, 8])
+@pytest.mark.parametrize(
+    ("kv_heads", "gqa"), [(8, 1), (4, 4), (8, 8), (3, 2)], ids=["mha8", "gqa4", "gqa8", "h3g2"]
+)
+def test_attend_matches_float64(rng, mapped, n_hc, kv_heads, gqa):
+    spec = PimSpec(bank_pu=FP32_PARTIALS, features=PimFeatures(n_hc=n_hc, kv_mapping=mapped))
+    pim = FunctionalPim(dram(), spec, n_layers=2, n_kv_heads=kv_heads, head_dim=128, gqa_group=gqa)
+    check_batch(pim, [1, 17, 301, 1025], gqa, rng)
+
+
+@pytest.mark.parametrize("gqa", [1, 8], ids=["mha8", "gqa8"])
+def test_attend_32k_context(rng, gqa):
+    pim = FunctionalPim(dram(), PimSpec(bank_pu=FP32_PARTIALS), n_layers=1, n_kv_heads=8, head_dim=128,
+                        gqa_group=gqa)  # fmt: skip
+    check_batch(pim, [32768, 513], gqa, rng, layer=0)
+
+
+@pytest.mark.parametrize("n_hc", [1, 8])
+def test_fp16_score_partials(rng, n_hc):
+    """FP16 partials (the default partial_bytes = 2) round each logit by about |x| * 2^-11: within the bar for
+    logits of unit spread, a few 1e-3 when the spread doubles."""
+    pim = FunctionalPim(dram(), PimSpec(features=PimFeatures(n_hc=n_hc)), 1, 8, 128, 8)
+    check_batch(pim, [1, 301, 4000], 8, rng, layer=0, q_std=1)
+    pim = FunctionalPim(dram(), PimSpec(features=PimFeatures(n_hc=n_hc)), 1, 8, 128, 8)
+    check_batch(pim, [1, 301, 4000], 8, rng, layer=0, tol=5e-3, q_std=2)
+
+
+def test_read_kv_round_trip_is_bit_exact(rng):
+    gen, seed = rng
+    for mapped in (True, False):
+        pim = FunctionalPim(dram(), PimSpec(features=PimFeatures(kv_mapping=mapped)), 3, 8, 128, 8)
+        bits = gen.integers(0, 2**16, (2, 777, 8, 128), dtype=np.uint16)  # any FP16 pattern, NaNs included
+        pim.append(4, 2, bits[0].view(np.float16), bits[1].view(np.float16))
+        k, v = pim.read_kv(4, 2)
+        assert np.array_equal(k.view(np.uint16), bits[0]) and np.array_equal(v.view(np.uint16), bits[1]), seed
+
+
+@pytest.mark.parametrize("mapped", [True, False])
+def test_bytes_sit_where_the_address_map_says(rng, mapped):
+    gen, seed = rng
+    pim = FunctionalPim(dram(), PimSpec(features=PimFeatures(n_hc=2, kv_mapping=mapped)), 2, 8, 64, 1)
+    k = gen.standard_normal((300, 8, 64)).astype(np.float16)
+    v = gen.standard_normal((300, 8, 64)).astype(np.float16)
+    pim.append(7, 1, k, v)
+    placement = pim.allocator.placement(7, 1)
+    for kv, x in enumerate((k, v)):
+        h, t, e, half = (gen.integers(0, n, 200) for n in (8, 300, 64, 2))
+        a = kv_addresses(pim.layout, placement, h, t, e, kv, half)
+        stored = [pim.read_byte(type(a)(*[f if np.isscalar(f) else f[i] for f in vars(a).values()]))
+                  for i in range(200)]  # fmt: skip
+        expected = x.view(np.uint8).reshape(300, 8, 64, 2)[t, h, e, half]
+        assert np.array_equal(stored, expected), seed
+
+
+def test_free_and_reuse_with_stale_data(rng):
+    pim = FunctionalPim(dram(), PimSpec(bank_pu=FP32_PARTIALS), n_layers=1, n_kv_heads=8, head_dim=128,
+                        gqa_group=8, max_rows=40)  # fmt: skip
+    junk = np.full((1200, 8, 128), np.nan, np.float16)  # fills stripes with NaN before they are reused
+    pim.append(0, 0, junk, junk)
+    pim.append(1, 0, junk[:100], junk[:100])
+    with pytest.raises(PimCapacityError):
+        pim.append(1, 0, junk, junk)
+    assert pim.read_kv(1, 0)[0].shape[0] == 100  # refusal changed nothing
+    pim.free(0)
+    pim.free(1)
+    assert pim.allocator.free_stripes().sum() == 40 * 4
+    check_batch(pim, [3, 130, 999], 8, rng, layer=0)
+
+
+def test_many_small_softmax_chunks(rng):
+    """16-token chunks: many chunks per context, so the streaming renormalisation is exercised."""
+    pim = FunctionalPim(dram(), PimSpec(bank_pu=FP32_PARTIALS), 1, 4, 128, 2, chunk_tokens=16)
+    check_batch(pim, [1, 17, 301, 1000], 2, rng, layer=0)
+
+
+def test_fp16_accumulation_and_fp32_scores(rng):
+    pim16 = FunctionalPim(
+        dram(), PimSpec(bank_pu=BankPuSpec(accumulate="fp16", partial_bytes=4)), 1, 2, 128, 4
+    )
+    check_batch(pim16, [1, 200], 4, rng, layer=0, tol=2e-2)
+    pim32 = FunctionalPim(dram(), PimSpec(bank_pu=FP32_PARTIALS), 1, 2, 128, 4, score_dtype="fp32")
+    check_batch(pim32, [1, 2000], 4, rng, layer=0, tol=1e-5)
+
+
+def test_2tb_platform_without_allocating_it(rng):
+    big = DramSpec(timing=get_timing("ddr4-3200"), org=get_org("ddr4-l3-2tb"))
+    pim = FunctionalPim(big, PimSpec(), n_layers=80, n_kv_heads=8, head_dim=128, gqa_group=8)
+    check_batch(pim, [5, 70], 8, rng, layer=79, q_std=1)
+    assert sum(a.nbytes for a in pim._store.values()) < 64 << 20

@@ -56,14 +56,14 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         return np.inf if self.coord.policy == "fill-capacity" else self.spec.max_batched_tokens
 
     def on_admit(self, ids: np.ndarray) -> None:
-        """Place each new request on the least-loaded slot (by tokens it and its neighbours will hold)."""
+        """Place each new request on the least-loaded slot, by tokens held now (output lengths are unknown)."""
         t = self.table
         run = self.running
         load = np.bincount(t.placement[run], weights=t.context(run), minlength=self.positions).astype(float)
         for rid in ids:  # a handful per iteration
             pos = int(np.argmin(load))
             t.placement[rid] = pos
-            load[pos] += t.prefill_target[rid] + t.output[rid] / 2
+            load[pos] += t.prefill_target[rid]
 
     # --- features -------------------------------------------------------------------------------------
     def pim_features(self, ids: np.ndarray, pre_ids: np.ndarray, pre_tokens: np.ndarray, grow: int = 0) -> np.ndarray:

@@ -65,7 +65,7 @@ class L3System(SystemModel):
         """Placement slots: a channel and a rankset offset (channel * R + offset), one per rank."""
         return self.n_ranks
 
-    def rank_of(self, ids: np.ndarray, placement: np.ndarray, residue: int) -> np.ndarray:
+    def rank_of(self, placement: np.ndarray, residue: int) -> np.ndarray:
         """Rank (channel * R + rankset, the device's numbering) holding layer `residue` (mod R) of each request
         placed at slot `placement` (channel * R + offset): rankset (layer + offset) mod R of its channel."""
         R = self.ranksets
@@ -80,23 +80,27 @@ class L3System(SystemModel):
         With rankset overlap a write blocks only the rank written; without it, every rank of its channel.
         """
         R, C, n = self.ranksets, self.channels, self.n_ranks
+        # Requests sharing a slot share a rank in every layer; layer residue rho only moves each slot's work
+        # to another rank of the same channel. So compute per slot once and permute.
+        pre_w = np.zeros(n)
+        if len(pre_ids):
+            tokens = np.bincount(pre_place, weights=pre_tokens, minlength=n)
+            pre_w = np.asarray(self.pim.kv_write_time(tokens, layers=1), float)
+        per_slot = np.zeros((len(offsets), n))
+        for si, j in enumerate(offsets):
+            comp, host = np.zeros(n), np.zeros(n)
+            if len(ids):
+                comp, cat = self.pim.layer_attention_time(ctx + j, placement, breakdown=True)
+                host = cat[:, self._host_cats].sum(axis=1)
+            if self.coord.rankset_overlap:
+                per_slot[si] = comp + pre_w
+            else:
+                channel_writes = np.repeat((host + pre_w).reshape(C, R).sum(axis=1), R)
+                per_slot[si] = np.where(comp + pre_w > 0, comp - host + channel_writes, 0.0)
         work = np.zeros((len(offsets), R, n))
+        slots = np.arange(n)
         for rho in range(R):
-            pre_w = np.zeros(n)
-            if len(pre_ids):
-                tokens = np.bincount(self.rank_of(pre_ids, pre_place, rho), weights=pre_tokens, minlength=n)
-                pre_w = np.asarray(self.pim.kv_write_time(tokens, layers=1), float)
-            ranks = self.rank_of(ids, placement, rho)
-            for si, j in enumerate(offsets):
-                comp, host = np.zeros(n), np.zeros(n)
-                if len(ids):
-                    comp, cat = self.pim.layer_attention_time(ctx + j, ranks, breakdown=True)
-                    host = cat[:, self._host_cats].sum(axis=1)
-                if self.coord.rankset_overlap:
-                    work[si, rho] = comp + pre_w
-                else:
-                    channel_writes = np.repeat((host + pre_w).reshape(C, R).sum(axis=1), R)
-                    work[si, rho] = np.where(comp + pre_w > 0, comp - host + channel_writes, 0.0)
+            work[:, rho, self.rank_of(slots, rho)] = per_slot
         return work
 
     # --- the iteration --------------------------------------------------------------------------------
@@ -125,68 +129,101 @@ class L3System(SystemModel):
 
     def _schedule(self, subs: list[dict], L: int, steps: int, record: bool) -> IterationTiming:
         """Run the per-layer dependency graph on the GPU, the PCIe directions and every rank (vectorised over
-        steps). Each rank serves one sub-batch's layer after another; different ranks run concurrently."""
+        steps). Each rank serves one sub-batch's layer after another; different ranks run concurrently.
+
+        The graph repeats every R layers (the rankset rotation). Once two consecutive periods advance every
+        resource by the same amount, the schedule is periodic (all updates are max-plus: max and +), so the
+        remaining whole periods are added in one step; the result is exactly that of running them.
+        """
         R, n = self.ranksets, self.n_ranks
         zero = np.zeros(steps)
-        gpu_free, up_free, down_free = zero, zero, zero
-        rank_free = np.zeros((steps, n))
-        ret = {x["s"]: zero for x in subs}
+        free = {"gpu": zero, "up": zero, "down": zero, "ranks": np.zeros((steps, n))}
+        for x in subs:
+            free[f"ret{x['s']}"] = zero
         intervals: list[Interval] = []
         seq = not self.coord.pipeline
-        span = {x["s"]: zero for x in subs}  # PIM seconds from a layer's first rank start to its last rank end
+        used = np.zeros(n, bool)
+        for x in subs:
+            used |= (x["work"] > 0).any(axis=(0, 1))
 
         def barrier(t):  # without the pipeline every part waits for all earlier parts
-            nonlocal gpu_free, up_free, down_free, rank_free
             if seq:
-                gpu_free = up_free = down_free = t
-                rank_free = np.repeat(t[:, None], n, axis=1)
+                free.update(gpu=t, up=t, down=t, ranks=np.repeat(t[:, None], n, axis=1))
 
         def note(dev, a, b, label, layer=-1):
             if record and float(b[0]) > float(a[0]):
                 intervals.append(Interval(dev, float(a[0]), float(b[0]), label, layer))
 
-        for layer in range(L):
+        note.record = record
+
+        def core() -> np.ndarray:  # the resource times that feed later decisions
+            cols = [free["gpu"], free["up"], free["down"]] + [free[f"ret{x['s']}"] for x in subs]
+            return np.column_stack([*cols, free["ranks"][:, used]])
+
+        layer, last, last_delta = 0, None, None
+        while layer < L:
+            if layer % R == 0 and not record:
+                now = core()
+                if last is not None:
+                    delta = now - last
+                    uniform = np.ptp(delta, axis=1) <= 1e-12 * np.abs(delta).max(initial=1.0)
+                    if last_delta is not None and uniform.all() and np.allclose(delta, last_delta, rtol=1e-12):
+                        m = (L - layer) // R
+                        shift = m * delta[:, 0]
+                        for k in free:
+                            free[k] = free[k] + (shift[:, None] if free[k].ndim == 2 else shift)
+                        layer += m * R
+                        last = None
+                        if layer >= L:
+                            break
+                    last_delta = delta
+                last = now
             for x in subs:
-                name = "AB"[x["s"]]
-                start = np.maximum(gpu_free, ret[x["s"]])
-                dense_end = start + (x["post"] if layer else 0.0) + x["pre"]
-                gpu_free = dense_end + x["pattn"]
-                note("gpu", start, dense_end, f"{name} dense", layer)
-                note("gpu", dense_end, gpu_free, f"{name} prefill attn", layer)
-                barrier(gpu_free)
-                up_start = np.maximum(dense_end if not seq else gpu_free, up_free)
-                up_end = up_start + x["up"]
-                up_free = up_end + x["up_bg"]
-                note("pcie_up", up_start, up_end, f"{name} QKV", layer)
-                note("pcie_up", up_end, up_free, f"{name} prefill KV", layer)
-                barrier(up_free)
-                work = x["work"][:, layer % R, :]
-                active = work > 0
-                if not active.any():
-                    ret[x["s"]] = gpu_free
-                    continue
-                ready = up_end if not seq else up_free
-                r_start = np.maximum(rank_free, ready[:, None])
-                r_end = r_start + work
-                rank_free = np.where(active, r_end, rank_free)
-                pim_end = np.max(np.where(active, r_end, ready[:, None]), axis=1)
-                span[x["s"]] = span[x["s"]] + pim_end - np.min(np.where(active, r_start, np.inf), axis=1)
-                if record:
-                    for r in np.flatnonzero(active[0]):
-                        note(f"rank{r}", r_start[:, r], r_end[:, r], f"{name} attn", layer)
-                barrier(pim_end)
-                dn_start = np.maximum(pim_end, down_free)
-                ret[x["s"]] = down_free = dn_start + x["down"]
-                note("pcie_down", dn_start, down_free, f"{name} out", layer)
-                barrier(down_free)
+                self._layer(x, layer, free, barrier, note, seq)
+            layer += 1
+        gpu_free = free["gpu"]
         for x in subs:
-            start = np.maximum(gpu_free, ret[x["s"]])
+            start = np.maximum(gpu_free, free[f"ret{x['s']}"])
             gpu_free = start + x["post"] + x["head"]
             note("gpu", start, gpu_free, "AB"[x["s"]] + " dense+head")
-        durations = np.maximum(gpu_free, np.maximum(up_free, down_free))
-        return self._timing(subs, L, steps, durations, span, intervals)
+        durations = np.maximum(gpu_free, np.maximum(free["up"], free["down"]))
+        return self._timing(subs, L, steps, durations, intervals)
 
-    def _timing(self, subs, L, steps, durations, span, intervals) -> IterationTiming:
+    def _layer(self, x: dict, layer: int, free: dict, barrier, note, seq: bool) -> None:
+        """One layer of one sub-batch: dense work, Q/K/V up, attention on its ranks, output down."""
+        s, name, R = x["s"], "AB"[x["s"]], self.ranksets
+        start = np.maximum(free["gpu"], free[f"ret{s}"])
+        dense_end = start + (x["post"] if layer else 0.0) + x["pre"]
+        free["gpu"] = dense_end + x["pattn"]
+        note("gpu", start, dense_end, f"{name} dense", layer)
+        note("gpu", dense_end, free["gpu"], f"{name} prefill attn", layer)
+        barrier(free["gpu"])
+        up_start = np.maximum(dense_end if not seq else free["gpu"], free["up"])
+        up_end = up_start + x["up"]
+        free["up"] = up_end + x["up_bg"]
+        note("pcie_up", up_start, up_end, f"{name} QKV", layer)
+        note("pcie_up", up_end, free["up"], f"{name} prefill KV", layer)
+        barrier(free["up"])
+        work = x["work"][:, layer % R, :]
+        active = work > 0
+        if not active.any():
+            free[f"ret{s}"] = free["gpu"]
+            return
+        ready = (up_end if not seq else free["up"])[:, None]
+        r_start = np.maximum(free["ranks"], ready)
+        r_end = r_start + work
+        free["ranks"] = np.where(active, r_end, free["ranks"])
+        pim_end = np.max(np.where(active, r_end, ready), axis=1)
+        if note.record:
+            for r in np.flatnonzero(active[0]):
+                note(f"rank{r}", r_start[:, r], r_end[:, r], f"{name} attn", layer)
+        barrier(pim_end)
+        dn_start = np.maximum(pim_end, free["down"])
+        free[f"ret{s}"] = free["down"] = dn_start + x["down"]
+        note("pcie_down", dn_start, free["down"], f"{name} out", layer)
+        barrier(free["down"])
+
+    def _timing(self, subs, L, steps, durations, intervals) -> IterationTiming:
         R, C = self.ranksets, self.channels
         reps = np.bincount(np.arange(L) % R, minlength=R)  # layers per residue
         gpu_sub, mem_sub = np.zeros((steps, 2)), np.zeros((steps, 2))
@@ -198,11 +235,14 @@ class L3System(SystemModel):
             busy["gpu"] += g
             busy["pcie_up"] += L * (x["up"] + x["up_bg"])
             busy["pcie_down"] += L * x["down"]
-            mem_sub[:, x["s"]] = span[x["s"]]
-            busy["pim"] += span[x["s"]]
+            # The sub-batch's own PIM time: each layer's slowest rank (what the scheduler balances against
+            # the other sub-batch's GPU time). Busy time of `pim` and of each rankset: the mean over their
+            # ranks of the time each rank computed (a rank is a serial resource, so this is <= elapsed time).
+            mem_sub[:, x["s"]] = x["work"].max(axis=2) @ reps
             if x["n_dec"]:
                 w = x["work"]  # (steps, R, ranks); rank = channel * R + rankset
-                by_rankset = w.reshape(steps, R, C, R).max(axis=2)  # slowest rank of each rankset
+                busy["pim"] += w.mean(axis=2) @ reps
+                by_rankset = w.reshape(steps, R, C, R).mean(axis=2)
                 for q in range(R):
                     busy[f"rankset{q}"] += by_rankset[:, :, q] @ reps
                 mean = w.mean(axis=2)
@@ -212,7 +252,8 @@ class L3System(SystemModel):
         stats = {
             "imbalance": imb_sum / imb_n if imb_n else np.ones(steps),
             "gpu_waited": (durations - busy["gpu"] > WAIT_THRESHOLD * durations).astype(float),
-            "pim_waited": ((durations - busy["pim"] > WAIT_THRESHOLD * durations) & (busy["pim"] > 0)).astype(float),
+            "pim_waited": ((durations - mem_sub.sum(axis=1) > WAIT_THRESHOLD * durations)
+                           & (mem_sub.sum(axis=1) > 0)).astype(float),
         }
         return IterationTiming(durations, busy, gpu_sub, mem_sub, stats, intervals)
 

@@ -1,0 +1,40 @@
+"""Online predictors: they learn the functions they are shown, and the fast forest path equals scikit-learn's."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from l3.sim.predictors import ErrorLog, ForestPredictor, LinearPredictor
+
+
+def test_linear_predictor_recovers_a_linear_law():
+    rng = np.random.default_rng()
+    w = rng.uniform(0.1, 2.0, 4)
+    p = LinearPredictor(window=256)
+    assert np.isnan(p.predict(np.ones(4))).all()
+    for _ in range(100):
+        x = rng.uniform(0, 100, 4)
+        p.add(x, x @ w + 3.0)
+    x = rng.uniform(0, 100, (10, 4))
+    np.testing.assert_allclose(p.predict(x), x @ w + 3.0, rtol=1e-8)
+
+
+def test_forest_fast_path_matches_scikit_learn_and_learns_steps():
+    rng = np.random.default_rng()
+    p = ForestPredictor(window=512)
+    f = lambda x: np.ceil(x[..., 0] / 128) * 1e-3 + 1e-5 * x[..., 2]  # noqa: E731 - a wave-quantised law
+    for _ in range(300):
+        x = np.array([rng.integers(1, 2048), rng.integers(0, 4096), rng.integers(0, 64)], float)
+        p.add(x, f(x))
+    xs = np.column_stack([rng.integers(1, 2048, 50), rng.integers(0, 4096, 50), rng.integers(0, 64, 50)]).astype(float)
+    np.testing.assert_allclose(p.predict(xs), p.model.predict(xs.astype(np.float32)), rtol=1e-6)
+    err = np.abs(p.predict(xs) - f(xs)) / f(xs)
+    assert np.median(err) < 0.1
+
+
+def test_error_log_summary():
+    log = ErrorLog()
+    for pred, meas in [(1.1, 1.0), (0.9, 1.0), (2.0, 1.0), (float("nan"), 1.0)]:
+        log.add(pred, meas)
+    s = log.summary()
+    assert s["n"] == 3 and abs(s["median"] - 0.1) < 1e-12

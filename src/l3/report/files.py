@@ -18,7 +18,7 @@ def write_run(res: SimResult, out: Path) -> dict:
     summary = summarize(res)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     requests_frame(res).to_csv(out / "requests.csv", index=False)
-    tl = pd.DataFrame(res.metrics.timeline, columns=["replica", "device", "start_s", "end_s", "label"])
+    tl = pd.DataFrame(res.metrics.timeline, columns=["replica", "plan", "device", "start_s", "end_s", "label"])
     tl.to_csv(out / "timeline.csv", index=False)
     title = f"{summary['system']} · {summary['model']} · {summary['workload']} (simulated)"
     plot_over_time(res.metrics.series(), out / "batch_throughput.png", title)

@@ -45,24 +45,33 @@ def plot_over_time(series: np.ndarray, path: Path, title: str, bins: int = 200) 
     plt.close(fig)
 
 
-def plot_timeline(timeline: list[tuple[int, str, float, float, str]], path: Path, title: str,
-                  max_items: int = 60) -> None:  # fmt: skip
-    """Gantt chart of the first recorded intervals: one lane per (replica, device)."""
-    items = timeline[:max_items]
-    lanes = sorted({(r, d) for r, d, *_ in items})
-    fig, ax = plt.subplots(figsize=(10, 0.5 + 0.45 * max(len(lanes), 1)))
+def plot_timeline(timeline: list[tuple[int, int, str, float, float, str]], path: Path, title: str,
+                  iterations: int = 3) -> None:  # fmt: skip
+    """Gantt charts of replica 0's first recorded decode iterations, one panel each, one lane per device.
+    Ranks are drawn in their rankset's lane (translucent: ranks of a rankset work concurrently); sub-batch B
+    is hatched."""
+    plans = sorted({p for r, p, *_ in timeline if r == 0})[:iterations]
+    per_plan = [[(d, s, e, lbl) for r, p, d, s, e, lbl in timeline if r == 0 and p == q] for q in plans]
+    order = {"gpu": 0, "pcie_up": 1, "pcie_down": 3}
+    lanes = sorted({d.split("/")[0] for items in per_plan for d, *_ in items}, key=lambda d: (order.get(d, 2), d))
+    kinds = sorted({lbl.split(" ", 1)[-1] for items in per_plan for *_, lbl in items})
     colors = plt.get_cmap("tab10")
-    labels = sorted({lbl.split(" x")[0] for *_, lbl in items})
-    for r, d, s, e, lbl in items:
-        y = lanes.index((r, d))
-        c = colors(labels.index(lbl.split(" x")[0]) % 10)
-        ax.barh(y, e - s, left=s, height=0.6, color=c, edgecolor="black", lw=0.3)
-    ax.set_yticks(range(len(lanes)), [f"replica {r} {d}" for r, d in lanes])
-    ax.set_xlabel("simulated time (s)")
-    ax.set_title(title, fontsize=10)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=colors(i % 10)) for i in range(len(labels))]
-    if labels:
-        ax.legend(handles, labels, fontsize=8, loc="upper right")
+    n = max(len(per_plan), 1)
+    fig, axes = plt.subplots(n, 1, figsize=(11, 0.6 + n * (0.4 + 0.32 * max(len(lanes), 1))), squeeze=False)
+    for ax, items in zip(axes[:, 0], per_plan or [[]], strict=True):
+        for d, s, e, lbl in items:
+            sub, kind = lbl.split(" ", 1) if " " in lbl else ("", lbl)
+            ax.barh(lanes.index(d.split("/")[0]), (e - s) * 1e3, left=s * 1e3, height=0.6, lw=0,
+                    color=colors(kinds.index(kind) % 10), alpha=0.45 if "/" in d else 1.0,
+                    hatch="///" if sub == "B" else None)  # fmt: skip
+        ax.set_yticks(range(len(lanes)), lanes, fontsize=8)
+        ax.invert_yaxis()
+    axes[-1, 0].set_xlabel("simulated time (ms)")
+    axes[0, 0].set_title(f"{title}: first recorded decode iterations of replica 0 (sub-batch B hatched)",
+                         fontsize=10)  # fmt: skip
+    if kinds:
+        handles = [plt.Rectangle((0, 0), 1, 1, color=colors(i % 10)) for i in range(len(kinds))]
+        axes[0, 0].legend(handles, kinds, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -45,7 +45,8 @@ class Metrics:
         self.busy = dict.fromkeys(devices, 0.0)
         self.stats: dict[str, float] = {}  # sums over steps of system-specific quantities
         self.timeline_limit = timeline_limit
-        self.timeline: list[tuple[int, str, float, float, str]] = []  # (replica, device, start, end, label)
+        # (replica, plan index, device, start, end, label): device intervals of recorded plans
+        self.timeline: list[tuple[int, int, str, float, float, str]] = []
         self._series: list[tuple[int, float, float, int, int, float]] = []  # replica,t0,t1,steps,batch,tokens
 
     def record(self, replica: int, t0: float, plan: Plan, timing: IterationTiming) -> None:
@@ -64,12 +65,10 @@ class Metrics:
         t1 = t0 + float(np.sum(durations))
         tokens = n_decode * k + int(plan.prefill_completes.sum())
         self._series.append((replica, t0, t1, k, plan.batch_size, tokens))
-        if len(self.timeline) < self.timeline_limit:
-            if k > 1:
-                self.timeline.append((replica, "gpu", t0, t1, f"decode x{k}"))
-            else:
-                self.timeline.extend((replica, iv.device, t0 + iv.start, t0 + iv.end, iv.label)
-                                     for iv in timing.intervals)  # fmt: skip
+        if timing.intervals and len(self.timeline) < self.timeline_limit:
+            plan_no = len(self._series) - 1
+            self.timeline.extend((replica, plan_no, iv.device, t0 + iv.start, t0 + iv.end, iv.label)
+                                 for iv in timing.intervals)  # fmt: skip
 
     @property
     def mean_batch_size(self) -> float:

@@ -41,7 +41,7 @@ class SimResult:
 
 
 class Simulator:
-    def __init__(self, dep: Deployment, workload: Workload, timeline_limit: int = 400, bulk: bool = True):
+    def __init__(self, dep: Deployment, workload: Workload, timeline_limit: int = 20_000, bulk: bool = True):
         """`bulk=False` executes every iteration singly (same results, slower; used to check the bulk path)."""
         self.dep, self.workload = dep, workload
         self.max_bulk = MAX_BULK_STEPS if bulk else 1
@@ -106,8 +106,9 @@ class Simulator:
         if plan.decode_only:
             lim = sched.repeat_limit(plan)
             steps = min(lim.steps, self.max_bulk)
-        record = len(self.metrics.timeline) < self.metrics.timeline_limit
-        timing = self.system.run(plan, table, steps, record=record and steps == 1)
+        # The timeline keeps device intervals of the first single-step iterations that decode.
+        record = steps == 1 and len(plan.decode_ids) > 0 and len(self.metrics.timeline) < self.metrics.timeline_limit
+        timing = self.system.run(plan, table, steps, record=record)
         if steps > 1 and lim.arrival_sensitive and queue.next_arrival() < np.inf:
             ends = np.cumsum(timing.durations)
             steps = min(steps, int(np.searchsorted(ends, queue.next_arrival() - now, side="left")) + 1)

@@ -216,7 +216,7 @@ class L3System(SystemModel):
         pim_end = np.max(np.where(active, r_end, ready), axis=1)
         if note.record:
             for r in np.flatnonzero(active[0]):
-                note(f"rank{r}", r_start[:, r], r_end[:, r], f"{name} attn", layer)
+                note(f"rankset{r % R}/rank{r}", r_start[:, r], r_end[:, r], f"{name} attn", layer)
         barrier(pim_end)
         dn_start = np.maximum(pim_end, free["down"])
         free[f"ret{s}"] = free["down"] = dn_start + x["down"]

@@ -29,16 +29,22 @@ class _Windowed:
 
 
 class LinearPredictor(_Windowed):
-    """y ~ w . [x, 1], refit by least squares after every observation (a few features: cheap)."""
+    """y ~ w . [x, 1], least squares over the window, refit lazily when a prediction needs it."""
 
     def __init__(self, window: int):
         super().__init__(window)
-        self.w: np.ndarray | None = None
+        self._w: np.ndarray | None = None
 
     def add(self, x, y) -> None:
         super().add(x, y)
-        X = np.column_stack([np.asarray(self.x), np.ones(len(self.x))])
-        self.w = np.linalg.lstsq(X, np.asarray(self.y), rcond=None)[0]
+        self._w = None
+
+    @property
+    def w(self) -> np.ndarray | None:
+        if self._w is None and self.seen:
+            X = np.column_stack([np.asarray(self.x), np.ones(len(self.x))])
+            self._w = np.linalg.lstsq(X, np.asarray(self.y), rcond=None)[0]
+        return self._w
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         x = np.atleast_2d(np.asarray(x, float))

@@ -100,6 +100,9 @@ class CoordinationSpec(SpecModel):
     """How the GPUs and the memory-side device share an iteration (L3 coordination; ablation switches)."""
 
     pipeline: bool = True  # two sub-batches whose GPU and PIM work overlap; off: run them back to back
+    # Where one request's layer lives: "rankset" = its KV heads split over the channels of one rankset
+    # (as many channels as keep every chip group of a rank full), "rank" = wholly inside one rank.
+    placement: Literal["rankset", "rank"] = "rankset"
     rankset_overlap: bool = True  # a write blocks only the rank written; off: it blocks its whole channel
     policy: Literal["alignment", "fill-capacity", "halving"] = "alignment"
     decode_group: int = 0  # decodes placed at a time by the alignment policy; 0 = 1 for MHA, 16 for GQA
@@ -170,6 +173,21 @@ class Deployment:
     def describe(self) -> dict:
         return {"system": self.system.name, "model": self.model.name, "gpu": f"{self.tp * self.dp} x {self.gpu.name}",
                 "tp": self.tp, "dp": self.dp}  # fmt: skip
+
+
+def with_overrides(spec: SystemSpec, overrides: dict, name: str | None = None) -> SystemSpec:
+    """A copy of `spec` with nested fields replaced, e.g. {"coordination": {"pipeline": False}}."""
+
+    def merge(base: dict, new: dict) -> dict:
+        out = dict(base)
+        for k, v in new.items():
+            out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+        return out
+
+    data = merge(spec.model_dump(), overrides)
+    if name is not None:
+        data["name"] = name
+    return SystemSpec.build(data, where=f"{spec.name} with {overrides}")
 
 
 def auto_parallelism(model: ModelSpec, gpu: GpuSpec, group: GpuGroupSpec) -> ParallelSpec:

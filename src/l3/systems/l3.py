@@ -7,14 +7,17 @@ One replica's iteration (per layer, per sub-batch X in {A, B}):
 With `coordination.pipeline`, the GPU runs one sub-batch's dense work while the PIM serves the other's
 attention (NeuPIMs-style interleaving); without it every part runs back to back (the plain sum of parts).
 
-Placement (docs/l3-system.md): at admission a request gets a slot (a channel c and an offset o, one slot per
-rank); its layer l lives in rankset (l + o) mod R of channel c, so its layers rotate over all ranksets and
-requests sharing a slot share a rank in every layer. A write into a rank blocks that rank's compute
+Placement (docs/l3-system.md): at admission a request gets a slot: a group of S channels and an offset o. Its
+layer l lives in rankset (l + o) mod R, its KV heads split evenly over the S ranks of that rankset in the
+group's channels (S = 1 with `placement = "rank"`). Layers rotate over all ranksets; requests sharing a slot
+share ranks in every layer. A write into a rank blocks that rank's compute
 (`rankset_overlap`); without rankset overlap it blocks every rank of its channel. DP replicas each own an
 equal share of the channels.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -39,10 +42,15 @@ class L3System(SystemModel):
         full = sysspec.pim.dram()
         self.channels = full.org.channels // dep.dp  # this replica's share of the host's channels
         self.dram = DramSpec(timing=full.timing, org=full.org.model_copy(update={"channels": self.channels}))
-        self.pim = PimDevice(self.dram, sysspec.pim.pu, m)
+        self.coord = sysspec.coordination
+        self.shard = self._shard(PimDevice(self.dram, sysspec.pim.pu, m).n_hc)
+        # The device model of one rank's share of a request-layer: n_kv_heads / shard KV heads.
+        share = m.model_copy(update={"n_heads": m.n_heads // self.shard, "n_kv_heads": m.n_kv_heads // self.shard})
+        self.pim = PimDevice(self.dram, sysspec.pim.pu, share)
         self.ranksets = self.dram.org.ranks_per_channel
         self.n_ranks = self.ranksets * self.channels
-        self.coord = sysspec.coordination
+        self._slot_ranks = [self.ranks_of(np.arange(self.slots), rho) for rho in range(self.ranksets)]
+        self._gpu_parts = functools.lru_cache(maxsize=4096)(self._gpu_parts_uncached)
         self.devices = ("gpu", "pim", "pcie_up", "pcie_down", *(f"rankset{s}" for s in range(self.ranksets)))
         # Bytes per token per layer crossing PCIe.
         self._qkv_bytes = (m.q_dim + 2 * m.kv_dim) * m.dtype_bytes
@@ -50,9 +58,20 @@ class L3System(SystemModel):
         self._kv_layer = m.kv_bytes_per_token_layer
         self._host_cats = [CATEGORIES.index("host_write"), CATEGORIES.index("host_read")]
 
+    def _shard(self, n_hc: int) -> int:
+        """Channels a request-layer's heads are split over: the largest divisor S of the channels such that
+        each rank still gets whole chip groups (chips / N_hc heads per round) of heads."""
+        if self.coord.placement == "rank":
+            return 1
+        m, chips = self.dep.model, self.dram.org.chips_per_rank
+        group = chips // n_hc
+        return max(s for s in range(1, self.channels + 1)
+                   if self.channels % s == 0 and m.n_kv_heads % s == 0 and (m.n_kv_heads // s) % group == 0)
+
     @property
     def kv_capacity_tokens(self) -> int:
-        return int(self.pim.kv_capacity_tokens)
+        """Whole-model tokens: the share model's capacity over all ranks, divided by the shards of a token."""
+        return int(self.pim.kv_capacity_tokens // self.shard)
 
     # --- links ---------------------------------------------------------------------------------------
     def pcie(self, nbytes: float) -> float:
@@ -62,14 +81,16 @@ class L3System(SystemModel):
     # --- memory side --------------------------------------------------------------------------------
     @property
     def slots(self) -> int:
-        """Placement slots: a channel and a rankset offset (channel * R + offset), one per rank."""
-        return self.n_ranks
+        """Placement slots: a channel group (S channels) and a rankset offset: group * R + offset."""
+        return self.channels // self.shard * self.ranksets
 
-    def rank_of(self, placement: np.ndarray, residue: int) -> np.ndarray:
-        """Rank (channel * R + rankset, the device's numbering) holding layer `residue` (mod R) of each request
-        placed at slot `placement` (channel * R + offset): rankset (layer + offset) mod R of its channel."""
-        R = self.ranksets
-        return placement // R * R + (placement % R + residue) % R
+    def ranks_of(self, slot: np.ndarray, residue: int) -> np.ndarray:
+        """Ranks (channel * R + rankset, the device's numbering) holding layer `residue` (mod R) of requests
+        at `slot`: rankset (offset + residue) mod R in each of the slot's S channels. Shape (..., S)."""
+        R, S = self.ranksets, self.shard
+        slot = np.asarray(slot)
+        channels = (slot // R)[..., None] * S + np.arange(S)
+        return channels * R + ((slot % R + residue) % R)[..., None]
 
     def pim_layer_work(self, ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets) -> np.ndarray:
         """Seconds each rank is occupied by one layer's attention of a sub-batch: (offsets, R residues, ranks).
@@ -79,28 +100,30 @@ class L3System(SystemModel):
         requests `pre_ids` also write `pre_tokens` tokens of KV per layer into their ranks in the same slot.
         With rankset overlap a write blocks only the rank written; without it, every rank of its channel.
         """
-        R, C, n = self.ranksets, self.channels, self.n_ranks
-        # Requests sharing a slot share a rank in every layer; layer residue rho only moves each slot's work
-        # to another rank of the same channel. So compute per slot once and permute.
-        pre_w = np.zeros(n)
+        R, C, n, k = self.ranksets, self.channels, self.n_ranks, self.slots
+        # Requests sharing a slot share their ranks in every layer, and each of the slot's S ranks holds the
+        # same share of their heads; layer residue rho only moves a slot to other ranks of the same channels.
+        pre_w = np.zeros(k)
         if len(pre_ids):
-            tokens = np.bincount(pre_place, weights=pre_tokens, minlength=n)
+            tokens = np.bincount(pre_place, weights=pre_tokens, minlength=k)
             pre_w = np.asarray(self.pim.kv_write_time(tokens, layers=1), float)
-        per_slot = np.zeros((len(offsets), n))
+        work = np.zeros((len(offsets), R, n))
         for si, j in enumerate(offsets):
-            comp, host = np.zeros(n), np.zeros(n)
+            comp, host = np.zeros(k), np.zeros(k)
             if len(ids):
                 comp, cat = self.pim.layer_attention_time(ctx + j, placement, breakdown=True)
-                host = cat[:, self._host_cats].sum(axis=1)
-            if self.coord.rankset_overlap:
-                per_slot[si] = comp + pre_w
-            else:
-                channel_writes = np.repeat((host + pre_w).reshape(C, R).sum(axis=1), R)
-                per_slot[si] = np.where(comp + pre_w > 0, comp - host + channel_writes, 0.0)
-        work = np.zeros((len(offsets), R, n))
-        slots = np.arange(n)
-        for rho in range(R):
-            work[:, rho, self.rank_of(slots, rho)] = per_slot
+                comp, host = comp[:k], cat[:k, self._host_cats].sum(axis=1)
+            for rho in range(R):
+                ranks = self._slot_ranks[rho]  # (k, S)
+                comp_r, host_r, pre_r = (np.zeros(n) for _ in range(3))
+                comp_r[ranks] = comp[:, None]
+                host_r[ranks] = host[:, None]
+                pre_r[ranks] = pre_w[:, None]
+                if self.coord.rankset_overlap:
+                    work[si, rho] = comp_r + pre_r
+                else:  # every write blocks all ranks of its channel
+                    channel_writes = np.repeat((host_r + pre_r).reshape(C, R).sum(axis=1), R)
+                    work[si, rho] = np.where(comp_r + pre_r > 0, comp_r - host_r + channel_writes, 0.0)
         return work
 
     # --- the iteration --------------------------------------------------------------------------------
@@ -114,18 +137,19 @@ class L3System(SystemModel):
                 continue
             ctx = table.context(sb.decode_ids).astype(float)
             shape = BatchShape.of(sb, ctx)
-            layer = self.gpu.layer(shape.n_tokens, 0, 0.0, shape.prefill_pairs, shape.prefill_kv_tokens)
             work = self.pim_layer_work(sb.decode_ids, ctx, table.placement[sb.decode_ids], sb.prefill_ids,
                                        sb.prefill_chunks, table.placement[sb.prefill_ids], offsets)  # fmt: skip
-            subs.append({
-                "s": s, "n_dec": len(sb.decode_ids), "pre": float(layer.pre_attn), "pattn": float(layer.prefill_attn),
-                "post": float(layer.post_attn), "head": float(self.gpu.lm_head(shape.n_sampled)),
-                "up": self.pcie(len(sb.decode_ids) * self._qkv_bytes),
-                "up_bg": self.pcie(shape.prefill_tokens * self._kv_layer),
-                "down": self.pcie(len(sb.decode_ids) * self._out_bytes),
-                "work": interpolate_steps(work, offsets, steps),
-            })  # fmt: skip
+            subs.append({"s": s, "n_dec": len(sb.decode_ids), "work": interpolate_steps(work, offsets, steps),
+                         **self._gpu_parts(shape.n_tokens, shape.n_decode, shape.prefill_tokens,
+                                           shape.prefill_pairs, shape.prefill_kv_tokens, shape.n_sampled)})
         return self._schedule(subs, L, steps, record)
+
+    def _gpu_parts_uncached(self, n_tokens, n_decode, prefill_tokens, pairs, kv_tokens, n_sampled) -> dict:
+        """Per-layer GPU and PCIe seconds of a sub-batch (the same shapes recur: cached)."""
+        layer = self.gpu.layer(n_tokens, 0, 0.0, pairs, kv_tokens)
+        return {"pre": float(layer.pre_attn), "pattn": float(layer.prefill_attn), "post": float(layer.post_attn),
+                "head": float(self.gpu.lm_head(n_sampled)), "up": self.pcie(n_decode * self._qkv_bytes),
+                "up_bg": self.pcie(prefill_tokens * self._kv_layer), "down": self.pcie(n_decode * self._out_bytes)}
 
     def _schedule(self, subs: list[dict], L: int, steps: int, record: bool) -> IterationTiming:
         """Run the per-layer dependency graph on the GPU, the PCIe directions and every rank (vectorised over

@@ -57,7 +57,7 @@ def print_summary(s: dict) -> None:
 
 @app.command()
 def simulate(
-    system: Annotated[str, typer.Option(help="system name (see `l3 list`) or a .toml file")] = "gpu-only",
+    system: Annotated[str, typer.Option(help="system name (see `l3 list`) or a .toml file")] = "l3",
     model: Annotated[str, typer.Option(help="model preset or a Hugging Face config.json")] = "opt-66b",
     workload: Annotated[str, typer.Option(help="workload name (see `l3 list`) or a trace file")] = "default",
     requests: Annotated[

@@ -78,3 +78,21 @@ def test_pim_json_has_required_fields():
 def test_pim_needs_a_pim_system():
     proc = l3("pim", "--system", "gpu-only", check=False)
     assert proc.returncode != 0 and "no [pim] section" in proc.stderr
+
+
+def test_compare_writes_one_summary_per_system(tmp_path):
+    import json as _json
+
+    out = tmp_path / "cmp"
+    text = l3("compare", "--systems", "gpu-only,l3", "--model", "llama-3-8b", "--workload", "dolphin-short",
+              "--requests", "30", "--out", str(out)).stdout  # fmt: skip
+    assert "speedup" in text
+    results = _json.loads((out / "compare.json").read_text())
+    assert [r["system"] for r in results] == ["gpu-only", "l3"]
+    for r in results:
+        for key in REQUIRED:
+            assert key in r, key
+        assert r["requests_completed"] + r["requests_rejected"] == 30
+    assert results[0]["speedup"] == 1.0
+    assert (out / "compare.csv").read_text().count("\n") == 3
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"

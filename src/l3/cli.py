@@ -13,7 +13,8 @@ from rich.table import Table
 from l3.errors import L3Error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="L3: GPU + DIMM-PIM LLM inference.")
-console = Console()
+# Piped output (files, CI logs) gets wide tables rather than rich's 80-column default.
+console = Console(width=None if sys.stdout.isatty() else 150)
 
 
 def _fmt(x, unit: str = "", digits: int = 3) -> str:
@@ -95,6 +96,44 @@ def simulate(
         console.print(
             f"wrote {out}/summary.json, requests.csv, timeline.csv, batch_throughput.png, timeline.png"
         )
+
+
+@app.command("compare")
+def compare_cmd(
+    systems: Annotated[str, typer.Option(help="comma-separated system names or .toml files")] = "gpu-only,l3",
+    model: Annotated[str, typer.Option(help="model preset or a Hugging Face config.json")] = "opt-66b",
+    workload: Annotated[str, typer.Option(help="workload name or trace file")] = "default",
+    requests: Annotated[int | None, typer.Option(help="number of requests (default: all / 1000 synthetic)")] = None,
+    seed: Annotated[int, typer.Option(help="seed for synthetic lengths, sampling and arrivals")] = 0,
+    mode: Annotated[str | None, typer.Option(help="offline or online")] = None,
+    out: Annotated[Path | None, typer.Option(help="directory for compare.json, compare.csv, compare.png")] = None,
+    jobs: Annotated[int, typer.Option(min=1, help="parallel processes")] = 2,
+    data_dir: Annotated[Path | None, typer.Option(help="folder holding the real traces")] = None,
+) -> None:
+    """Run several systems on the same workload and compare them in one table."""
+    from l3.report.compare import compare, write_compare
+
+    names = [s.strip() for s in systems.split(",") if s.strip()]
+    with console.status(f"simulating {len(names)} systems"):
+        results = compare(names, model, workload, requests, seed, mode, data_dir, jobs)
+    r0 = results[0]
+    t = Table(title=f"{r0['model']} · {r0['workload']} ({r0['workload_mode']}, {r0['requests_total']} requests)"
+                    " - simulated")  # fmt: skip
+    for col in ("system", "tok/s", "speedup", "batch", "TBT p50/p99 s", "TTFT p50 s", "rejected", "KV GiB",
+                "attn TB/s"):  # fmt: skip
+        t.add_column(col, justify="right" if col != "system" else "left", no_wrap=True)
+    for r in results:
+        speedup = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+        t.add_row(r["system"], f"{r['throughput_tok_s']:.1f}", speedup, f"{r['mean_batch_size']:.1f}",
+                  f"{_fmt(r['tbt_p50_s'])}/{_fmt(r['tbt_p99_s'])}", _fmt(r["ttft_p50_s"]),
+                  str(r["requests_rejected"]), f"{r['kv_capacity_bytes'] / 2**30:,.0f}",
+                  f"{r['attention_peak_bw_bytes_per_s'] / 1e12:.1f}")  # fmt: skip
+    console.print(t)
+    console.print(f"[dim]speedup: throughput over {r0['speedup_baseline']}; KV: capacity for KV over all "
+                  "replicas; attn: peak bandwidth decode attention reads the KV at[/dim]")
+    if out is not None:
+        write_compare(results, out)
+        console.print(f"wrote {out}/compare.json, compare.csv, compare.png")
 
 
 @app.command()

@@ -62,6 +62,10 @@ def summarize(res: SimResult) -> dict:
         "iterations": m.steps,
         "preemptions": int(t.preemptions.sum()),
         "kv_capacity_tokens_per_replica": int(res.system.kv_capacity_tokens),
+        "kv_capacity_bytes": int(res.system.kv_capacity_tokens) * dep.model.kv_bytes_per_token * dep.dp,
+        "attention_peak_bw_bytes_per_s": res.system.attention_bw * dep.dp,
+        "tbt_histogram": {"log10_lo": m.tbt.LO, "bins_per_decade": m.tbt.PER_DECADE,
+                          "counts": sparse_counts(m.tbt.counts)},
         "ttft_p50_s": _pct(ttft, 50),
         "ttft_p99_s": _pct(ttft, 99),
         "tbt_p50_s": m.tbt.quantile(0.50),
@@ -74,6 +78,12 @@ def summarize(res: SimResult) -> dict:
         "wall_time_s": res.wall_time_s,
         **coordination_summary(res),
     }
+
+
+def sparse_counts(counts: np.ndarray) -> dict[str, float]:
+    """Non-zero histogram bins as {bin index: count} (JSON-friendly, small)."""
+    idx = np.flatnonzero(counts)
+    return {str(int(i)): float(counts[i]) for i in idx}
 
 
 def coordination_summary(res: SimResult) -> dict:

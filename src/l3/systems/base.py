@@ -49,6 +49,11 @@ class SystemModel(ABC):
     def kv_capacity_tokens(self) -> int:
         """Whole-model KV tokens one replica can hold."""
 
+    @property
+    @abstractmethod
+    def attention_bw(self) -> float:
+        """Peak bandwidth (bytes/s) at which one replica's decode attention can read its KV cache."""
+
     @abstractmethod
     def run(self, plan: Plan, table: RequestTable, steps: int, record: bool = False) -> IterationTiming:
         """Time of `plan` repeated `steps` times (steps > 1 only for decode-only plans; each step every decode

@@ -26,6 +26,11 @@ class GpuOnlySystem(SystemModel):
     def kv_capacity_tokens(self) -> int:
         return self._kv_tokens
 
+    @property
+    def attention_bw(self) -> float:
+        """HBM bandwidth of the TP group's GPUs."""
+        return self.dep.tp * self.dep.gpu.hbm_bw
+
     def time(self, shape: BatchShape) -> np.ndarray:
         """Seconds of one iteration of `shape` (vectorised over `shape.decode_ctx`)."""
         layer = self.gpu.layer(shape.n_tokens, shape.n_decode, shape.decode_ctx, shape.prefill_pairs,

@@ -73,6 +73,11 @@ class L3System(SystemModel):
         """Whole-model tokens: the share model's capacity over all ranks, divided by the shards of a token."""
         return int(self.pim.kv_capacity_tokens // self.shard)
 
+    @property
+    def attention_bw(self) -> float:
+        """Bank-level read bandwidth of the replica's ranks."""
+        return self.pim.peak_attention_bw
+
     # --- links ---------------------------------------------------------------------------------------
     def pcie(self, nbytes: float) -> float:
         """One transfer split over the TP group's PCIe links (one per GPU), seconds."""

@@ -144,3 +144,31 @@ def test_l3_serves_every_request(policy):
     spec = system(policy=policy).dep.system
     res = Simulator(spec.deploy(TINY), wl).run()
     assert np.all(res.table.status == 3)
+
+
+def test_odd_head_counts_are_placed_and_served():
+    """3 KV heads of dim 64 (a SmolLM2-like shape): chip groups cannot be filled; the request-layer stays on
+    one rank (shard 1) and every request is served."""
+    odd = ModelSpec(name="odd", n_layers=4, d_model=576, n_heads=9, n_kv_heads=3, head_dim=64, ffn_dim=1536,
+                    ffn_kind="gated", vocab_size=49152)  # fmt: skip
+    spec = SystemSpec.build({"name": "odd-l3", "kind": "l3", "gpu": {"preset": "a100-80gb", "count": 1},
+                             "parallelism": {"odd": {"tp": 1, "dp": 1}},
+                             "pim": {"org_overrides": {"channels": 2, "rows": 4096}}})  # fmt: skip
+    dep = spec.deploy(odd)
+    assert L3System(dep).shard == 1
+    rng = np.random.default_rng(2)
+    wl = make_workload(np.sort(rng.uniform(0, 1, 40)), rng.integers(5, 300, 40), rng.integers(2, 200, 40))
+    assert np.all(Simulator(dep, wl).run().table.status == 3)
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 30), seed=st.integers(0, 2**16), policy=st.sampled_from(["alignment", "halving"]))
+def test_l3_every_request_ends_and_memory_is_returned(n, seed, policy):
+    rng = np.random.default_rng(seed)
+    wl = make_workload(np.sort(rng.uniform(0, 0.5, n)), rng.integers(1, 3000, n), rng.integers(1, 3000, n))
+    sim = Simulator(system(policy=policy).dep.system.deploy(TINY), wl)
+    res = sim.run()
+    assert np.all((res.table.status == 3) | (res.table.status == 4))
+    assert all(s.kv.used_blocks == 0 for s in sim.schedulers)
+    done = res.table.status == 3
+    assert np.array_equal(res.table.generated[done], res.table.output[done])

@@ -65,8 +65,9 @@ class L3System(SystemModel):
             return 1
         m, chips = self.dep.model, self.dram.org.chips_per_rank
         group = chips // n_hc
-        return max(s for s in range(1, self.channels + 1)
-                   if self.channels % s == 0 and m.n_kv_heads % s == 0 and (m.n_kv_heads // s) % group == 0)
+        fits = [s for s in range(2, self.channels + 1)
+                if self.channels % s == 0 and m.n_kv_heads % s == 0 and (m.n_kv_heads // s) % group == 0]
+        return max(fits, default=1)
 
     @property
     def kv_capacity_tokens(self) -> int:

@@ -1,0 +1,230 @@
+"""Systems that run decode attention on a memory-side device beside the GPUs (L3 and the baselines).
+
+One replica's iteration (per layer, per sub-batch X in {A, B}):
+  GPU: [post-attention of layer l-1] + QKV projection  -> link up: the decode tokens' Q, K, V
+  memory side: decode attention of X's requests on its units  -> link down: attention output
+  GPU: prefill attention of X's chunks (concurrently); the next layer's work waits for both.
+With `coordination.pipeline`, the GPU runs one sub-batch's dense work while the memory side serves the other's
+attention (NeuPIMs-style interleaving); without it every part runs back to back (the plain sum of parts).
+Subclasses say what the units are, how long a layer's attention occupies each, and what the KV capacity is.
+"""
+
+from __future__ import annotations
+
+import functools
+from abc import abstractmethod
+
+import numpy as np
+
+from l3.devices.gpu import GpuCostModel
+from l3.sim.plan import BatchShape, Plan
+from l3.sim.requests import RequestTable
+from l3.specs.system import Deployment
+from l3.systems.base import Interval, IterationTiming, SystemModel
+
+BULK_SAMPLE_EVERY = 256  # steps between exact memory-side evaluations in a multi-step run (linear in between)
+WAIT_THRESHOLD = 0.05  # a side "waited" in an iteration if it idled more than this fraction of it
+
+
+class AttentionOffloadSystem(SystemModel):
+    """Units are numbered channel * R + rankset (R = 1 for devices without ranksets)."""
+
+    memory_device = "pim"  # name of the memory-side device in reports
+
+    def __init__(self, dep: Deployment, ranksets: int, channels: int):
+        self.dep = dep
+        m = dep.model
+        self.gpu = GpuCostModel(m, dep.gpu, dep.tp, dep.nvlink, dep.system.gpu.model)
+        self.coord = dep.system.coordination
+        self.ranksets, self.channels = ranksets, channels
+        self.n_ranks = ranksets * channels
+        self._gpu_parts = functools.lru_cache(maxsize=4096)(self._gpu_parts_uncached)
+        lanes = tuple(f"rankset{s}" for s in range(ranksets)) if ranksets > 1 else ()
+        self.devices = ("gpu", self.memory_device, "pcie_up", "pcie_down", *lanes)
+        # Bytes per token per layer crossing the link.
+        self._qkv_bytes = (m.q_dim + 2 * m.kv_dim) * m.dtype_bytes
+        self._out_bytes = m.q_dim * m.dtype_bytes
+        self._kv_layer = m.kv_bytes_per_token_layer
+
+    @property
+    @abstractmethod
+    def slots(self) -> int:
+        """Placement positions the scheduler chooses among at admission."""
+
+    @abstractmethod
+    def pim_layer_work(self, ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets) -> np.ndarray:
+        """Seconds each unit is occupied by one layer's attention of a sub-batch: (offsets, R residues, units).
+
+        ctx: tokens attended per decode request at step offset 0 (grows by one per step); `placement`: their
+        slots. Prefill requests `pre_ids` at slots `pre_place` write `pre_tokens` tokens of KV per layer."""
+
+    def pcie(self, nbytes: float) -> float:
+        """One transfer split over the TP group's host links (one per GPU), seconds."""
+        return float(self.dep.host_link.transfer_time(nbytes / self.dep.tp)) if nbytes > 0 else 0.0
+
+    # --- the iteration --------------------------------------------------------------------------------
+    def run(self, plan: Plan, table: RequestTable, steps: int, record: bool = False) -> IterationTiming:
+        L = self.dep.model.n_layers
+        offsets = np.unique(np.linspace(0, steps - 1, 2 + (steps - 1) // BULK_SAMPLE_EVERY).round().astype(int))
+        subs = []
+        for s in (0, 1):
+            sb = plan.sub_batch(s)
+            if sb.empty:
+                continue
+            ctx = table.context(sb.decode_ids).astype(float)
+            shape = BatchShape.of(sb, ctx)
+            work = self.pim_layer_work(sb.decode_ids, ctx, table.placement[sb.decode_ids], sb.prefill_ids,
+                                       sb.prefill_chunks, table.placement[sb.prefill_ids], offsets)  # fmt: skip
+            subs.append({"s": s, "n_dec": len(sb.decode_ids), "work": interpolate_steps(work, offsets, steps),
+                         **self._gpu_parts(shape.n_tokens, shape.n_decode, shape.prefill_tokens,
+                                           shape.prefill_pairs, shape.prefill_kv_tokens, shape.n_sampled)})
+        return self._schedule(subs, L, steps, record)
+
+    def _gpu_parts_uncached(self, n_tokens, n_decode, prefill_tokens, pairs, kv_tokens, n_sampled) -> dict:
+        """Per-layer GPU and PCIe seconds of a sub-batch (the same shapes recur: cached)."""
+        layer = self.gpu.layer(n_tokens, 0, 0.0, pairs, kv_tokens)
+        return {"pre": float(layer.pre_attn), "pattn": float(layer.prefill_attn), "post": float(layer.post_attn),
+                "head": float(self.gpu.lm_head(n_sampled)), "up": self.pcie(n_decode * self._qkv_bytes),
+                "up_bg": self.pcie(prefill_tokens * self._kv_layer), "down": self.pcie(n_decode * self._out_bytes)}
+
+    def _schedule(self, subs: list[dict], L: int, steps: int, record: bool) -> IterationTiming:
+        """Run the per-layer dependency graph on the GPU, the PCIe directions and every rank (vectorised over
+        steps). Each rank serves one sub-batch's layer after another; different ranks run concurrently.
+
+        The graph repeats every R layers (the rankset rotation). Once two consecutive periods advance every
+        resource by the same amount, the schedule is periodic (all updates are max-plus: max and +), so the
+        remaining whole periods are added in one step; the result is exactly that of running them.
+        """
+        R, n = self.ranksets, self.n_ranks
+        zero = np.zeros(steps)
+        free = {"gpu": zero, "up": zero, "down": zero, "ranks": np.zeros((steps, n))}
+        for x in subs:
+            free[f"ret{x['s']}"] = zero
+        intervals: list[Interval] = []
+        seq = not self.coord.pipeline
+        used = np.zeros(n, bool)
+        for x in subs:
+            used |= (x["work"] > 0).any(axis=(0, 1))
+
+        def barrier(t):  # without the pipeline every part waits for all earlier parts
+            if seq:
+                free.update(gpu=t, up=t, down=t, ranks=np.repeat(t[:, None], n, axis=1))
+
+        def note(dev, a, b, label, layer=-1):
+            if record and float(b[0]) > float(a[0]):
+                intervals.append(Interval(dev, float(a[0]), float(b[0]), label, layer))
+
+        note.record = record
+
+        def core() -> np.ndarray:  # the resource times that feed later decisions
+            cols = [free["gpu"], free["up"], free["down"]] + [free[f"ret{x['s']}"] for x in subs]
+            return np.column_stack([*cols, free["ranks"][:, used]])
+
+        layer, last, last_delta = 0, None, None
+        while layer < L:
+            if layer % R == 0 and not record:
+                now = core()
+                if last is not None:
+                    delta = now - last
+                    uniform = np.ptp(delta, axis=1) <= 1e-12 * np.abs(delta).max(initial=1.0)
+                    if last_delta is not None and uniform.all() and np.allclose(delta, last_delta, rtol=1e-12):
+                        m = (L - layer) // R
+                        shift = m * delta[:, 0]
+                        for k in free:
+                            free[k] = free[k] + (shift[:, None] if free[k].ndim == 2 else shift)
+                        layer += m * R
+                        last = None
+                        if layer >= L:
+                            break
+                    last_delta = delta
+                last = now
+            for x in subs:
+                self._layer(x, layer, free, barrier, note, seq)
+            layer += 1
+        gpu_free = free["gpu"]
+        for x in subs:
+            start = np.maximum(gpu_free, free[f"ret{x['s']}"])
+            gpu_free = start + x["post"] + x["head"]
+            note("gpu", start, gpu_free, "AB"[x["s"]] + " dense+head")
+        durations = np.maximum(gpu_free, np.maximum(free["up"], free["down"]))
+        return self._timing(subs, L, steps, durations, intervals)
+
+    def _layer(self, x: dict, layer: int, free: dict, barrier, note, seq: bool) -> None:
+        """One layer of one sub-batch: dense work, Q/K/V up, attention on its ranks, output down."""
+        s, name, R = x["s"], "AB"[x["s"]], self.ranksets
+        start = np.maximum(free["gpu"], free[f"ret{s}"])
+        dense_end = start + (x["post"] if layer else 0.0) + x["pre"]
+        free["gpu"] = dense_end + x["pattn"]
+        note("gpu", start, dense_end, f"{name} dense", layer)
+        note("gpu", dense_end, free["gpu"], f"{name} prefill attn", layer)
+        barrier(free["gpu"])
+        up_start = np.maximum(dense_end if not seq else free["gpu"], free["up"])
+        up_end = up_start + x["up"]
+        free["up"] = up_end + x["up_bg"]
+        note("pcie_up", up_start, up_end, f"{name} QKV", layer)
+        note("pcie_up", up_end, free["up"], f"{name} prefill KV", layer)
+        barrier(free["up"])
+        work = x["work"][:, layer % R, :]
+        active = work > 0
+        if not active.any():
+            free[f"ret{s}"] = free["gpu"]
+            return
+        ready = (up_end if not seq else free["up"])[:, None]
+        r_start = np.maximum(free["ranks"], ready)
+        r_end = r_start + work
+        free["ranks"] = np.where(active, r_end, free["ranks"])
+        pim_end = np.max(np.where(active, r_end, ready), axis=1)
+        if note.record:
+            for r in np.flatnonzero(active[0]):
+                note(f"rankset{r % R}/rank{r}", r_start[:, r], r_end[:, r], f"{name} attn", layer)
+        barrier(pim_end)
+        dn_start = np.maximum(pim_end, free["down"])
+        free[f"ret{s}"] = free["down"] = dn_start + x["down"]
+        note("pcie_down", dn_start, free["down"], f"{name} out", layer)
+        barrier(free["down"])
+
+    def _timing(self, subs, L, steps, durations, intervals) -> IterationTiming:
+        R, C = self.ranksets, self.channels
+        reps = np.bincount(np.arange(L) % R, minlength=R)  # layers per residue
+        gpu_sub, mem_sub = np.zeros((steps, 2)), np.zeros((steps, 2))
+        busy = {d: np.zeros(steps) for d in self.devices}
+        imb_sum, imb_n = np.zeros(steps), 0
+        for x in subs:
+            g = L * (x["pre"] + x["pattn"] + x["post"]) + x["head"]
+            gpu_sub[:, x["s"]] = g
+            busy["gpu"] += g
+            busy["pcie_up"] += L * (x["up"] + x["up_bg"])
+            busy["pcie_down"] += L * x["down"]
+            # The sub-batch's own PIM time: each layer's slowest rank (what the scheduler balances against
+            # the other sub-batch's GPU time). Busy time of `pim` and of each rankset: the mean over their
+            # ranks of the time each rank computed (a rank is a serial resource, so this is <= elapsed time).
+            mem_sub[:, x["s"]] = x["work"].max(axis=2) @ reps
+            if x["n_dec"]:
+                w = x["work"]  # (steps, R, ranks); rank = channel * R + rankset
+                busy[self.memory_device] += w.mean(axis=2) @ reps
+                if R > 1:
+                    by_rankset = w.reshape(steps, R, C, R).mean(axis=2)
+                    for q in range(R):
+                        busy[f"rankset{q}"] += by_rankset[:, :, q] @ reps
+                mean = w.mean(axis=2)
+                ratio = np.where(mean > 0, w.max(axis=2) / np.where(mean > 0, mean, 1.0), 1.0)
+                imb_sum += ratio @ reps
+                imb_n += L
+        stats = {
+            "imbalance": imb_sum / imb_n if imb_n else np.ones(steps),
+            "gpu_waited": (durations - busy["gpu"] > WAIT_THRESHOLD * durations).astype(float),
+            "pim_waited": ((durations - mem_sub.sum(axis=1) > WAIT_THRESHOLD * durations)
+                           & (mem_sub.sum(axis=1) > 0)).astype(float),
+        }
+        return IterationTiming(durations, busy, gpu_sub, mem_sub, stats, intervals)
+
+
+
+def interpolate_steps(values: np.ndarray, offsets: np.ndarray, steps: int) -> np.ndarray:
+    """Values known at step `offsets` (first axis), linearly interpolated to every step 0..steps-1."""
+    if steps == 1:
+        return values
+    k = np.arange(steps)
+    i = np.clip(np.searchsorted(offsets, k, side="right") - 1, 0, len(offsets) - 2)
+    w = ((k - offsets[i]) / (offsets[i + 1] - offsets[i])).reshape(-1, *([1] * (values.ndim - 1)))
+    return values[i] * (1 - w) + values[i + 1] * w

@@ -23,6 +23,7 @@ from l3.sim.subbatch import SubBatchScheduler
 from l3.specs.system import Deployment
 from l3.systems import SystemModel, build_system
 from l3.systems.base import IterationTiming
+from l3.systems.offload import AttentionOffloadSystem
 from l3.workload import Workload
 
 MAX_BULK_STEPS = 1 << 16  # cap on one vectorised run (bounds temporary arrays)
@@ -55,7 +56,7 @@ class Simulator:
     def _scheduler(self, r: int) -> ContinuousBatchingScheduler:
         spec = self.dep.system.scheduler
         kv = KvPool(self.system.kv_capacity_tokens, spec.block_size)
-        if self.dep.system.kind == "l3":
+        if isinstance(self.system, AttentionOffloadSystem):
             return SubBatchScheduler(spec, kv, self.table, self.queue, r, self.dep.system.coordination,
                                      self.system.slots, self.dep.model)  # fmt: skip
         return ContinuousBatchingScheduler(spec, kv, self.table, self.queue, replica=r)

@@ -96,6 +96,29 @@ class PimMemorySpec(SpecModel):
         return DramSpec(timing=get_timing(self.timing), org=org)
 
 
+class AttentionDeviceSpec(SpecModel):
+    """A baseline's memory-side attention device, modelled as one pool of bandwidth (and arithmetic) per
+    replica. With `efficiency` 1 attention runs at peak bandwidth: the paper's idealisation of the baselines."""
+
+    capacity_bytes: int | Literal["hbm"]  # KV capacity of the machine; "hbm": the GPUs' HBM left by weights
+    bandwidth: float  # bytes/s, whole machine: how fast attention reads the KV cache
+    write_bandwidth: float  # bytes/s, whole machine: how fast new KV is written into the device
+    flops: float = 0.0  # FLOP/s, whole machine, for the attention arithmetic; 0 = never the limit
+    efficiency: float = 1.0  # fraction of `bandwidth` and `flops` reached
+    link: Literal["host", "none"] = "host"  # "host": Q/K/V and outputs cross the GPUs' host links
+    source: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> AttentionDeviceSpec:
+        if self.bandwidth <= 0 or self.write_bandwidth <= 0 or self.flops < 0:
+            raise ValueError("bandwidth and write_bandwidth must be > 0, flops >= 0")
+        if not 0 < self.efficiency <= 1:
+            raise ValueError("efficiency must be in (0, 1]")
+        if self.capacity_bytes != "hbm" and self.capacity_bytes <= 0:
+            raise ValueError("capacity_bytes must be > 0 or \"hbm\"")
+        return self
+
+
 class CoordinationSpec(SpecModel):
     """How the GPUs and the memory-side device share an iteration (L3 coordination; ablation switches)."""
 
@@ -112,19 +135,22 @@ class CoordinationSpec(SpecModel):
 
 class SystemSpec(SpecModel):
     name: str
-    kind: Literal["gpu-only", "l3"]
+    kind: Literal["gpu-only", "l3", "pooled-attention"]
     description: str = ""
     gpu: GpuGroupSpec
     links: LinksSpec = LinksSpec()
     parallelism: dict[str, ParallelSpec] = Field(default_factory=dict)  # per model name
     scheduler: SchedulerSpec = SchedulerSpec()
     pim: PimMemorySpec | None = None
+    attention: AttentionDeviceSpec | None = None
     coordination: CoordinationSpec = CoordinationSpec()
 
     @model_validator(mode="after")
     def _check_kind(self) -> SystemSpec:
         if self.kind == "l3" and self.pim is None:
             raise ValueError("pim: an l3 system needs a [pim] section")
+        if self.kind == "pooled-attention" and self.attention is None:
+            raise ValueError("attention: a pooled-attention system needs an [attention] section")
         return self
 
     def deploy(self, model: ModelSpec) -> Deployment:

@@ -13,6 +13,10 @@ def build_system(dep: Deployment) -> SystemModel:
         from l3.systems.l3 import L3System
 
         return L3System(dep)
+    if dep.system.kind == "pooled-attention":
+        from l3.systems.pooled import PooledAttentionSystem
+
+        return PooledAttentionSystem(dep)
     return GpuOnlySystem(dep)
 
 

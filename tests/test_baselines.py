@@ -1,0 +1,89 @@
+"""The paper's baselines: capacity accounting, link transfers and attention bounds of each mechanism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from l3.sim.simulator import Simulator
+from l3.specs.model import get_model
+from l3.specs.system import get_system, with_overrides
+from l3.systems import build_system
+from l3.systems.gpu_only import GpuOnlySystem
+from l3.workload import load_workload
+
+BASELINES = ("hbm-pim", "hbm-pim-ext", "r-pim", "cpu-offload")
+
+
+def system(name, model="opt-66b", **overrides):
+    spec = get_system(name)
+    if overrides:
+        spec = with_overrides(spec, overrides)
+    return build_system(spec.deploy(get_model(model)))
+
+
+def test_hbm_pim_kv_shares_hbm_with_the_weights():
+    for model in ("opt-66b", "qwen-72b", "gpt-175b"):
+        gpu_only = GpuOnlySystem(get_system("gpu-only").deploy(get_model(model)))
+        assert system("hbm-pim", model).kv_capacity_tokens == gpu_only.kv_capacity_tokens
+
+
+@pytest.mark.parametrize("name, total_bytes",
+                         [("hbm-pim-ext", 320e9), ("r-pim", 2 * 2**40), ("cpu-offload", 2 * 2**40)])
+def test_disaggregated_capacity_is_split_over_replicas(name, total_bytes):
+    m = get_model("opt-66b")
+    s = system(name)
+    assert s.kv_capacity_tokens == int(total_bytes // s.dep.dp // m.kv_bytes_per_token)
+
+
+def test_link_transfers_only_where_kv_lives_outside_the_gpus():
+    assert system("hbm-pim").pcie(1e6) == 0.0
+    for name in ("hbm-pim-ext", "r-pim", "cpu-offload", "l3"):
+        s = system(name)
+        link = s.dep.host_link
+        assert s.pcie(1e6) == pytest.approx(link.latency_s + 1e6 / s.dep.tp / link.bw)
+        assert s.pcie(16) > link.latency_s  # small transfers pay the latency, not bandwidth alone
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_attention_is_bytes_over_bandwidth_when_idealised(name):
+    s = system(name)
+    m = s.dep.model
+    ctx = np.array([1000.0, 5000.0, 123.0])
+    work = s.pim_layer_work(np.arange(3), ctx, np.zeros(3, int), np.empty(0, int), np.empty(0), np.empty(0, int),
+                            np.array([0, 10]))  # fmt: skip
+    bytes0 = ctx.sum() * m.kv_bytes_per_token_layer
+    bw = s.dep.system.attention.bandwidth / s.dep.dp
+    assert work[0, 0, 0] == pytest.approx(bytes0 / bw)
+    assert work[1, 0, 0] == pytest.approx((ctx.sum() + 30) * m.kv_bytes_per_token_layer / bw)
+
+
+def test_cpu_attention_bound_by_bandwidth_or_compute_as_shapes_dictate():
+    ctx = np.full(4, 8192.0)
+    args = (np.arange(4), ctx, np.zeros(4, int), np.empty(0, int), np.empty(0), np.empty(0, int), np.array([0]))
+    mha = system("cpu-offload", "opt-66b")
+    m = mha.dep.model
+    dp = mha.dep.dp
+    read = ctx.sum() * m.kv_bytes_per_token_layer / (406e9 / dp)
+    assert mha.pim_layer_work(*args)[0, 0, 0] == pytest.approx(read)  # MHA: 1 FLOP per KV byte, bandwidth-bound
+    weak = system("cpu-offload", "opt-66b", attention={"flops": 50e9})  # a CPU that cannot keep up
+    compute = ctx.sum() * 4 * m.head_dim * m.n_heads / (50e9 / dp)
+    assert weak.pim_layer_work(*args)[0, 0, 0] == pytest.approx(compute)
+    assert compute > read
+
+
+def test_prefill_kv_writes_take_write_bandwidth():
+    s = system("r-pim")
+    m = s.dep.model
+    work = s.pim_layer_work(np.empty(0, int), np.empty(0), np.empty(0, int), np.array([0]), np.array([2048.0]),
+                            np.array([0]), np.array([0]))  # fmt: skip
+    assert work[0, 0, 0] == pytest.approx(2048 * m.kv_bytes_per_token_layer / (409.6e9 / s.dep.dp))
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_baselines_serve_a_workload(name):
+    wl = load_workload("dolphin-short", n_requests=40, seed=1)
+    dep = get_system(name).deploy(get_model("llama-3-8b"))
+    res = Simulator(dep, wl).run()
+    assert np.all((res.table.status == 3) | (res.table.status == 4))
+    assert res.simulated_time_s > 0

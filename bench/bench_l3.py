@@ -10,6 +10,7 @@ import argparse
 import multiprocessing as mp
 import time
 
+from l3.report.study import ABLATIONS
 from l3.report.summary import summarize
 from l3.sim.simulator import Simulator
 from l3.specs.model import get_model
@@ -18,16 +19,6 @@ from l3.workload import load_workload
 
 MODELS = ("opt-66b", "qwen-72b", "gpt-175b")
 WORKLOADS = ("openr1", "dolphin-r1", "openthoughts", "dolphin-short")
-ABLATIONS = {
-    "L3 (all on)": {},
-    "rankset overlap off": {"coordination": {"rankset_overlap": False}},
-    "sub-batch pipeline off": {"coordination": {"pipeline": False}},
-    "scheduler: fill PIM capacity": {"coordination": {"policy": "fill-capacity"}},
-    "scheduler: NeuPIMs halving": {"coordination": {"policy": "halving"}},
-    "in-flight re-layout off": {"pim": {"pu": {"features": {"inflight_relayout": False}}}},
-    "KV mapping off": {"pim": {"pu": {"features": {"kv_mapping": False}}}},
-    "bubble-free fusion off": {"pim": {"pu": {"features": {"bubble_free": False}}}},
-}
 
 
 def one(job: tuple) -> dict:

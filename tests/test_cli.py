@@ -96,3 +96,16 @@ def test_compare_writes_one_summary_per_system(tmp_path):
     assert results[0]["speedup"] == 1.0
     assert (out / "compare.csv").read_text().count("\n") == 3
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_study_writes_report_and_figure(tmp_path):
+    l3("study", "capacity", "--requests", "12", "--out", str(tmp_path), "--jobs", "1")
+    report = (tmp_path / "capacity" / "report.md").read_text()
+    assert "| DIMMs |" in report and "l3 study capacity" in report
+    assert report.count("of 32") == 4
+    assert (tmp_path / "capacity" / "capacity.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_unknown_study_is_a_clear_error(tmp_path):
+    proc = l3("study", "nope", "--out", str(tmp_path), check=False)
+    assert proc.returncode != 0 and "unknown study" in proc.stderr and "Traceback" not in proc.stderr

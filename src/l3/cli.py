@@ -137,6 +137,22 @@ def compare_cmd(
 
 
 @app.command()
+def study(
+    name: Annotated[str, typer.Argument(help="main | ablation | capacity")],
+    out: Annotated[Path, typer.Option(help="directory for report.md, results.json and figures")] = Path("out/study"),
+    requests: Annotated[int, typer.Option(min=1, help="requests per run (the paper uses 1000)")] = 1000,
+    jobs: Annotated[int, typer.Option(min=1, help="parallel processes")] = 2,
+) -> None:
+    """Run one of the paper's studies and write a Markdown report with figures."""
+    from l3.report.study import run_study
+
+    target = out / name
+    with console.status(f"running study {name}"):
+        path = run_study(name, target, requests, jobs)
+    console.print(f"wrote {path}")
+
+
+@app.command()
 def pim(
     system: Annotated[str, typer.Option(help="a system with a [pim] section, or a .toml file")] = "l3",
     model: Annotated[str, typer.Option(help="model preset or a Hugging Face config.json")] = "opt-66b",

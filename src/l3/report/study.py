@@ -1,0 +1,196 @@
+"""`l3 study`: the paper's experiments as named, reproducible runs, each writing a Markdown report and figures.
+
+A study is a list of runs (system file + overrides, model, workload) executed in parallel processes; the
+report states the command, what was simulated, and the tables the figures are drawn from.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from l3.errors import L3Error
+from l3.report.summary import summarize
+from l3.sim.simulator import Simulator
+from l3.specs.model import get_model
+from l3.specs.system import get_system, with_overrides
+from l3.workload import load_workload
+
+PAPER_MODELS = ("opt-66b", "qwen-72b", "gpt-175b")
+PAPER_WORKLOADS = ("openr1", "dolphin-r1", "openthoughts", "dolphin-short")
+PAPER_SYSTEMS = ("gpu-only", "hbm-pim", "hbm-pim-ext", "r-pim", "cpu-offload", "l3")
+ABLATIONS = {
+    "L3 (all on)": {},
+    "rankset overlap off": {"coordination": {"rankset_overlap": False}},
+    "sub-batch pipeline off": {"coordination": {"pipeline": False}},
+    "scheduler: fill PIM capacity": {"coordination": {"policy": "fill-capacity"}},
+    "scheduler: NeuPIMs halving": {"coordination": {"policy": "halving"}},
+    "in-flight re-layout off": {"pim": {"pu": {"features": {"inflight_relayout": False}}}},
+    "KV mapping off": {"pim": {"pu": {"features": {"kv_mapping": False}}}},
+    "bubble-free fusion off": {"pim": {"pu": {"features": {"bubble_free": False}}}},
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    label: str
+    system: str
+    model: str
+    workload: str
+    requests: int
+    overrides: dict = field(default_factory=dict, hash=False, compare=False)
+
+
+def execute(run: Run) -> dict:
+    spec = get_system(run.system)
+    if run.overrides:
+        spec = with_overrides(spec, run.overrides, name=f"{run.system}[{run.label}]")
+    wl = load_workload(run.workload, n_requests=run.requests, seed=0)
+    s = summarize(Simulator(spec.deploy(get_model(run.model)), wl).run())
+    s["label"] = run.label
+    return s
+
+
+def execute_all(runs: list[Run], jobs: int) -> list[dict]:
+    for r in runs:  # fail early, in this process, on a bad spec
+        spec = get_system(r.system)
+        (with_overrides(spec, r.overrides) if r.overrides else spec).deploy(get_model(r.model))
+    if jobs > 1:
+        with mp.get_context("spawn").Pool(jobs) as pool:
+            return pool.map(execute, runs, chunksize=1)
+    return [execute(r) for r in runs]
+
+
+# --- the studies ------------------------------------------------------------------------------------------
+def main_study(n: int) -> tuple[list[Run], Callable]:
+    runs = [Run(s, s, m, w, n) for m in PAPER_MODELS for w in PAPER_WORKLOADS for s in PAPER_SYSTEMS]
+
+    def report(res: list[dict], out: Path) -> str:
+        lines = []
+        fig, axes = plt.subplots(1, len(PAPER_MODELS), figsize=(15, 4), sharey=True)
+        for ax, m in zip(axes, PAPER_MODELS, strict=True):
+            lines += [f"### {m}", "", "| workload | " + " | ".join(PAPER_SYSTEMS) + " |",
+                      "|---|" + "---|" * len(PAPER_SYSTEMS)]  # fmt: skip
+            for wi, w in enumerate(PAPER_WORKLOADS):
+                row = {r["system"]: r for r in res if r["model"] == m and r["workload"] == w}
+                base = row["gpu-only"]["throughput_tok_s"]
+                cells = []
+                for si, s in enumerate(PAPER_SYSTEMS):
+                    r = row[s]
+                    sp = r["throughput_tok_s"] / base if base else float("nan")
+                    cells.append(f"{sp:.2f}x ({r['throughput_tok_s']:.0f} tok/s, {r['requests_rejected']} rej.)")
+                    ax.bar(wi + (si - 2.5) * 0.13, sp, width=0.13, color=plt.get_cmap("tab10")(si),
+                           label=s if wi == 0 else None)  # fmt: skip
+                lines.append(f"| {w} | " + " | ".join(cells) + " |")
+            lines.append("")
+            ax.set_xticks(range(len(PAPER_WORKLOADS)), PAPER_WORKLOADS, rotation=20)
+            ax.set_title(m)
+            ax.axhline(1.0, color="grey", lw=0.8)
+        axes[0].set_ylabel("throughput speedup over gpu-only")
+        axes[-1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "main.png", dpi=110)
+        plt.close(fig)
+        return "\n".join(["Speedup of output-token throughput over gpu-only (throughput, rejected requests).",
+                          "", *lines, "![speedups](main.png)"])
+
+    return runs, report
+
+
+def ablation_study(n: int) -> tuple[list[Run], Callable]:
+    cases = (("opt-66b", "openr1"), ("qwen-72b", "dolphin-r1"))
+    runs = [Run(name, "l3", m, w, n, ov) for m, w in cases for name, ov in ABLATIONS.items()]
+
+    def report(res: list[dict], out: Path) -> str:
+        lines = []
+        for m, w in cases:
+            rows = [r for r in res if r["model"] == m and r["workload"] == w]
+            base = rows[0]["throughput_tok_s"]
+            lines += [f"### {m}, {w}", "", "| variant | tok/s | vs L3 | TBT p50 (s) | mean batch | rank imbalance |",
+                      "|---|---|---|---|---|---|"]  # fmt: skip
+            lines += [f"| {r['label']} | {r['throughput_tok_s']:.1f} | {r['throughput_tok_s'] / base:.2f}x | "
+                      f"{r['tbt_p50_s']:.3f} | {r['mean_batch_size']:.1f} | {r['rank_load_imbalance']:.2f} |"
+                      for r in rows]  # fmt: skip
+            lines.append("")
+        fig, ax = plt.subplots(figsize=(9, 4))
+        for k, (m, w) in enumerate(cases):
+            rows = [r for r in res if r["model"] == m and r["workload"] == w]
+            ax.barh(np.arange(len(rows)) + 0.4 * k, [r["throughput_tok_s"] / rows[0]["throughput_tok_s"] for r in rows],
+                    height=0.4, label=f"{m}, {w}")  # fmt: skip
+        ax.set_yticks(np.arange(len(ABLATIONS)) + 0.2, list(ABLATIONS))
+        ax.set_xlabel("throughput relative to L3 with everything on")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "ablation.png", dpi=110)
+        plt.close(fig)
+        return "\n".join(["Each variant changes one switch of `l3.toml`; mechanisms in docs/l3-system.md.", "",
+                          *lines, "![ablation](ablation.png)"])  # fmt: skip
+
+    return runs, report
+
+
+def capacity_study(n: int) -> tuple[list[Run], Callable]:
+    """L3 with a fraction of the DIMMs (whole channels, so capacity and bandwidth shrink together)."""
+    channels = (4, 8, 12, 16)  # multiples of OPT-66B's DP 4 (each replica owns whole channels)
+    runs = [Run(f"{c} channels", "l3", "opt-66b", "openr1", n, {"pim": {"org_overrides": {"channels": c}}})
+            for c in channels]  # fmt: skip
+    runs.append(Run("gpu-only", "gpu-only", "opt-66b", "openr1", n))
+
+    def report(res: list[dict], out: Path) -> str:
+        base = res[-1]["throughput_tok_s"]
+        lines = ["| DIMMs | capacity | tok/s | vs gpu-only | mean batch | rejected |", "|---|---|---|---|---|---|"]
+        for c, r in zip(channels, res, strict=False):
+            lines.append(f"| {2 * c} of 32 ({c / 16:.0%}) | {r['kv_capacity_bytes'] / 2**30:,.0f} GiB | "
+                         f"{r['throughput_tok_s']:.1f} | {r['throughput_tok_s'] / base:.2f}x | "
+                         f"{r['mean_batch_size']:.1f} | {r['requests_rejected']} |")  # fmt: skip
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([c / 16 for c in channels], [r["throughput_tok_s"] for r in res[:-1]], marker="o", label="l3")
+        ax.axhline(base, color="grey", ls="--", label="gpu-only")
+        ax.set_xlabel("fraction of the DIMMs")
+        ax.set_ylabel("output tokens / s")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "capacity.png", dpi=110)
+        plt.close(fig)
+        return "\n".join(["OPT-66B on OpenR1-like requests, L3 with whole channels removed (DP 4 needs multiples of "
+                          "4 channels, so the sweep starts at 25%).", "", *lines, "", "![capacity](capacity.png)"])
+
+    return runs, report
+
+
+STUDIES: dict[str, Callable[[int], tuple[list[Run], Callable]]] = {
+    "main": main_study,
+    "ablation": ablation_study,
+    "capacity": capacity_study,
+}
+
+
+def run_study(name: str, out: Path, requests: int, jobs: int) -> Path:
+    """Run study `name` and write `out/report.md` with its figures; returns the report's path."""
+    if name not in STUDIES:
+        raise L3Error(f"unknown study {name!r}; expected one of: {', '.join(STUDIES)}")
+    runs, report = STUDIES[name](requests)
+    t0 = time.perf_counter()
+    results = execute_all(runs, jobs)
+    wall = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    body = report(results, out)
+    text = (f"# Study `{name}`\n\nCommand: `l3 study {name} --requests {requests} --out {out}`. {len(runs)} runs, "
+            f"{requests} requests each (offline, seed 0), {wall:.0f} s wall on {jobs} processes. Every throughput "
+            "and latency is simulated; baselines other than gpu-only and l3 are idealised (docs/evaluation.md)."
+            f"\n\n{body}\n")  # fmt: skip
+    path = out / "report.md"
+    path.write_text(text)
+    import json
+
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    return path

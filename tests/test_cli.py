@@ -109,3 +109,11 @@ def test_study_writes_report_and_figure(tmp_path):
 def test_unknown_study_is_a_clear_error(tmp_path):
     proc = l3("study", "nope", "--out", str(tmp_path), check=False)
     assert proc.returncode != 0 and "unknown study" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_tbt_study_tables_every_system(tmp_path):
+    l3("study", "tbt", "--out", str(tmp_path))
+    report = (tmp_path / "tbt" / "report.md").read_text()
+    for name in ("gpu-only", "hbm-pim", "hbm-pim-ext", "r-pim", "cpu-offload", "l3"):
+        assert name in report
+    assert report.count("### context") == 3 and (tmp_path / "tbt" / "tbt.png").exists()

@@ -60,7 +60,7 @@ def _write(tmp_path: Path, name: str, text: str) -> Path:
 
 def test_every_name_is_listed() -> None:
     assert set(TRACE_ROWS) == set(TRACE_FILES)
-    assert set(SYNTHETIC) | set(TRACE_FILES) | {"default", "azure-conv-sample"} == set(WORKLOAD_NAMES)
+    assert set(SYNTHETIC) | set(TRACE_FILES) | {"default", "azure-conv-sample", "fixed:P:O"} == set(WORKLOAD_NAMES)
 
 
 @needs_data
@@ -327,3 +327,11 @@ def test_simple_csv_round_trip(tmp_path_factory: pytest.TempPathFactory, rows: l
     assert w.prompt_len.tolist() == [r[1] for r in expected]
     assert w.output_len.tolist() == [r[2] for r in expected]
     assert w.rows_rejected == 0 and w.mode == "online"
+
+
+def test_fixed_length_workload_for_context_sweeps():
+    w = load_workload("fixed:8192:512", n_requests=7)
+    assert len(w) == 7 and set(w.prompt_len) == {8192} and set(w.output_len) == {512} and w.mode == "offline"
+    for bad in ("fixed:abc", "fixed:0:5", "fixed:131072:1"):
+        with pytest.raises(WorkloadError, match="fixed"):
+            load_workload(bad)

@@ -167,10 +167,140 @@ def capacity_study(n: int) -> tuple[list[Run], Callable]:
     return runs, report
 
 
+def _org(dimms: int, ranks: int, rows: int) -> dict:
+    return {"pim": {"org_overrides": {"dimms_per_channel": dimms, "ranks_per_dimm": ranks, "rows": rows}}}
+
+
+def scaling_study(n: int) -> tuple[list[Run], Callable]:
+    """From one rankset (16 channels x 1 rank, 512 GiB) up by 8x: capacity only (more rows), bandwidth only
+    (more ranksets, fewer rows each), both (more ranksets)."""
+    base_rows = 262144
+    shapes = {1: (1, 1), 2: (1, 2), 4: (2, 2), 8: (4, 2)}  # ranksets -> (DIMMs per channel, ranks per DIMM)
+    runs = []
+    for k, (d, r) in shapes.items():
+        runs.append(Run(f"capacity x{k}", "l3", "opt-66b", "openr1", n, _org(1, 1, base_rows * k)))
+        runs.append(Run(f"bandwidth x{k}", "l3", "opt-66b", "openr1", n, _org(d, r, base_rows // k)))
+        runs.append(Run(f"both x{k}", "l3", "opt-66b", "openr1", n, _org(d, r, base_rows)))
+
+    def report(res: list[dict], out: Path) -> str:
+        by = {r["label"]: r for r in res}
+        lines = ["| scale | capacity only: tok/s (batch) | bandwidth only: tok/s (batch) | both: tok/s (batch) |",
+                 "|---|---|---|---|"]  # fmt: skip
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for series in ("capacity", "bandwidth", "both"):
+            ax.plot(list(shapes), [by[f"{series} x{k}"]["throughput_tok_s"] for k in shapes], marker="o", label=series)
+        for k in shapes:
+            cells = [f"{by[f'{s} x{k}']['throughput_tok_s']:.1f} ({by[f'{s} x{k}']['mean_batch_size']:.1f})"
+                     for s in ("capacity", "bandwidth", "both")]  # fmt: skip
+            lines.append(f"| x{k} | " + " | ".join(cells) + " |")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("scale over one rankset (512 GiB, 3.3 TB/s)")
+        ax.set_ylabel("output tokens / s")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "scaling.png", dpi=110)
+        plt.close(fig)
+        return "\n".join(["L3, OPT-66B, OpenR1-like requests. Capacity only: rows x k on one rankset; bandwidth only:"
+                          " k ranksets with rows / k (capacity fixed at 512 GiB); both: k ranksets.", "", *lines,
+                          "", "![scaling](scaling.png)"])  # fmt: skip
+
+    return runs, report
+
+
+def tbt_study(n: int) -> tuple[list[Run], Callable]:
+    """Time between tokens of one decode step versus batch size and context, straight from each system's
+    timing model (every request at the same context, placed evenly, two sub-batches where the system uses
+    them); no workload is served."""
+    from l3.sim.plan import Plan
+    from l3.sim.requests import RequestTable
+    from l3.systems import build_system
+
+    batches, contexts = (1, 2, 4, 8, 16, 32, 64), (1024, 4096, 16384)
+
+    def step_time(system, b: int, ctx: int) -> float | None:
+        if b * ctx > system.kv_capacity_tokens:
+            return None
+        t = RequestTable(np.zeros(b), np.full(b, ctx - 1), np.full(b, 10**9))
+        t.generated[:] = 1
+        t.placement[:] = np.arange(b) % getattr(system, "slots", 1)
+        plan = Plan(decode_ids=np.arange(b), decode_sub=(np.arange(b) % 2).astype(np.int8))
+        return float(system.run(plan, t, 1).durations[0])
+
+    def report(res: list[dict], out: Path) -> str:
+        lines, fig_data = [], {}
+        for name in PAPER_SYSTEMS:
+            system = build_system(get_system(name).deploy(get_model("opt-66b")))
+            grid = {(b, c): step_time(system, b, c) for b in batches for c in contexts}
+            fig_data[name] = grid
+        for c in contexts:
+            lines += [f"### context {c // 1024}K tokens", "", "| batch | " + " | ".join(PAPER_SYSTEMS) + " |",
+                      "|---|" + "---|" * len(PAPER_SYSTEMS)]  # fmt: skip
+            for b in batches:
+                cells = ["-" if fig_data[s][b, c] is None else f"{fig_data[s][b, c] * 1e3:.1f}" for s in PAPER_SYSTEMS]
+                lines.append(f"| {b} | " + " | ".join(cells) + " |")
+            lines.append("")
+        fig, axes = plt.subplots(1, len(contexts), figsize=(14, 4), sharey=True)
+        for ax, c in zip(axes, contexts, strict=True):
+            for s in PAPER_SYSTEMS:
+                pts = [(b, fig_data[s][b, c]) for b in batches if fig_data[s][b, c] is not None]
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), marker="o", label=s)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"context {c // 1024}K")
+            ax.set_xlabel("batch (requests per replica)")
+        axes[0].set_ylabel("time between tokens (s)")
+        axes[-1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "tbt.png", dpi=110)
+        plt.close(fig)
+        return "\n".join(["OPT-66B, one replica's decode step in milliseconds ('-': the batch's KV does not fit the "
+                          "system).", "", *lines, "![tbt](tbt.png)"])  # fmt: skip
+
+    return [], report
+
+
+def long_context_study(n: int) -> tuple[list[Run], Callable]:
+    """Real long-context traces online, and a context sweep to 128K tokens (fixed lengths)."""
+    sweep = (8192, 32768, 65536, 131072)
+    runs = [Run(f"{s} {w}", s, "qwen-72b", w, n) for w in ("mooncake-conversation", "azure-conv")
+            for s in ("gpu-only", "l3")]  # fmt: skip
+    runs += [Run(f"{s} {c // 1024}K", s, "opt-66b", f"fixed:{c - 512}:512", n) for c in sweep
+             for s in ("gpu-only", "l3")]  # fmt: skip
+
+    def report(res: list[dict], out: Path) -> str:
+        lines = ["### Real traces (Qwen-72B, online at the traces' arrival times)", "",
+                 "| run | completed / rejected | tok/s | TTFT p50 (s) | TBT p50 / p99 (s) |", "|---|---|---|---|---|"]
+        lines += [f"| {r['label']} | {r['requests_completed']} / {r['requests_rejected']} | {r['throughput_tok_s']:.1f}"
+                  f" | {r['ttft_p50_s'] or float('nan'):.2f} | {r['tbt_p50_s']:.3f} / {r['tbt_p99_s']:.3f} |"
+                  for r in res[:4]]  # fmt: skip
+        lines += ["", "### Context sweep (OPT-66B, contexts of the given length = prompt + 512 output, offline)", "",
+                  "| run | completed / rejected | tok/s | mean batch | TBT p50 (s) |", "|---|---|---|---|---|"]
+        lines += [f"| {r['label']} | {r['requests_completed']} / {r['requests_rejected']} | {r['throughput_tok_s']:.1f}"
+                  f" | {r['mean_batch_size']:.1f} | {r['tbt_p50_s']:.3f} |" for r in res[4:]]  # fmt: skip
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for s in ("gpu-only", "l3"):
+            rows = [r for r in res[4:] if r["system"] == s]
+            ax.plot([c // 1024 for c in sweep], [r["throughput_tok_s"] for r in rows], marker="o", label=s)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (K tokens)")
+        ax.set_ylabel("output tokens / s")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "long_context.png", dpi=110)
+        plt.close(fig)
+        return "\n".join([*lines, "", "![context sweep](long_context.png)"])
+
+    return runs, report
+
+
 STUDIES: dict[str, Callable[[int], tuple[list[Run], Callable]]] = {
     "main": main_study,
-    "ablation": ablation_study,
     "capacity": capacity_study,
+    "scaling": scaling_study,
+    "ablation": ablation_study,
+    "tbt": tbt_study,
+    "long-context": long_context_study,
 }
 
 
@@ -184,9 +314,10 @@ def run_study(name: str, out: Path, requests: int, jobs: int) -> Path:
     wall = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     body = report(results, out)
-    text = (f"# Study `{name}`\n\nCommand: `l3 study {name} --requests {requests} --out {out}`. {len(runs)} runs, "
-            f"{requests} requests each (offline, seed 0), {wall:.0f} s wall on {jobs} processes. Every throughput "
-            "and latency is simulated; baselines other than gpu-only and l3 are idealised (docs/evaluation.md)."
+    what = (f"{len(runs)} runs, {requests} requests each (seed 0), {wall:.0f} s wall on {jobs} processes"
+            if runs else "computed from the systems' timing models (no workload served)")  # fmt: skip
+    text = (f"# Study `{name}`\n\nCommand: `l3 study {name} --requests {requests}`; {what}. Every throughput and "
+            "latency is simulated; baselines other than gpu-only and l3 are idealised (docs/evaluation.md)."
             f"\n\n{body}\n")  # fmt: skip
     path = out / "report.md"
     path.write_text(text)

@@ -16,6 +16,7 @@ from l3.workload.synthetic import (
     DEFAULT_N,
     STREAM_SAMPLE,
     SYNTHETIC,
+    fixed_workload,
     poisson_arrivals,
     rng_for,
     synthetic_workload,
@@ -52,6 +53,7 @@ WORKLOAD_NAMES: dict[str, str] = {
     "sharegpt": "ShareGPT prompt/output lengths, Llama-2 tokenizer (30,731 requests, no timestamps)",
     "arxiv": "arXiv summarization lengths, Llama-2 tokenizer (28,257 requests, no timestamps)",
     "bwb": "BWB document-translation lengths, Llama-2 tokenizer (33,768 requests, long outputs)",
+    "fixed:P:O": "N identical requests of P prompt and O output tokens (context sweeps)",
 }
 
 
@@ -97,9 +99,11 @@ def load_workload(
     name = "openr1" if name_or_path == "default" else name_or_path
     if name in SYNTHETIC:
         base = synthetic_workload(name, n_requests or DEFAULT_N, seed)
+    elif name.startswith("fixed:"):
+        base = fixed_workload(name, n_requests or DEFAULT_N)
     else:
         base = load_trace(_resolve_file(name, data_dir), name=name)
-    if n_requests is not None and name not in SYNTHETIC:
+    if n_requests is not None and name not in SYNTHETIC and not name.startswith("fixed:"):
         base = _select(base, n_requests, seed)
     return _set_arrivals(base, mode, rate_scale, arrival_rate, seed)
 

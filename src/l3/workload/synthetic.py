@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import ndtri
 
+from l3.errors import WorkloadError
 from l3.workload.workload import Workload
 
 MAX_CONTEXT = 131072  # tokens: prompt + output of one synthetic request
@@ -83,6 +84,20 @@ def synthetic_workload(name: str, n: int = DEFAULT_N, seed: int = 0) -> Workload
     return Workload(
         name=name, arrival_s=np.zeros(n), prompt_len=prompt, output_len=output, mode="offline", source=source
     )
+
+
+def fixed_workload(name: str, n: int = DEFAULT_N) -> Workload:
+    """Offline workload of n identical requests, named "fixed:PROMPT:OUTPUT" (tokens), for context sweeps."""
+    try:
+        _, p, o = name.split(":")
+        prompt, output = int(p), int(o)
+    except ValueError:
+        raise WorkloadError(f"workload {name!r}: expected fixed:PROMPT:OUTPUT with integer token counts") from None
+    if prompt < 1 or output < 1 or prompt + output > MAX_CONTEXT:
+        raise WorkloadError(f"workload {name!r}: need PROMPT, OUTPUT >= 1 and PROMPT + OUTPUT <= {MAX_CONTEXT}")
+    return Workload(name=name, arrival_s=np.zeros(n), prompt_len=np.full(n, prompt, np.int64),
+                    output_len=np.full(n, output, np.int64), mode="offline",
+                    source=f"fixed lengths: {n} requests of {prompt} prompt and {output} output tokens")  # fmt: skip
 
 
 def poisson_arrivals(n: int, rate: float, seed: int) -> np.ndarray:

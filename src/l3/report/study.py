@@ -70,6 +70,24 @@ def execute_all(runs: list[Run], jobs: int) -> list[dict]:
     return [execute(r) for r in runs]
 
 
+def line_plot(path: Path, xs, series: dict[str, list[float]], xlabel: str, ylabel: str, log2x: bool = True,
+              hline: tuple[str, float] | None = None) -> None:  # fmt: skip
+    """One small line chart: a line per series over xs, optionally a dashed reference level."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, ys in series.items():
+        ax.plot(xs, ys, marker="o", label=label)
+    if hline is not None:
+        ax.axhline(hline[1], color="grey", ls="--", label=hline[0])
+    if log2x:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # --- the studies ------------------------------------------------------------------------------------------
 def main_study(n: int) -> tuple[list[Run], Callable]:
     runs = [Run(s, s, m, w, n) for m in PAPER_MODELS for w in PAPER_WORKLOADS for s in PAPER_SYSTEMS]
@@ -152,15 +170,8 @@ def capacity_study(n: int) -> tuple[list[Run], Callable]:
             lines.append(f"| {2 * c} of 32 ({c / 16:.0%}) | {r['kv_capacity_bytes'] / 2**30:,.0f} GiB | "
                          f"{r['throughput_tok_s']:.1f} | {r['throughput_tok_s'] / base:.2f}x | "
                          f"{r['mean_batch_size']:.1f} | {r['requests_rejected']} |")  # fmt: skip
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([c / 16 for c in channels], [r["throughput_tok_s"] for r in res[:-1]], marker="o", label="l3")
-        ax.axhline(base, color="grey", ls="--", label="gpu-only")
-        ax.set_xlabel("fraction of the DIMMs")
-        ax.set_ylabel("output tokens / s")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "capacity.png", dpi=110)
-        plt.close(fig)
+        line_plot(out / "capacity.png", [c / 16 for c in channels], {"l3": [r["throughput_tok_s"] for r in res[:-1]]},
+                  "fraction of the DIMMs", "output tokens / s", log2x=False, hline=("gpu-only", base))
         return "\n".join(["OPT-66B on OpenR1-like requests, L3 with whole channels removed (DP 4 needs multiples of "
                           "4 channels, so the sweep starts at 25%).", "", *lines, "", "![capacity](capacity.png)"])
 
@@ -186,20 +197,13 @@ def scaling_study(n: int) -> tuple[list[Run], Callable]:
         by = {r["label"]: r for r in res}
         lines = ["| scale | capacity only: tok/s (batch) | bandwidth only: tok/s (batch) | both: tok/s (batch) |",
                  "|---|---|---|---|"]  # fmt: skip
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for series in ("capacity", "bandwidth", "both"):
-            ax.plot(list(shapes), [by[f"{series} x{k}"]["throughput_tok_s"] for k in shapes], marker="o", label=series)
+        line_plot(out / "scaling.png", list(shapes),
+                  {s: [by[f"{s} x{k}"]["throughput_tok_s"] for k in shapes] for s in ("capacity", "bandwidth", "both")},
+                  "scale over one rankset (512 GiB, 3.3 TB/s)", "output tokens / s")  # fmt: skip
         for k in shapes:
             cells = [f"{by[f'{s} x{k}']['throughput_tok_s']:.1f} ({by[f'{s} x{k}']['mean_batch_size']:.1f})"
                      for s in ("capacity", "bandwidth", "both")]  # fmt: skip
             lines.append(f"| x{k} | " + " | ".join(cells) + " |")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("scale over one rankset (512 GiB, 3.3 TB/s)")
-        ax.set_ylabel("output tokens / s")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "scaling.png", dpi=110)
-        plt.close(fig)
         return "\n".join(["L3, OPT-66B, OpenR1-like requests. Capacity only: rows x k on one rankset; bandwidth only:"
                           " k ranksets with rows / k (capacity fixed at 512 GiB); both: k ranksets.", "", *lines,
                           "", "![scaling](scaling.png)"])  # fmt: skip
@@ -278,17 +282,9 @@ def long_context_study(n: int) -> tuple[list[Run], Callable]:
                   "| run | completed / rejected | tok/s | mean batch | TBT p50 (s) |", "|---|---|---|---|---|"]
         lines += [f"| {r['label']} | {r['requests_completed']} / {r['requests_rejected']} | {r['throughput_tok_s']:.1f}"
                   f" | {r['mean_batch_size']:.1f} | {r['tbt_p50_s']:.3f} |" for r in res[4:]]  # fmt: skip
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for s in ("gpu-only", "l3"):
-            rows = [r for r in res[4:] if r["system"] == s]
-            ax.plot([c // 1024 for c in sweep], [r["throughput_tok_s"] for r in rows], marker="o", label=s)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("context length (K tokens)")
-        ax.set_ylabel("output tokens / s")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "long_context.png", dpi=110)
-        plt.close(fig)
+        line_plot(out / "long_context.png", [c // 1024 for c in sweep],
+                  {s: [r["throughput_tok_s"] for r in res[4:] if r["system"] == s] for s in ("gpu-only", "l3")},
+                  "context length (K tokens)", "output tokens / s")  # fmt: skip
         return "\n".join([*lines, "", "![context sweep](long_context.png)"])
 
     return runs, report

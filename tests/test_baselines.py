@@ -87,3 +87,17 @@ def test_baselines_serve_a_workload(name):
     res = Simulator(dep, wl).run()
     assert np.all((res.table.status == 3) | (res.table.status == 4))
     assert res.simulated_time_s > 0
+
+
+def test_mechanism_level_r_pim_is_bounded_by_the_rank_bus():
+    """With no bank PUs every KV byte crosses the rank's 25.6 GB/s bus: no rank can beat that rate."""
+    s = system("r-pim-mech", "llama-3-8b")
+    m = s.dep.model
+    ctx = np.array([4096.0, 9000.0, 30000.0])
+    place = np.arange(3) % s.slots
+    work = s.pim_layer_work(np.arange(3), ctx, place, np.empty(0, int), np.empty(0), np.empty(0, int), np.array([0]))
+    share_bytes = np.bincount(place, weights=ctx, minlength=s.slots) * m.kv_bytes_per_token_layer / s.shard
+    floor = share_bytes / 25.6e9
+    per_slot = np.array([work[0, 0, s.ranks_of(np.array([k]), 0)[0]].max() for k in range(s.slots)])
+    assert np.all(per_slot >= floor * (1 - 1e-9))
+    assert s.kv_capacity_tokens == system("l3", "llama-3-8b").kv_capacity_tokens

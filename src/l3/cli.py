@@ -49,6 +49,18 @@ def print_summary(s: dict) -> None:
     ]  # fmt: skip
     if s["reject_reasons"]:
         rows.insert(2, ("rejection reasons", ", ".join(f"{k}: {v}" for k, v in s["reject_reasons"].items())))
+    if "policy" in s:  # systems with a memory-side attention device
+
+        def err(e: dict) -> str:
+            return "-" if e["median"] is None else f"{e['median']:.1%} / {e['p90']:.1%} (n={e['n']})"
+
+        rows[-2:-2] = [
+            ("scheduler policy", str(s["policy"])),
+            ("rank load imbalance (slowest / mean)", _fmt(s["rank_load_imbalance"])),
+            ("PIM predictor error, median / p90", err(s["pim_predictor_error"])),
+            ("GPU predictor error, median / p90", err(s["gpu_predictor_error"])),
+            ("iterations where GPU / PIM waited", f"{s['gpu_waited_fraction']:.0%} / {s['pim_waited_fraction']:.0%}"),
+        ]
     for k, v in rows:
         t.add_row(k, v)
     console.print(t)

@@ -6,15 +6,16 @@ from the profile's own config columns, so any profiled model can be checked.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from l3.devices.gpu import GpuCostModel, GpuModelParams
+from l3.errors import WorkloadError
 from l3.specs.hardware import get_gpu, get_link
 from l3.specs.model import ModelSpec
+from l3.workload.registry import find_data_dir
 
 PROFILE_MODELS = ("Llama-2-7b-hf", "Llama-2-70b-hf", "CodeLlama-34b-Instruct-hf", "internlm-20b", "Qwen-72B",
                   "phi-2")  # fmt: skip
@@ -24,17 +25,14 @@ REL = Path("gpu_profiles/vidur/compute/h100")
 
 
 def find_profiles(root: Path | None = None) -> Path | None:
-    """The H100 profile folder: under `root`, $L3_DATA_DIR/.., or a `shared/data` beside a parent folder."""
-    candidates = [root] if root is not None else []
+    """The H100 profile folder under `root` (a `shared/data` folder), else beside the trace data folder that
+    the workloads find ($L3_DATA_DIR or a `shared/data/traces` above); None when there is none."""
     if root is None:
-        if os.environ.get("L3_DATA_DIR"):
-            candidates.append(Path(os.environ["L3_DATA_DIR"]).parent)
-        for base in (Path.cwd(), Path(__file__).resolve()):
-            candidates += [p / "shared" / "data" for p in base.parents]
-    for c in candidates:
-        if c is not None and (c / REL).is_dir():
-            return c / REL
-    return None
+        try:
+            root = find_data_dir().parent
+        except WorkloadError:
+            return None
+    return root / REL if (root / REL).is_dir() else None
 
 
 def _spec_from_row(name: str, row: pd.Series) -> ModelSpec:

@@ -51,6 +51,7 @@ class Simulator:
         self.queue = WaitingQueue(self.table)
         self.schedulers = [self._scheduler(r) for r in range(dep.dp)]
         self.metrics = Metrics(self.system.devices, timeline_limit)
+        self.completed = 0  # requests finished so far (for progress reports)
         self._reject_oversized()
 
     def _scheduler(self, r: int) -> ContinuousBatchingScheduler:
@@ -70,7 +71,6 @@ class Simulator:
                 "kv_exceeds_capacity",
                 f"needs {t.prompt[rid] + t.output[rid]} tokens of KV; a replica holds at most {limit}",
             )
-        self.completed = 0
 
     def run(self, progress: Callable[[int], None] | None = None) -> SimResult:
         wall0 = time.perf_counter()
@@ -97,9 +97,8 @@ class Simulator:
         queue.release_arrivals(now)
         plan = sched.schedule(now)
         if plan.empty:
-            if len(
-                queue
-            ):  # cannot happen: an idle replica always fits the head (oversized ones are rejected)
+            # Cannot happen: an idle replica always fits the head of the queue (oversized requests are rejected).
+            if len(queue):
                 raise RuntimeError(f"replica {r} idle at t={now:.6f}s with {len(queue)} requests waiting")
             nxt = queue.next_arrival()
             return max(nxt, now) if nxt < np.inf else None

@@ -118,16 +118,14 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         d = plan.decode_ids
         for g0 in range(0, len(new), self.group):
             grp = new[g0 : g0 + self.group]
-            slack = np.empty(2)
             gpu_rows, pim_rows = [], []
             for x in (0, 1):
                 members = np.concatenate([np.flatnonzero(sub == x), grp])
                 p_sel = pre_sub == x
                 pim_rows.append(self.pim_features(d[members], plan.prefill_ids[p_sel], plan.prefill_chunks[p_sel]))
-                other_members = np.flatnonzero(sub == 1 - x)
                 o_sel = pre_sub == 1 - x
                 gpu_rows.append(self.gpu_features(plan.prefill_chunks[o_sel], plan.prefill_prefix[o_sel],
-                                                  len(other_members)))  # fmt: skip
+                                                  int(np.count_nonzero(sub == 1 - x))))  # fmt: skip
             pim = self.pim_pred.predict(np.array(pim_rows))
             gpu_other = self.gpu_pred.predict(np.array(gpu_rows))
             slack = gpu_other - pim

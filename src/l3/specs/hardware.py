@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from pydantic import model_validator
 
 from l3.specs.base import SpecModel, lookup
@@ -39,8 +40,6 @@ class LinkSpec(SpecModel):
 
     def transfer_time(self, nbytes):
         """Seconds to move `nbytes` (scalar or array) in one transfer; zero bytes cost nothing."""
-        import numpy as np
-
         nbytes = np.asarray(nbytes, dtype=float)
         return np.where(nbytes > 0, self.latency_s + nbytes / self.bw, 0.0)
 

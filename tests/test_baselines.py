@@ -12,7 +12,9 @@ from l3.systems import build_system
 from l3.systems.gpu_only import GpuOnlySystem
 from l3.workload import load_workload
 
-BASELINES = ("hbm-pim", "hbm-pim-ext", "r-pim", "cpu-offload")
+BASELINES = ("hbm-pim", "hbm-pim-ext", "r-pim", "cpu-offload", "hbm-pim-mech", "hbm-pim-ext-mech",
+             "cpu-offload-mech")
+IDEAL = BASELINES[:4]
 
 
 def system(name, model="opt-66b", **overrides):
@@ -45,7 +47,7 @@ def test_link_transfers_only_where_kv_lives_outside_the_gpus():
         assert s.pcie(16) > link.latency_s  # small transfers pay the latency, not bandwidth alone
 
 
-@pytest.mark.parametrize("name", BASELINES)
+@pytest.mark.parametrize("name", IDEAL)
 def test_attention_is_bytes_over_bandwidth_when_idealised(name):
     s = system(name)
     m = s.dep.model
@@ -53,7 +55,7 @@ def test_attention_is_bytes_over_bandwidth_when_idealised(name):
     work = s.pim_layer_work(np.arange(3), ctx, np.zeros(3, int), np.empty(0, int), np.empty(0), np.empty(0, int),
                             np.array([0, 10]))  # fmt: skip
     bytes0 = ctx.sum() * m.kv_bytes_per_token_layer
-    bw = s.dep.system.attention.bandwidth / s.dep.dp
+    bw = s.dep.system.attention.resolved("bandwidth") / s.dep.dp
     assert work[0, 0, 0] == pytest.approx(bytes0 / bw)
     assert work[1, 0, 0] == pytest.approx((ctx.sum() + 30) * m.kv_bytes_per_token_layer / bw)
 
@@ -64,7 +66,7 @@ def test_cpu_attention_bound_by_bandwidth_or_compute_as_shapes_dictate():
     mha = system("cpu-offload", "opt-66b")
     m = mha.dep.model
     dp = mha.dep.dp
-    read = ctx.sum() * m.kv_bytes_per_token_layer / (406e9 / dp)
+    read = ctx.sum() * m.kv_bytes_per_token_layer / (16 * 25.6e9 / dp)  # 16 DDR4-3200 channels
     assert mha.pim_layer_work(*args)[0, 0, 0] == pytest.approx(read)  # MHA: 1 FLOP per KV byte, bandwidth-bound
     weak = system("cpu-offload", "opt-66b", attention={"flops": 50e9})  # a CPU that cannot keep up
     compute = ctx.sum() * 4 * m.head_dim * m.n_heads / (50e9 / dp)
@@ -101,3 +103,65 @@ def test_mechanism_level_r_pim_is_bounded_by_the_rank_bus():
     per_slot = np.array([work[0, 0, s.ranks_of(np.array([k]), 0)[0]].max() for k in range(s.slots)])
     assert np.all(per_slot >= floor * (1 - 1e-9))
     assert s.kv_capacity_tokens == system("l3", "llama-3-8b").kv_capacity_tokens
+
+
+def test_cpu_offload_derives_its_figures_from_the_cpu_spec():
+    att = get_system("cpu-offload").attention
+    assert att.resolved("bandwidth") == pytest.approx(16 * 8 * 3200e6)  # channels x 8 B x 3200 MT/s
+    assert att.resolved("flops") == pytest.approx(2 * 64 * 2.25e9 * 32)  # cores x clock x FP32 FLOP/cycle
+    assert att.resolved("capacity_bytes") == 2 * 2**40
+
+
+def mech_work(s, ctx, offsets=(0,)):
+    n = len(ctx)
+    return s.pim_layer_work(np.arange(n), np.asarray(ctx, float), np.zeros(n, int), np.empty(0, int), np.empty(0),
+                            np.empty(0, int), np.asarray(offsets))[:, 0, 0]  # fmt: skip
+
+
+def test_mechanism_cpu_is_bandwidth_bound_for_mha_and_compute_bound_with_few_cores():
+    s = system("cpu-offload-mech")
+    m, dp = s.dep.model, s.dep.dp
+    ctx = np.full(3, 6000.0)
+    bytes_ = ctx.sum() * m.kv_bytes_per_token_layer
+    refresh = 560 / 12480  # DDR4-3200 tRFC / tREFI
+    assert mech_work(s, ctx)[0] == pytest.approx(bytes_ / (409.6e9 / dp * (1 - refresh)))
+    few = dict(name="tiny", sockets=1, cores_per_socket=4, clock_ghz=2.0, fp32_flops_per_cycle=32,
+               fp16_to_fp32_per_cycle=8, memory="ddr4-3200", channels=16, memory_bytes=2**40)  # fmt: skip
+    weak = system("cpu-offload-mech", attention={"cpu": few})
+    elements = ctx.sum() * m.kv_bytes_per_token_layer / 2
+    cycles = elements * (1 / 8 + 2 * 1 / 32)  # widen + one FMA (2 FLOP) per element for MHA
+    assert mech_work(weak, ctx)[0] == pytest.approx(cycles / (4 / dp * 2.0e9))
+    assert mech_work(weak, ctx)[0] > bytes_ / (409.6e9 / dp)
+
+
+def test_mechanism_hbm_pim_streams_at_tccd_l_with_row_switches_and_refresh():
+    s = system("hbm-pim-mech", "llama-3-8b")
+    h = s.dep.system.attention.hbm
+    m = s.dep.model
+    banks = h.banks / s.dep.dp
+    ctx = np.array([1 << 20])  # long: every bank reads many whole rows
+    per_bank = ctx[0] * m.kv_bytes_per_token_layer / 2 / banks
+    accesses, rows = np.ceil(per_bank / 32), np.ceil(per_bank / 1024)
+    expect = 2 * (accesses * 4 * 0.625e-9 + rows * 28e-9) / (1 - 350 / 3900)
+    assert mech_work(s, ctx)[0] == pytest.approx(expect)
+    ideal = system("hbm-pim", "llama-3-8b")
+    many = np.array([100.0, 3000.0, 50000.0])
+    assert np.all(mech_work(s, many) > mech_work(ideal, many))  # the idealisation is an upper bound
+    short = mech_work(s, np.array([16.0]))[0]
+    assert short >= 2 * (4 * 0.625e-9 + 28e-9)  # even a short context opens a row in every bank
+
+
+def test_mechanism_hbm_pim_gqa_needs_mac_passes_beyond_the_pu_reuse():
+    ctx = np.full(4, 20000.0)
+    fast = mech_work(system("hbm-pim-mech", "qwen-72b"), ctx)[0]
+    slow = mech_work(system("hbm-pim-mech", "qwen-72b", attention={"hbm": {"stacks": 40, "gqa_reuse_max": 1}}), ctx)[0]
+    assert slow > 4 * fast  # 8 passes per access instead of 1; row switches are unchanged
+
+
+@pytest.mark.parametrize("bad, field", [({"variant": "mechanism", "hbm": None, "cpu": None}, "variant"),
+                                        ({"cpu": None, "bandwidth": None}, "bandwidth")])
+def test_attention_spec_errors_name_the_field(bad, field):
+    from l3.errors import SpecError
+
+    with pytest.raises(SpecError, match=field):
+        with_overrides(get_system("cpu-offload-mech"), {"attention": bad})

@@ -34,6 +34,7 @@ def print_summary(s: dict) -> None:
     dep = s["deployment"]
     rows = [
         ("GPUs / parallelism", f"{dep['gpu']}, TP{dep['tp']} x DP{dep['dp']}"),
+        ("decode attention model", s.get("attention_model", "mechanism")),
         ("requests completed / rejected", f"{s['requests_completed']} / {s['requests_rejected']}"),
         ("output throughput", _fmt(s["throughput_tok_s"], " tok/s", 4)),
         ("mean batch size (per replica)", _fmt(s["mean_batch_size"])),

@@ -52,6 +52,7 @@ def summarize(res: SimResult) -> dict:
         "workload_source": res.workload.source,
         "deployment": dep.describe(),
         "what_is_simulated": "all times are simulated by analytic device models; wall_time_s is measured",
+        "attention_model": res.system.attention_model,
         "requests_total": int(t.n),
         "requests_completed": int(done.sum()),
         "requests_rejected": int((t.status == Status.REJECTED).sum()),

@@ -6,6 +6,7 @@ import numpy as np
 from pydantic import model_validator
 
 from l3.specs.base import SpecModel, lookup
+from l3.specs.dram import DramTiming, get_timing
 
 
 class GpuSpec(SpecModel):
@@ -44,6 +45,49 @@ class LinkSpec(SpecModel):
         return np.where(nbytes > 0, self.latency_s + nbytes / self.bw, 0.0)
 
 
+class CpuSpec(SpecModel):
+    """A host's CPUs (all sockets) and their DRAM, as the memory-side device of CPU offloading."""
+
+    name: str
+    sockets: int
+    cores_per_socket: int
+    clock_ghz: float  # sustained all-core clock
+    fp32_flops_per_cycle: int  # per core: SIMD lanes x FMA pipes x 2
+    fp16_to_fp32_per_cycle: int  # FP16 KV values one core widens to FP32 per cycle (x86 F16C)
+    memory: str  # DRAM timing preset of the channels
+    channels: int  # DRAM channels over all sockets
+    channel_bytes: int = 8  # data bus width of one channel (64-bit DDR4)
+    memory_bytes: int  # installed DRAM
+    source: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> CpuSpec:
+        for f in ("sockets", "cores_per_socket", "clock_ghz", "fp32_flops_per_cycle", "fp16_to_fp32_per_cycle",
+                  "channels", "channel_bytes", "memory_bytes"):  # fmt: skip
+            if getattr(self, f) <= 0:
+                raise ValueError(f"{f} must be > 0")
+        get_timing(self.memory)
+        return self
+
+    @property
+    def cores(self) -> int:
+        return self.sockets * self.cores_per_socket
+
+    @property
+    def timing(self) -> DramTiming:
+        return get_timing(self.memory)
+
+    @property
+    def peak_flops(self) -> float:
+        """FP32 FLOP/s of all cores."""
+        return self.cores * self.clock_ghz * 1e9 * self.fp32_flops_per_cycle
+
+    @property
+    def peak_bw(self) -> float:
+        """DRAM bandwidth of all channels at the pin rate, bytes/s."""
+        return self.channels * self.channel_bytes * self.timing.data_rate_mts * 1e6
+
+
 GB = 1e9
 GPU_PRESETS: dict[str, GpuSpec] = {
     g.name: g
@@ -71,6 +115,23 @@ LINK_PRESETS: dict[str, LinkSpec] = {
                  source="NVLink 4 (H100): 900 GB/s total = 450 GB/s per direction per GPU; 2 us (assumed)"),
     ]
 }  # fmt: skip
+
+
+CPU_PRESETS: dict[str, CpuSpec] = {
+    c.name: c
+    for c in [
+        # The DGX-A100 host. Zen 2 cores: two 256-bit FMA pipes (8 FP32 lanes x 2 x 2 = 32 FLOP/cycle); one
+        # 8-wide VCVTPH2PS per cycle is our assumption. 8 DDR4-3200 channels per socket, 2 x 64 GB DIMMs each.
+        CpuSpec(name="epyc-7742-x2", sockets=2, cores_per_socket=64, clock_ghz=2.25, fp32_flops_per_cycle=32,
+                fp16_to_fp32_per_cycle=8, memory="ddr4-3200", channels=16, memory_bytes=2 * 2**40,
+                source="AMD EPYC 7742 datasheet (64 cores, 2.25 GHz base, 8 DDR4-3200 channels); NVIDIA DGX-A100 "
+                       "user guide (2 sockets); 2 TiB of DIMMs as on the L3 platform"),
+    ]
+}  # fmt: skip
+
+
+def get_cpu(name: str) -> CpuSpec:
+    return lookup(CPU_PRESETS, name, "CPU")
 
 
 def get_gpu(name: str) -> GpuSpec:

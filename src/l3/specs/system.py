@@ -16,7 +16,8 @@ from l3.devices.gpu import GpuModelParams
 from l3.errors import SpecError
 from l3.specs.base import SpecModel, load_toml
 from l3.specs.dram import DramOrg, DramSpec, get_org, get_timing
-from l3.specs.hardware import GpuSpec, LinkSpec, get_gpu, get_link
+from l3.specs.hardware import CpuSpec, GpuSpec, LinkSpec, get_cpu, get_gpu, get_link
+from l3.specs.hbm_pim import HbmPimSpec
 from l3.specs.model import ModelSpec
 from l3.specs.pim import PimSpec
 
@@ -97,26 +98,60 @@ class PimMemorySpec(SpecModel):
 
 
 class AttentionDeviceSpec(SpecModel):
-    """A baseline's memory-side attention device, modelled as one pool of bandwidth (and arithmetic) per
-    replica. With `efficiency` 1 attention runs at peak bandwidth: the paper's idealisation of the baselines."""
+    """A baseline's memory-side attention device: one pool per replica (its 1/dp share of the machine's).
 
-    capacity_bytes: int | Literal["hbm"]  # KV capacity of the machine; "hbm": the GPUs' HBM left by weights
-    bandwidth: float  # bytes/s, whole machine: how fast attention reads the KV cache
-    write_bandwidth: float  # bytes/s, whole machine: how fast new KV is written into the device
-    flops: float = 0.0  # FLOP/s, whole machine, for the attention arithmetic; 0 = never the limit
-    efficiency: float = 1.0  # fraction of `bandwidth` and `flops` reached
+    `variant = "ideal"`: attention reads the KV cache at `bandwidth` and computes at `flops` (the paper's
+    idealisation of the baselines). `"mechanism"`: times come from the device's mechanisms: bank-level
+    HBM-PIM under HBM timing (`hbm`) or attention on the host CPU's cores over its DRAM (`cpu`). Figures
+    left out are derived from `cpu` or `hbm` at their peak.
+    """
+
+    variant: Literal["ideal", "mechanism"] = "ideal"
+    capacity_bytes: int | Literal["hbm"] | None = None  # whole machine; "hbm": the GPUs' HBM left by weights
+    bandwidth: float | None = None  # bytes/s, whole machine: how fast attention reads the KV cache
+    write_bandwidth: float | None = None  # bytes/s, whole machine: how fast new KV is written into the device
+    flops: float | None = None  # FLOP/s, whole machine, for the attention arithmetic; 0 = never the limit
+    cpu: str | CpuSpec | None = None  # CPU preset name or inline table (KV in its DRAM, attention on its cores)
+    hbm: HbmPimSpec | None = None  # bank-level PIM in HBM stacks
     link: Literal["host", "none"] = "host"  # "host": Q/K/V and outputs cross the GPUs' host links
     source: str = ""
 
     @model_validator(mode="after")
     def _check(self) -> AttentionDeviceSpec:
-        if self.bandwidth <= 0 or self.write_bandwidth <= 0 or self.flops < 0:
-            raise ValueError("bandwidth and write_bandwidth must be > 0, flops >= 0")
-        if not 0 < self.efficiency <= 1:
-            raise ValueError("efficiency must be in (0, 1]")
-        if self.capacity_bytes != "hbm" and self.capacity_bytes <= 0:
-            raise ValueError("capacity_bytes must be > 0 or \"hbm\"")
+        if self.cpu is not None and self.hbm is not None:
+            raise ValueError("give either cpu or hbm, not both")
+        if isinstance(self.cpu, str):
+            get_cpu(self.cpu)
+        if self.variant == "mechanism" and self.cpu is None and self.hbm is None:
+            raise ValueError('variant = "mechanism" needs a cpu preset or an [attention.hbm] section')
+        for f in ("capacity_bytes", "bandwidth", "write_bandwidth"):
+            if self.resolved(f) is None:
+                raise ValueError(f"{f} must be given (or derived from a cpu preset or an hbm section)")
+        if self.capacity_bytes not in (None, "hbm") and self.capacity_bytes <= 0:
+            raise ValueError('capacity_bytes must be > 0 or "hbm"')
+        for f in ("bandwidth", "write_bandwidth"):
+            if self.resolved(f) <= 0:
+                raise ValueError(f"{f} must be > 0")
+        if self.resolved("flops") < 0:
+            raise ValueError("flops must be >= 0")
         return self
+
+    def resolved(self, field: str):
+        """A figure as given, else derived from the CPU or HBM-PIM spec (None where neither says)."""
+        given = getattr(self, field)
+        if given is not None:
+            return given
+        if self.cpu is not None:
+            cpu = self.cpu_spec()
+            return {"capacity_bytes": cpu.memory_bytes, "bandwidth": cpu.peak_bw, "write_bandwidth": cpu.peak_bw,
+                    "flops": cpu.peak_flops}[field]  # fmt: skip
+        if self.hbm is not None:
+            return {"capacity_bytes": None, "bandwidth": self.hbm.peak_internal_bw,
+                    "write_bandwidth": self.hbm.external_bw, "flops": 0.0}[field]  # fmt: skip
+        return 0.0 if field == "flops" else None
+
+    def cpu_spec(self) -> CpuSpec | None:
+        return get_cpu(self.cpu) if isinstance(self.cpu, str) else self.cpu
 
 
 class CoordinationSpec(SpecModel):

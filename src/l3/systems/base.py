@@ -43,6 +43,7 @@ class SystemModel(ABC):
     """Timing of one replica of a deployment. Implementations must be pure functions of their inputs."""
 
     devices: tuple[str, ...]
+    attention_model = "mechanism"  # "ideal" where decode attention runs at a device's peak (the paper's baselines)
 
     @property
     @abstractmethod

@@ -33,9 +33,9 @@ class CheckedPool(KvPool):
 
     peak = 0
 
-    def allocate(self, n_blocks: int) -> None:
-        super().allocate(n_blocks)
-        CheckedPool.peak = max(CheckedPool.peak, self.used_blocks / self.capacity_blocks)
+    def allocate(self, n_blocks: int, tier: int = 0) -> None:
+        super().allocate(n_blocks, tier)
+        CheckedPool.peak = max(CheckedPool.peak, *(self.tier_used / np.maximum(self.tier_capacity, 1)))
 
 
 def run(workload, dp=1, bulk=True, **sched):

@@ -133,11 +133,17 @@ class GpuCostModel:
         pre = ops["input_layernorm"] + ops["attn_pre_proj"] + ops["attn_rope"]
         prefill = self.attention(4.0 * prefill_pairs * md.head_dim * heads, prefill_kv_tokens * kv_tok,
                                  prefill_pairs > 0)  # fmt: skip
-        decode = self.attention(4.0 * decode_ctx * md.head_dim * heads, decode_ctx * kv_tok,
-                                np.asarray(n_decode) > 0)  # fmt: skip
+        decode = self.decode_attention(n_decode, decode_ctx)
         post = (ops["attn_post_proj"] + ops["post_attention_layernorm"] + ops["mlp_up_proj"] + ops["mlp_act"]
                 + ops["mlp_down_proj"] + ops["add"] + 2.0 * ops["all_reduce"])  # fmt: skip
         return LayerCost(pre, prefill, decode, post)
+
+    def decode_attention(self, n_decode, decode_ctx) -> np.ndarray:
+        """One layer's decode attention of `n_decode` requests attending `decode_ctx` tokens in all (KV in HBM)."""
+        md, t = self.model, self.tp
+        decode_ctx = np.asarray(decode_ctx, float)
+        return self.attention(4.0 * decode_ctx * md.head_dim * md.n_heads / t,
+                              decode_ctx * md.kv_bytes_per_token_layer / t, np.asarray(n_decode) > 0)  # fmt: skip
 
     def lm_head(self, n_sampled) -> np.ndarray:
         """Final norm + vocabulary projection for the tokens that are sampled."""

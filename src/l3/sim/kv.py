@@ -1,17 +1,35 @@
-"""KV-cache capacity accounting in fixed-size blocks (tokens per block), per replica."""
+"""KV-cache capacity accounting in fixed-size blocks (tokens per block), per replica.
+
+A replica's KV memory may have several tiers (e.g. GPU HBM and host DRAM for NEO-style CPU offloading); a
+request's blocks all live in one tier. Most systems have one.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
 
 class KvPool:
-    """Block accounting for one replica's KV memory. Never allocates beyond `capacity_blocks`."""
+    """Block accounting for one replica's KV memory. Never allocates beyond a tier's capacity."""
 
-    def __init__(self, capacity_tokens: int, block_size: int):
+    def __init__(self, capacity_tokens: int | Sequence[int], block_size: int):
         self.block_size = block_size
-        self.capacity_blocks = int(capacity_tokens // block_size)
-        self.used_blocks = 0
+        self.tier_capacity = np.atleast_1d(np.asarray(capacity_tokens, np.int64)) // block_size  # blocks
+        self.tier_used = np.zeros(len(self.tier_capacity), np.int64)
+
+    @property
+    def tiers(self) -> int:
+        return len(self.tier_capacity)
+
+    @property
+    def capacity_blocks(self) -> int:
+        return int(self.tier_capacity.sum())
+
+    @property
+    def used_blocks(self) -> int:
+        return int(self.tier_used.sum())
 
     @property
     def capacity_tokens(self) -> int:
@@ -21,34 +39,46 @@ class KvPool:
     def free_blocks(self) -> int:
         return self.capacity_blocks - self.used_blocks
 
+    def free_in(self, tier: int) -> int:
+        return int(self.tier_capacity[tier] - self.tier_used[tier])
+
     def blocks(self, tokens):
         """Blocks needed to hold `tokens` tokens (scalar or array)."""
         return -(-np.asarray(tokens, dtype=np.int64) // self.block_size)
 
-    def allocate(self, n_blocks: int) -> None:
-        if n_blocks > self.free_blocks:
-            raise RuntimeError(f"KV over-commit: {n_blocks} blocks requested, {self.free_blocks} free")
-        self.used_blocks += int(n_blocks)
+    def per_tier(self, tiers: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+        """Blocks summed per tier."""
+        return np.bincount(tiers, weights=blocks, minlength=self.tiers).astype(np.int64)
 
-    def free(self, n_blocks: int) -> None:
-        if n_blocks > self.used_blocks:
-            raise RuntimeError(f"KV double free: {n_blocks} blocks freed, {self.used_blocks} in use")
-        self.used_blocks -= int(n_blocks)
+    def allocate(self, n_blocks: int, tier: int = 0) -> None:
+        if n_blocks > self.free_in(tier):
+            raise RuntimeError(f"KV over-commit: {n_blocks} blocks requested, {self.free_in(tier)} free in tier {tier}")
+        self.tier_used[tier] += int(n_blocks)
 
-    def growth_steps(self, stored: np.ndarray, max_steps: int) -> int:
+    def free(self, n_blocks: int, tier: int = 0) -> None:
+        if n_blocks > self.tier_used[tier]:
+            raise RuntimeError(f"KV double free: {n_blocks} blocks freed, {self.tier_used[tier]} in use in tier {tier}")
+        self.tier_used[tier] -= int(n_blocks)
+
+    def growth_steps(self, stored: np.ndarray, tiers: np.ndarray, max_steps: int) -> int:
         """Largest k <= max_steps such that k decode steps (one token per request each) fit in memory.
 
-        `stored` are the tokens currently held per running request (their blocks are allocated).
+        `stored` are the tokens currently held per running request (their blocks are allocated), `tiers` their tiers.
         """
-        base = int(self.blocks(stored).sum())
         if max_steps <= 0:
             return 0
+        base = self.per_tier(tiers, self.blocks(stored))
+        free = self.tier_capacity - self.tier_used
+
+        def fits(k: int) -> bool:
+            return bool(np.all(self.per_tier(tiers, self.blocks(stored + k)) - base <= free))
+
         lo, hi = 0, max_steps  # invariant: lo steps fit
-        if int(self.blocks(stored + hi).sum()) - base <= self.free_blocks:
+        if fits(hi):
             return hi
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if int(self.blocks(stored + mid).sum()) - base <= self.free_blocks:
+            if fits(mid):
                 lo = mid
             else:
                 hi = mid

@@ -41,6 +41,7 @@ class RequestTable:
         self.replica = np.full(n, -1, np.int32)
         self.preemptions = np.zeros(n, np.int32)
         self.kv_blocks = np.zeros(n, np.int64)  # KV blocks held now
+        self.kv_tier = np.zeros(n, np.int8)  # KV memory tier of those blocks (see KvPool)
         self.placement = np.full(n, -1, np.int32)  # memory-side position (e.g. PIM channel) chosen at admission
         self.sub_batch = np.full(n, -1, np.int8)  # sub-batch a decoding request runs in (-1: none yet)
         self.reject_reason: dict[int, str] = {}  # id -> full reason

@@ -4,12 +4,14 @@ The scheduler sees only the request table, the waiting queue and its KV pool; it
 mechanics or a cost model, so the same code can drive a simulator or a real engine.
 
 Policy (docs/memory-policy.md):
-- Admission: FIFO from the waiting queue while the head's prefill KV fits with `watermark` of the pool kept
-  free, the batch is under `max_batch_size`, and pending prefill work is under the iteration's token budget.
+- Admission: FIFO from the waiting queue while the head's prefill KV fits a KV tier (`choose_tier`; most
+  systems have one) with `watermark` of that tier kept free, the batch is under `max_batch_size`, and pending
+  prefill work is under the iteration's token budget.
 - Each iteration runs one decode token for every request past its prefill, and fills the remaining token
   budget (`max_batched_tokens` - decodes) with prefill chunks in admission order.
-- Memory exhaustion during decode: the most recently admitted running request is preempted (its KV freed,
-  re-queued at the front; it later re-prefills prompt + generated tokens). Requests are never dropped.
+- Memory exhaustion during decode: the most recently admitted running request of the full tier is preempted
+  (its KV freed, re-queued at the front; it later re-prefills prompt + generated tokens). Requests are never
+  dropped.
 - A request whose prompt + output KV can never fit a replica is rejected with a reason when it arrives.
 """
 
@@ -40,33 +42,41 @@ class ContinuousBatchingScheduler:
     ):
         self.spec, self.kv, self.table, self.queue, self.replica = spec, kv, table, queue, replica
         self.running = np.empty(0, np.int64)  # admission order
-        self._watermark_blocks = int(np.ceil(spec.watermark * kv.capacity_blocks))
+        self._watermark_blocks = np.ceil(spec.watermark * kv.tier_capacity).astype(np.int64)  # per tier
 
     # --- admission control ------------------------------------------------------------------------
     def max_request_tokens(self) -> int:
         """Largest prompt + output a request may have and still fit this replica alone."""
-        return (self.kv.capacity_blocks - self._watermark_blocks) * self.kv.block_size
+        return int((self.kv.tier_capacity - self._watermark_blocks).max()) * self.kv.block_size
 
     def _batch_full(self) -> bool:
         return 0 < self.spec.max_batch_size <= len(self.running)
 
-    def _head_fits(self) -> bool:
+    def _fits(self, rid: int, tier: int) -> bool:
+        need = int(self.kv.blocks(self.table.prefill_target[rid]))
+        return need + int(self._watermark_blocks[tier]) <= self.kv.free_in(tier)
+
+    def _head_tier(self) -> int | None:
+        """The tier the head of the queue would be admitted to now, or None if it cannot be admitted."""
         rid = self.queue.peek()
         if rid is None or self._batch_full():
-            return False
-        need = int(self.kv.blocks(self.table.prefill_target[rid]))
-        return need + self._watermark_blocks <= self.kv.free_blocks
+            return None
+        return self.choose_tier(rid)
+
+    def _head_fits(self) -> bool:
+        return self._head_tier() is not None
 
     def _admit(self, now: float) -> None:
         t = self.table
         pending = int((t.prefill_target[self.running] - t.prefilled[self.running]).sum())
         budget = self.admission_budget()
         admitted = []
-        while pending < budget and self._head_fits():
+        while pending < budget and (tier := self._head_tier()) is not None:
             rid = self.queue.pop()
             blocks = int(self.kv.blocks(t.prefill_target[rid]))
-            self.kv.allocate(blocks)
+            self.kv.allocate(blocks, tier)
             t.kv_blocks[rid] = blocks
+            t.kv_tier[rid] = tier
             t.status[rid] = Status.RUNNING
             t.replica[rid] = self.replica
             if np.isnan(t.admitted_s[rid]):
@@ -78,11 +88,13 @@ class ContinuousBatchingScheduler:
             self.on_admit(ids)
             self.running = np.concatenate([self.running, ids])
 
-    def _preempt_last(self) -> None:
+    def _preempt_last(self, tier: int) -> None:
+        """Preempt the most recently admitted running request whose KV is in `tier`."""
         t = self.table
-        rid = int(self.running[-1])
-        self.running = self.running[:-1]
-        self.kv.free(int(t.kv_blocks[rid]))
+        k = int(np.flatnonzero(t.kv_tier[self.running] == tier)[-1])
+        rid = int(self.running[k])
+        self.running = np.delete(self.running, k)
+        self.kv.free(int(t.kv_blocks[rid]), tier)
         t.kv_blocks[rid] = 0
         t.prefilled[rid] = 0
         t.prefill_target[rid] = t.prompt[rid] + t.generated[rid]
@@ -99,13 +111,11 @@ class ContinuousBatchingScheduler:
     def schedule(self, now: float) -> Plan:
         t = self.table
         self._admit(now)
-        while True:
-            run = self.running
-            in_decode = t.prefilled[run] >= t.prefill_target[run]
-            decode_ids = run[in_decode]
-            if int(self._decode_growth_blocks(decode_ids).sum()) <= self.kv.free_blocks:
-                break
-            self._preempt_last()
+        run, in_decode = self._fit_decodes()
+        if not len(run):  # everything was preempted: start again from the head of the queue
+            self._admit(now)
+            run, in_decode = self._fit_decodes()
+        decode_ids = run[in_decode]
         prefill_ids = run[~in_decode]
         budget = self.prefill_budget(len(decode_ids))
         remaining = t.prefill_target[prefill_ids] - t.prefilled[prefill_ids]
@@ -118,6 +128,19 @@ class ContinuousBatchingScheduler:
                     prefill_completes=prefix + chunks >= t.prefill_target[prefill_ids])  # fmt: skip
         return self.split(plan)
 
+    def _fit_decodes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Preempt until every decoding request's next token fits its tier; returns (running, in decode)."""
+        t = self.table
+        while True:
+            run = self.running
+            in_decode = t.prefilled[run] >= t.prefill_target[run]
+            decode_ids = run[in_decode]
+            growth = self.kv.per_tier(t.kv_tier[decode_ids], self._decode_growth_blocks(decode_ids))
+            over = np.flatnonzero(growth > self.kv.tier_capacity - self.kv.tier_used)
+            if not len(over):
+                return run, in_decode
+            self._preempt_last(int(over[0]))
+
     # --- hooks for policies that extend this one -----------------------------------------------------
     def admission_budget(self) -> float:
         """Admit while the prefill work already admitted is below this many tokens."""
@@ -126,6 +149,10 @@ class ContinuousBatchingScheduler:
     def prefill_budget(self, n_decode: int) -> float:
         """Prefill tokens this iteration: what the token budget leaves after one token per decode."""
         return max(self.spec.max_batched_tokens - n_decode, 0)
+
+    def choose_tier(self, rid: int) -> int | None:
+        """The KV tier to admit request `rid` to (the first with room), or None to keep it waiting."""
+        return next((k for k in range(self.kv.tiers) if self._fits(rid, k)), None)
 
     def on_admit(self, ids: np.ndarray) -> None:
         """Called with newly admitted requests (e.g. to place their KV)."""
@@ -144,7 +171,7 @@ class ContinuousBatchingScheduler:
         ids = plan.decode_ids
         steps = int((t.output[ids] - t.generated[ids]).min())
         stored = t.prompt[ids] + t.generated[ids] - 1
-        steps = max(1, self.kv.growth_steps(stored, steps))
+        steps = max(1, self.kv.growth_steps(stored, t.kv_tier[ids], steps))
         sensitive = len(self.queue) == 0 and not self._batch_full()
         return RepeatLimit(steps, sensitive)
 
@@ -162,7 +189,8 @@ class ContinuousBatchingScheduler:
         if len(d):
             t.generated[d] += plan.steps
             need = self.kv.blocks(t.prompt[d] + t.generated[d] - 1)
-            self.kv.allocate(int((need - t.kv_blocks[d]).sum()))
+            for tier, n in enumerate(self.kv.per_tier(t.kv_tier[d], need - t.kv_blocks[d])):
+                self.kv.allocate(int(n), tier)
             t.kv_blocks[d] = need
         p = plan.prefill_ids
         if len(p):
@@ -174,7 +202,8 @@ class ContinuousBatchingScheduler:
         run = self.running
         finished = run[t.generated[run] >= t.output[run]]
         if len(finished):
-            self.kv.free(int(t.kv_blocks[finished].sum()))
+            for tier, n in enumerate(self.kv.per_tier(t.kv_tier[finished], t.kv_blocks[finished])):
+                self.kv.free(int(n), tier)
             t.kv_blocks[finished] = 0
             t.status[finished] = Status.DONE
             t.finish_s[finished] = end_s

@@ -56,7 +56,7 @@ class Simulator:
 
     def _scheduler(self, r: int) -> ContinuousBatchingScheduler:
         spec = self.dep.system.scheduler
-        kv = KvPool(self.system.kv_capacity_tokens, spec.block_size)
+        kv = KvPool(self.system.kv_tiers, spec.block_size)
         if isinstance(self.system, AttentionOffloadSystem):
             return SubBatchScheduler(spec, kv, self.table, self.queue, r, self.dep.system.coordination,
                                      self.system.slots, self.dep.model)  # fmt: skip

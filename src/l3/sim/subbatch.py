@@ -8,6 +8,11 @@ sub-batches per iteration (a decoding request keeps its sub-batch), and one of t
   chunk is shortened until its predicted GPU time matches this sub-batch's PIM time.
 - `halving` (NeuPIMs-style): split by count, chunked prefill with the usual token budget.
 - `fill-capacity` (naive): admit and prefill everything that fits memory at once, split by count.
+With `coordination.asymmetric` (NEO-style, two KV tiers: GPU HBM and the device) the split follows the KV:
+sub-batch 0 holds every prefill and the requests whose KV is in HBM (attention on the GPU), sub-batch 1 those
+whose KV is in the device. New requests go to HBM while it has room; under `alignment` they join the device
+only while the predicted attention time of sub-batch 1 stays within sub-batch 0's measured GPU time (the
+device's attention then hides behind the GPU's work; beyond it each added request slows every other's tokens).
 Predictors learn from the times the executor reports (`observe`), never from cost models.
 """
 
@@ -38,6 +43,7 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         self.pim_err, self.gpu_err = ErrorLog(), ErrorLog()
         self._last: tuple[np.ndarray, np.ndarray] | None = None  # predictions for the plan just made
         self.chunked = 0  # prefill chunks shortened to close a PIM bubble
+        self._gpu0_s: float | None = None  # last measured GPU seconds of sub-batch 0
 
     @property
     def learning(self) -> bool:
@@ -54,6 +60,24 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
     def prefill_budget(self, n_decode: int) -> float:
         # Decode tokens do not eat the prefill budget: their attention runs on the memory side.
         return np.inf if self.coord.policy == "fill-capacity" else self.spec.max_batched_tokens
+
+    def choose_tier(self, rid: int) -> int | None:
+        if not self.coord.asymmetric:
+            return super().choose_tier(rid)
+        if self._fits(rid, 0):
+            return 0
+        if not self._fits(rid, 1):
+            return None
+        t = self.table
+        run = self.running
+        dev = run[(t.kv_tier[run] == 1) & (t.prefilled[run] >= t.prefill_target[run])]
+        if self.coord.policy != "alignment" or not len(run[t.kv_tier[run] == 1]):
+            return 1  # fill by memory; and the device always serves at least one request
+        if not self.warm or self._gpu0_s is None:
+            return None
+        ids = np.append(dev, rid)
+        pim = self.pim_pred.predict(self.pim_features(ids, ids[:0], np.empty(0))[None, :])[0]
+        return 1 if pim <= self._gpu0_s else None
 
     def on_admit(self, ids: np.ndarray) -> None:
         """Place each new request on the least-loaded slot, by tokens held now (output lengths are unknown)."""
@@ -77,13 +101,21 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         count = np.count_nonzero(t.placement[ids] == k)
         return np.array([tokens[k], count, written[k], ctx.sum()], float)
 
-    @staticmethod
-    def gpu_features(chunks: np.ndarray, prefix: np.ndarray, n_decode: int) -> np.ndarray:
-        return np.array([chunks.sum(), prefix.sum(), n_decode], float)
+    def gpu_features(self, chunks: np.ndarray, prefix: np.ndarray, decode_ids: np.ndarray) -> np.ndarray:
+        """[prefill chunk tokens, their prefix tokens, decode requests, tokens the GPU attends for decodes
+        whose KV is in HBM (asymmetric pipelining only)]."""
+        t = self.table
+        gpu_ctx = t.context(decode_ids[t.kv_tier[decode_ids] == 0]).sum() if self.coord.asymmetric else 0
+        return np.array([chunks.sum(), prefix.sum(), len(decode_ids), gpu_ctx], float)
 
     # --- the split ------------------------------------------------------------------------------------
     def split(self, plan: Plan) -> Plan:
         t = self.table
+        if self.coord.asymmetric:
+            plan.decode_sub = (t.kv_tier[plan.decode_ids] == 1).astype(np.int8)
+            plan.prefill_sub = np.zeros(len(plan.prefill_ids), np.int8)
+            self._last = self._predict(plan) if self.learning else None
+            return plan
         pre_sub = np.arange(len(plan.prefill_ids), dtype=np.int8) % 2  # one prefill per sub-batch, alternating
         d = plan.decode_ids
         sub = t.sub_batch[d]
@@ -109,7 +141,7 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         gx, px = [], []
         for x in (0, 1):
             sb = plan.sub_batch(x)
-            gx.append(self.gpu_features(sb.prefill_chunks, sb.prefill_prefix, len(sb.decode_ids)))
+            gx.append(self.gpu_features(sb.prefill_chunks, sb.prefill_prefix, sb.decode_ids))
             px.append(self.pim_features(sb.decode_ids, sb.prefill_ids, sb.prefill_chunks))
         return self.gpu_pred.predict(np.array(gx)), self.pim_pred.predict(np.array(px))
 
@@ -125,7 +157,7 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
                 pim_rows.append(self.pim_features(d[members], plan.prefill_ids[p_sel], plan.prefill_chunks[p_sel]))
                 o_sel = pre_sub == 1 - x
                 gpu_rows.append(self.gpu_features(plan.prefill_chunks[o_sel], plan.prefill_prefix[o_sel],
-                                                  int(np.count_nonzero(sub == 1 - x))))  # fmt: skip
+                                                  d[sub == 1 - x]))  # fmt: skip
             pim = self.pim_pred.predict(np.array(pim_rows))
             gpu_other = self.gpu_pred.predict(np.array(gpu_rows))
             slack = gpu_other - pim
@@ -148,7 +180,7 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
             for c in cands:
                 chunks = plan.prefill_chunks[idx].copy()
                 chunks[-1] = c
-                rows.append(self.gpu_features(chunks, plan.prefill_prefix[idx], int((plan.decode_sub == o).sum())))
+                rows.append(self.gpu_features(chunks, plan.prefill_prefix[idx], plan.decode_ids[plan.decode_sub == o]))
             pred = self.gpu_pred.predict(np.array(rows))
             ok = np.flatnonzero(pred <= pim[x])
             c = int(cands[ok[0]] if len(ok) else cands[-1])
@@ -167,13 +199,17 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
             sb = plan.sub_batch(x)
             if sb.empty:
                 continue
+            # Under asymmetric pipelining sub-batch 0's decodes attend on the GPU: nothing for the PIM predictor.
+            on_device = len(sb.decode_ids) > 0 and not (self.coord.asymmetric and x == 0)
             if warm and self._last is not None:
                 self.gpu_err.add(float(self._last[0][x]), float(timing.sub_gpu_s[0, x]))
-                if len(sb.decode_ids):
+                if on_device:
                     self.pim_err.add(float(self._last[1][x]), float(timing.sub_mem_s[0, x]))
-            self.gpu_pred.add(self.gpu_features(sb.prefill_chunks, sb.prefill_prefix, len(sb.decode_ids)),
+            self.gpu_pred.add(self.gpu_features(sb.prefill_chunks, sb.prefill_prefix, sb.decode_ids),
                               timing.sub_gpu_s[0, x])  # fmt: skip
-            if len(sb.decode_ids):
+            if x == 0:
+                self._gpu0_s = float(timing.sub_gpu_s[-1, 0])
+            if on_device:
                 feats = self.pim_features(sb.decode_ids, sb.prefill_ids, sb.prefill_chunks)
                 self.pim_pred.add(feats, timing.sub_mem_s[0, x])
                 if plan.steps > 1:

@@ -164,6 +164,10 @@ class CoordinationSpec(SpecModel):
     rankset_overlap: bool = True  # a write blocks only the rank written; off: it blocks its whole channel
     policy: Literal["alignment", "fill-capacity", "halving"] = "alignment"
     decode_group: int = 0  # decodes placed at a time by the alignment policy; 0 = 1 for MHA, 16 for GQA
+    # NEO-style asymmetric pipelining (pooled-attention systems whose KV lives off the GPUs): requests whose KV
+    # fits the GPUs' spare HBM stay there and run attention on the GPU, in sub-batch 0 with all prefills;
+    # the rest keep KV in the device and form sub-batch 1, whose attention overlaps sub-batch 0's GPU work.
+    asymmetric: bool = False
     warmup_iterations: int = 16  # observations before the predictors drive decisions
     predictor_window: int = 512  # most recent observations the predictors train on
 
@@ -186,6 +190,9 @@ class SystemSpec(SpecModel):
             raise ValueError("pim: an l3 system needs a [pim] section")
         if self.kind == "pooled-attention" and self.attention is None:
             raise ValueError("attention: a pooled-attention system needs an [attention] section")
+        if self.coordination.asymmetric and (self.kind != "pooled-attention"
+                                             or self.attention.capacity_bytes == "hbm"):  # fmt: skip
+            raise ValueError("coordination.asymmetric: needs a pooled-attention system whose KV lives off the GPUs")
         return self
 
     def deploy(self, model: ModelSpec) -> Deployment:
@@ -230,6 +237,13 @@ class Deployment:
         self.system, self.model, self.gpu, self.nvlink, self.host_link = system, model, gpu, nvlink, host_link
         self.tp, self.dp = tp, dp
         self.hbm_free_bytes = hbm_free_bytes  # per replica, after weights and reserve
+
+    @property
+    def hbm_kv_tokens(self) -> int:
+        """Whole-model KV tokens the spare HBM of one replica holds (a KV head with fewer heads than TP ranks is
+        replicated tp / n_kv_heads times)."""
+        m = self.model
+        return int(self.hbm_free_bytes // (m.kv_bytes_per_token * max(1, self.tp // m.n_kv_heads)))
 
     def describe(self) -> dict:
         return {"system": self.system.name, "model": self.model.name, "gpu": f"{self.tp * self.dp} x {self.gpu.name}",

@@ -51,6 +51,11 @@ class SystemModel(ABC):
         """Whole-model KV tokens one replica can hold."""
 
     @property
+    def kv_tiers(self) -> tuple[int, ...]:
+        """KV tokens per memory tier of one replica (see KvPool); one tier unless a system keeps KV in two."""
+        return (self.kv_capacity_tokens,)
+
+    @property
     @abstractmethod
     def attention_bw(self) -> float:
         """Peak bandwidth (bytes/s) at which one replica's decode attention can read its KV cache."""

@@ -17,10 +17,7 @@ class GpuOnlySystem(SystemModel):
     def __init__(self, dep: Deployment):
         self.dep = dep
         self.gpu = GpuCostModel(dep.model, dep.gpu, dep.tp, dep.nvlink, dep.system.gpu.model)
-        m = dep.model
-        # With fewer KV heads than TP ranks, each KV head is replicated tp / n_kv_heads times.
-        replication = max(1, dep.tp // m.n_kv_heads)
-        self._kv_tokens = int(dep.hbm_free_bytes // (m.kv_bytes_per_token * replication))
+        self._kv_tokens = dep.hbm_kv_tokens
 
     @property
     def kv_capacity_tokens(self) -> int:

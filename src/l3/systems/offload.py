@@ -30,6 +30,7 @@ class AttentionOffloadSystem(SystemModel):
     """Units are numbered channel * R + rankset (R = 1 for devices without ranksets)."""
 
     memory_device = "pim"  # name of the memory-side device in reports
+    gpu_tier: int | None = None  # KV tier whose requests run decode attention on the GPU (asymmetric pipelining)
 
     def __init__(self, dep: Deployment, ranksets: int, channels: int):
         self.dep = dep
@@ -73,15 +74,28 @@ class AttentionOffloadSystem(SystemModel):
                 continue
             ctx = table.context(sb.decode_ids).astype(float)
             shape = BatchShape.of(sb, ctx)
-            work = self.pim_layer_work(sb.decode_ids, ctx, table.placement[sb.decode_ids], sb.prefill_ids,
-                                       sb.prefill_chunks, table.placement[sb.prefill_ids], offsets)  # fmt: skip
-            subs.append({"s": s, "n_dec": len(sb.decode_ids), "work": interpolate_steps(work, offsets, steps),
-                         **self._gpu_parts(shape.n_tokens, shape.n_decode, shape.prefill_tokens,
-                                           shape.prefill_pairs, shape.prefill_kv_tokens, shape.n_sampled)})
+            on_gpu = self._on_gpu(table, sb.decode_ids)
+            dev, pre = sb.decode_ids[~on_gpu], ~self._on_gpu(table, sb.prefill_ids)
+            pre_ids, pre_chunks = sb.prefill_ids[pre], sb.prefill_chunks[pre]
+            work = self.pim_layer_work(dev, ctx[~on_gpu], table.placement[dev], pre_ids, pre_chunks,
+                                       table.placement[pre_ids], offsets)  # fmt: skip
+            parts = self._gpu_parts(shape.n_tokens, len(dev), int(pre_chunks.sum()), shape.prefill_pairs,
+                                    shape.prefill_kv_tokens, shape.n_sampled)  # fmt: skip
+            if on_gpu.any():  # asymmetric pipelining: these requests' attention runs on the GPU, KV in HBM
+                gpu_ctx = ctx[on_gpu].sum() + on_gpu.sum() * np.arange(steps, dtype=float)
+                parts = parts | {"pattn": parts["pattn"] + self.gpu.decode_attention(on_gpu.sum(), gpu_ctx)}
+            subs.append({"s": s, "n_dec": len(dev), "work": interpolate_steps(work, offsets, steps), **parts})
         return self._schedule(subs, L, steps, record)
 
+    def _on_gpu(self, table: RequestTable, ids: np.ndarray) -> np.ndarray:
+        """Which of these requests keep their KV in GPU HBM (only under asymmetric pipelining)."""
+        if self.gpu_tier is None:
+            return np.zeros(len(ids), bool)
+        return table.kv_tier[ids] == self.gpu_tier
+
     def _gpu_parts_uncached(self, n_tokens, n_decode, prefill_tokens, pairs, kv_tokens, n_sampled) -> dict:
-        """Per-layer GPU and PCIe seconds of a sub-batch (the same shapes recur: cached)."""
+        """Per-layer GPU and PCIe seconds of a sub-batch (the same shapes recur: cached). n_decode and
+        prefill_tokens count only the requests whose KV lives on the memory side (what crosses the link)."""
         layer = self.gpu.layer(n_tokens, 0, 0.0, pairs, kv_tokens)
         return {"pre": float(layer.pre_attn), "pattn": float(layer.prefill_attn), "post": float(layer.post_attn),
                 "head": float(self.gpu.lm_head(n_sampled)), "up": self.pcie(n_decode * self._qkv_bytes),

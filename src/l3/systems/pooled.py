@@ -37,16 +37,22 @@ class PooledAttentionSystem(AttentionOffloadSystem):
         spec = dep.system.attention
         self.spec = spec
         self.device = build_device(dep)
-        m = dep.model
         capacity = spec.resolved("capacity_bytes")
-        if capacity == "hbm":  # KV beside the weights, replicated heads counted as on GPU-only
-            self._kv_tokens = int(dep.hbm_free_bytes // (m.kv_bytes_per_token * max(1, dep.tp // m.n_kv_heads)))
+        # "hbm": KV beside the weights, as on GPU-only
+        device = dep.hbm_kv_tokens if capacity == "hbm" else int(capacity // dep.dp // dep.model.kv_bytes_per_token)
+        if self.coord.asymmetric:  # tier 0: the GPUs' spare HBM (attention on the GPU), tier 1: the device
+            self.gpu_tier = 0
+            self._tiers = (dep.hbm_kv_tokens, device)
         else:
-            self._kv_tokens = int(capacity // dep.dp // m.kv_bytes_per_token)
+            self._tiers = (device,)
 
     @property
     def kv_capacity_tokens(self) -> int:
-        return self._kv_tokens
+        return sum(self._tiers)
+
+    @property
+    def kv_tiers(self) -> tuple[int, ...]:
+        return self._tiers
 
     @property
     def attention_model(self) -> str:

@@ -1,0 +1,108 @@
+"""NEO-style asymmetric pipelining: two KV tiers (GPU HBM, the attention device), attention where the KV is."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import make_workload
+from l3.errors import SpecError
+from l3.sim.kv import KvPool
+from l3.sim.plan import Plan
+from l3.sim.requests import RequestTable
+from l3.sim.simulator import Simulator
+from l3.specs.model import get_model
+from l3.specs.system import get_system, with_overrides
+from l3.systems import build_system
+
+MODEL = get_model("llama-3-8b")
+
+
+def offload_system(hbm_reserve: float = 0.88, **coord):
+    """cpu-offload with most HBM reserved, so the HBM tier holds a few requests and the rest go to the CPU."""
+    spec = with_overrides(get_system("cpu-offload"), {"gpu": {"memory_reserve_fraction": hbm_reserve},
+                                                      "coordination": coord})  # fmt: skip
+    return spec.deploy(MODEL)
+
+
+def test_tiered_pool_keeps_each_tier_within_capacity():
+    kv = KvPool([32, 64], block_size=16)
+    assert (kv.tiers, kv.capacity_blocks) == (2, 6)
+    kv.allocate(2, tier=0)
+    with pytest.raises(RuntimeError, match="tier 0"):
+        kv.allocate(1, tier=0)
+    kv.allocate(4, tier=1)
+    kv.free(2, tier=0)
+    assert kv.free_in(0) == 2 and kv.free_in(1) == 0
+    # Two requests holding 16 tokens each, one per tier: tier 1 has no room for a 17th token, tier 0 has.
+    kv2 = KvPool([64, 32], block_size=16)
+    kv2.allocate(1, 0)
+    kv2.allocate(1, 1)
+    assert kv2.growth_steps(np.array([16, 16]), np.array([0, 1]), 100) == 16  # tier 1: one more block of 16
+
+
+def test_capacity_is_hbm_tier_plus_device_tier():
+    dep = offload_system()
+    s = build_system(dep)
+    assert s.kv_tiers == (dep.hbm_kv_tokens, int(2 * 2**40 // dep.dp // MODEL.kv_bytes_per_token))
+    assert s.kv_capacity_tokens == sum(s.kv_tiers)
+
+
+def test_hbm_tier_attends_on_the_gpu_and_device_tier_on_the_device():
+    dep = offload_system()
+    s = build_system(dep)
+    table = RequestTable(np.zeros(2), np.array([3000, 3000]), np.array([100, 100]))
+    table.generated[:] = 1
+    table.kv_tier[:] = [0, 1]
+    both = Plan(decode_ids=np.array([0, 1]), decode_sub=np.array([0, 1], np.int8))
+    t = s.run(both, table, steps=1)
+    ctx = 3001.0
+    gpu_attn = s.gpu.decode_attention(1, ctx)
+    dev_attn = s.device.read_seconds(np.array([[ctx]]))[0]
+    L = MODEL.n_layers
+    assert t.sub_mem_s[0, 0] == 0.0  # sub-batch 0 attends on the GPU
+    assert t.sub_mem_s[0, 1] == pytest.approx(L * dev_attn)
+    only_gpu = s.run(Plan(decode_ids=np.array([0])), table, steps=1)
+    assert only_gpu.busy["pcie_up"][0] == 0.0 and only_gpu.busy["attn"][0] == 0.0  # nothing leaves the GPU
+    no_attn = s._gpu_parts(1, 0, 0, 0.0, 0.0, 1)
+    expect = L * (no_attn["pre"] + no_attn["post"] + gpu_attn) + no_attn["head"]
+    assert only_gpu.durations[0] == pytest.approx(expect)
+
+
+def test_asymmetric_needs_kv_off_the_gpus():
+    with pytest.raises(SpecError, match="asymmetric"):
+        with_overrides(get_system("hbm-pim"), {"coordination": {"asymmetric": True}})
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(5, 30), seed=st.integers(0, 10_000), policy=st.sampled_from(["alignment", "fill-capacity"]))
+def test_every_request_completes_and_tiers_stay_within_capacity(n, seed, policy):
+    rng = np.random.default_rng(seed)
+    wl = make_workload(np.zeros(n), rng.integers(50, 4000, n), rng.integers(1, 3000, n), mode="offline")
+    sim = Simulator(offload_system(policy=policy), wl)
+    peak = np.zeros(2, np.int64)
+    for sched in sim.schedulers:
+        pool, alloc = sched.kv, sched.kv.allocate
+
+        def checked(n_blocks, tier=0, pool=pool, alloc=alloc):
+            alloc(n_blocks, tier)
+            assert np.all(pool.tier_used <= pool.tier_capacity)
+            peak[:] = np.maximum(peak, pool.tier_used)
+
+        pool.allocate = checked
+    res = sim.run()
+    assert np.all(res.table.status == 3)  # nothing rejected: the device tier holds any of these requests
+    assert all(s.kv.used_blocks == 0 for s in sim.schedulers)
+    assert peak[0] > 0  # the HBM tier was used
+
+
+def test_requests_outgrowing_hbm_move_to_the_device():
+    """A request admitted to HBM whose KV outgrows it is preempted and re-admitted to the device tier."""
+    dep = offload_system(hbm_reserve=0.895)
+    cap = build_system(dep).kv_tiers[0]
+    wl = make_workload([0.0], [100], [cap + 500], mode="offline")
+    res = Simulator(dep, wl).run()
+    assert res.table.status[0] == 3
+    assert res.table.preemptions[0] == 1 and res.table.kv_tier[0] == 1

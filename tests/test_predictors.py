@@ -38,3 +38,23 @@ def test_error_log_summary():
         log.add(pred, meas)
     s = log.summary()
     assert s["n"] == 3 and abs(s["median"] - 0.1) < 1e-12
+
+
+def test_one_batch_when_splitting_would_only_reread_the_weights():
+    """HBM-PIM at GPU-only-sized batches: attention is nearly free, so two sub-batches would mostly read the
+    weights twice; the scheduler falls back to one batch and is faster for it."""
+    from l3.report.summary import summarize
+    from l3.sim.simulator import Simulator
+    from l3.specs.model import get_model
+    from l3.specs.system import get_system, with_overrides
+    from l3.workload import load_workload
+
+    wl = load_workload("openr1", n_requests=60, seed=0)
+    out = {}
+    for fallback in (False, True):
+        spec = with_overrides(get_system("hbm-pim"), {"coordination": {"single_batch_fallback": fallback}})
+        out[fallback] = summarize(Simulator(spec.deploy(get_model("qwen-72b")), wl).run())
+    assert out[False]["single_batch_iterations"] == 0
+    assert out[True]["single_batch_iterations"] > 0
+    assert out[True]["throughput_tok_s"] > out[False]["throughput_tok_s"]
+    assert out[True]["requests_completed"] == 60

@@ -99,6 +99,7 @@ def coordination_summary(res: SimResult) -> dict:
         "gpu_waited_fraction": m.stats["gpu_waited"] / m.steps,
         "pim_waited_fraction": m.stats["pim_waited"] / m.steps,
         "prefill_chunks_shortened": sum(r.get("prefill_chunks_shortened", 0) for r in reports),
+        "single_batch_iterations": sum(r.get("single_batch_iterations", 0) for r in reports),
     }
     learners = [s for s in res.schedulers if isinstance(s, SubBatchScheduler)]
     out["pim_predictor_error"] = ErrorLog.merged([s.pim_err for s in learners]).summary()

@@ -8,6 +8,8 @@ sub-batches per iteration (a decoding request keeps its sub-batch), and one of t
   chunk is shortened until its predicted GPU time matches this sub-batch's PIM time.
 - `halving` (NeuPIMs-style): split by count, chunked prefill with the usual token budget.
 - `fill-capacity` (naive): admit and prefill everything that fits memory at once, split by count.
+Under `alignment` with `coordination.single_batch_fallback`, an iteration runs as one batch when the predictors
+say two sub-batches would be slower (small batches, where the second sub-batch mostly re-reads the weights).
 With `coordination.asymmetric` (NEO-style, two KV tiers: GPU HBM and the device) the split follows the KV:
 sub-batch 0 holds every prefill and the requests whose KV is in HBM (attention on the GPU), sub-batch 1 those
 whose KV is in the device. New requests go to HBM while it has room; under `alignment` they join the device
@@ -44,6 +46,7 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         self._last: tuple[np.ndarray, np.ndarray] | None = None  # predictions for the plan just made
         self.chunked = 0  # prefill chunks shortened to close a PIM bubble
         self._gpu0_s: float | None = None  # last measured GPU seconds of sub-batch 0
+        self.single_batch = 0  # iterations run as one batch because splitting would not pay
 
     @property
     def learning(self) -> bool:
@@ -131,7 +134,10 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
                     counts[x] += 1
             t.sub_batch[d[new]] = sub[new]
         plan.decode_sub, plan.prefill_sub = sub.astype(np.int8), pre_sub
-        if self.warm and len(plan.prefill_ids) and len(self.queue) and not self._head_fits():
+        if self.warm and self.coord.single_batch_fallback and self._one_batch_pays(plan):
+            plan.decode_sub, plan.prefill_sub = np.zeros_like(plan.decode_sub), np.zeros_like(pre_sub)
+            self.single_batch += 1
+        elif self.warm and len(plan.prefill_ids) and len(self.queue) and not self._head_fits():
             self._chunk_to_align(plan)
         self._last = self._predict(plan) if self.learning else None
         return plan
@@ -144,6 +150,15 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
             gx.append(self.gpu_features(sb.prefill_chunks, sb.prefill_prefix, sb.decode_ids))
             px.append(self.pim_features(sb.decode_ids, sb.prefill_ids, sb.prefill_chunks))
         return self.gpu_pred.predict(np.array(gx)), self.pim_pred.predict(np.array(px))
+
+    def _one_batch_pays(self, plan: Plan) -> bool:
+        """Whether one batch is predicted faster than two sub-batches. Two sub-batches take, per layer, at least
+        the longest of: both GPU parts, both attention parts, and each sub-batch's GPU part + its own attention;
+        one batch takes its GPU part (the weights read once) + all the attention."""
+        (g0, g1), (p0, p1) = self._predict(plan)
+        g_all = self.gpu_pred.predict(self.gpu_features(plan.prefill_chunks, plan.prefill_prefix,
+                                                        plan.decode_ids)[None, :])[0]  # fmt: skip
+        return bool(g_all + p0 + p1 < max(g0 + g1, p0 + p1, g0 + p0, g1 + p1))
 
     def _place_aligned(self, plan: Plan, pre_sub: np.ndarray, sub: np.ndarray, new: np.ndarray) -> None:
         """Place new decodes, N at a time, where predicted PIM time has most room under the other's GPU time."""
@@ -218,4 +233,5 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
 
     def report(self) -> dict:
         return {"policy": self.coord.policy, "pim_predictor_error": self.pim_err.summary(),
-                "gpu_predictor_error": self.gpu_err.summary(), "prefill_chunks_shortened": self.chunked}
+                "gpu_predictor_error": self.gpu_err.summary(), "prefill_chunks_shortened": self.chunked,
+                "single_batch_iterations": self.single_batch}

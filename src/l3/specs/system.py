@@ -164,6 +164,8 @@ class CoordinationSpec(SpecModel):
     rankset_overlap: bool = True  # a write blocks only the rank written; off: it blocks its whole channel
     policy: Literal["alignment", "fill-capacity", "halving"] = "alignment"
     decode_group: int = 0  # decodes placed at a time by the alignment policy; 0 = 1 for MHA, 16 for GQA
+    # Under `alignment`: run an iteration as one batch when the predictors say two sub-batches would be slower.
+    single_batch_fallback: bool = True
     # NEO-style asymmetric pipelining (pooled-attention systems whose KV lives off the GPUs): requests whose KV
     # fits the GPUs' spare HBM stay there and run attention on the GPU, in sub-batch 0 with all prefills;
     # the rest keep KV in the device and form sub-batch 1, whose attention overlaps sub-batch 0's GPU work.

@@ -28,12 +28,14 @@ from l3.workload import load_workload
 PAPER_MODELS = ("opt-66b", "qwen-72b", "gpt-175b")
 PAPER_WORKLOADS = ("openr1", "dolphin-r1", "openthoughts", "dolphin-short")
 PAPER_SYSTEMS = ("gpu-only", "hbm-pim", "hbm-pim-ext", "r-pim", "cpu-offload", "l3")
+MECH_SYSTEMS = ("gpu-only", "hbm-pim-mech", "hbm-pim-ext-mech", "r-pim-mech", "cpu-offload-mech", "l3")
 ABLATIONS = {
     "L3 (all on)": {},
     "rankset overlap off": {"coordination": {"rankset_overlap": False}},
     "sub-batch pipeline off": {"coordination": {"pipeline": False}},
     "scheduler: fill PIM capacity": {"coordination": {"policy": "fill-capacity"}},
     "scheduler: NeuPIMs halving": {"coordination": {"policy": "halving"}},
+    "one-batch fallback off": {"coordination": {"single_batch_fallback": False}},
     "in-flight re-layout off": {"pim": {"pu": {"features": {"inflight_relayout": False}}}},
     "KV mapping off": {"pim": {"pu": {"features": {"kv_mapping": False}}}},
     "bubble-free fusion off": {"pim": {"pu": {"features": {"bubble_free": False}}}},
@@ -89,20 +91,20 @@ def line_plot(path: Path, xs, series: dict[str, list[float]], xlabel: str, ylabe
 
 
 # --- the studies ------------------------------------------------------------------------------------------
-def main_study(n: int) -> tuple[list[Run], Callable]:
-    runs = [Run(s, s, m, w, n) for m in PAPER_MODELS for w in PAPER_WORKLOADS for s in PAPER_SYSTEMS]
+def main_study(n: int, systems: tuple[str, ...] = PAPER_SYSTEMS) -> tuple[list[Run], Callable]:
+    runs = [Run(s, s, m, w, n) for m in PAPER_MODELS for w in PAPER_WORKLOADS for s in systems]
 
     def report(res: list[dict], out: Path) -> str:
         lines = []
         fig, axes = plt.subplots(1, len(PAPER_MODELS), figsize=(15, 4), sharey=True)
         for ax, m in zip(axes, PAPER_MODELS, strict=True):
-            lines += [f"### {m}", "", "| workload | " + " | ".join(PAPER_SYSTEMS) + " |",
-                      "|---|" + "---|" * len(PAPER_SYSTEMS)]  # fmt: skip
+            lines += [f"### {m}", "", "| workload | " + " | ".join(systems) + " |",
+                      "|---|" + "---|" * len(systems)]  # fmt: skip
             for wi, w in enumerate(PAPER_WORKLOADS):
                 row = {r["system"]: r for r in res if r["model"] == m and r["workload"] == w}
                 base = row["gpu-only"]["throughput_tok_s"]
                 cells = []
-                for si, s in enumerate(PAPER_SYSTEMS):
+                for si, s in enumerate(systems):
                     r = row[s]
                     sp = r["throughput_tok_s"] / base if base else float("nan")
                     cells.append(f"{sp:.2f}x ({r['throughput_tok_s']:.0f} tok/s, {r['requests_rejected']} rej.)")
@@ -214,7 +216,7 @@ def scaling_study(n: int) -> tuple[list[Run], Callable]:
 def tbt_study(n: int) -> tuple[list[Run], Callable]:
     """Time between tokens of one decode step versus batch size and context, straight from each system's
     timing model (every request at the same context, placed evenly, two sub-batches where the system uses
-    them); no workload is served."""
+    them, CPU offloading's HBM tier filled first); no workload is served."""
     from l3.sim.plan import Plan
     from l3.sim.requests import RequestTable
     from l3.systems import build_system
@@ -227,7 +229,10 @@ def tbt_study(n: int) -> tuple[list[Run], Callable]:
         t = RequestTable(np.zeros(b), np.full(b, ctx - 1), np.full(b, 10**9))
         t.generated[:] = 1
         t.placement[:] = np.arange(b) % getattr(system, "slots", 1)
-        plan = Plan(decode_ids=np.arange(b), decode_sub=(np.arange(b) % 2).astype(np.int8))
+        sub = (np.arange(b) % 2).astype(np.int8)
+        if len(system.kv_tiers) > 1:  # asymmetric: HBM first, as admission fills it; the tier is the sub-batch
+            t.kv_tier[:] = sub = (np.arange(1, b + 1) * ctx > system.kv_tiers[0]).astype(np.int8)
+        plan = Plan(decode_ids=np.arange(b), decode_sub=sub)
         return float(system.run(plan, t, 1).durations[0])
 
     def report(res: list[dict], out: Path) -> str:
@@ -292,6 +297,7 @@ def long_context_study(n: int) -> tuple[list[Run], Callable]:
 
 STUDIES: dict[str, Callable[[int], tuple[list[Run], Callable]]] = {
     "main": main_study,
+    "main-mech": lambda n: main_study(n, MECH_SYSTEMS),
     "capacity": capacity_study,
     "scaling": scaling_study,
     "ablation": ablation_study,
@@ -312,9 +318,11 @@ def run_study(name: str, out: Path, requests: int, jobs: int) -> Path:
     body = report(results, out)
     what = (f"{len(runs)} runs, {requests} requests each (seed 0), {wall:.0f} s wall on {jobs} processes"
             if runs else "computed from the systems' timing models (no workload served)")  # fmt: skip
+    ideal = sorted({r["system"] for r in results if r.get("attention_model") == "ideal"})
+    models = (f"Idealised (decode attention at peak bandwidth): {', '.join(ideal)}; every other system is "
+              "mechanism-level" if ideal else "Every system is mechanism-level")  # fmt: skip
     text = (f"# Study `{name}`\n\nCommand: `l3 study {name} --requests {requests}`; {what}. Every throughput and "
-            "latency is simulated; baselines other than gpu-only and l3 are idealised (docs/evaluation.md)."
-            f"\n\n{body}\n")  # fmt: skip
+            f"latency is simulated. {models} (docs/evaluation.md).\n\n{body}\n")  # fmt: skip
     path = out / "report.md"
     path.write_text(text)
     import json

@@ -224,9 +224,9 @@ def pim(
 
 @app.command("list")
 def list_presets() -> None:
-    """Show the presets: models, GPUs, links, DRAM, systems and workloads."""
+    """Show the presets: models, GPUs, CPUs, links, DRAM, systems and workloads."""
     from l3.specs.dram import ORG_PRESETS, TIMING_PRESETS
-    from l3.specs.hardware import GPU_PRESETS, LINK_PRESETS
+    from l3.specs.hardware import CPU_PRESETS, GPU_PRESETS, LINK_PRESETS
     from l3.specs.model import MODEL_PRESETS
     from l3.specs.system import builtin_system_names, get_system
     from l3.workload import WORKLOAD_NAMES
@@ -245,7 +245,7 @@ def list_presets() -> None:
             f"{m.kv_bytes_per_token / 1e6:.3f} MB",
         )
     console.print(t)
-    t = Table(title="GPUs and links")
+    t = Table(title="GPUs, CPUs and links")
     for col in ("name", "peak", "memory", "source"):
         t.add_column(col)
     for g in GPU_PRESETS.values():
@@ -257,6 +257,9 @@ def list_presets() -> None:
         )
     for lk in LINK_PRESETS.values():
         t.add_row(lk.name, f"{lk.bw / 1e9:.1f} GB/s/dir", "", lk.source)
+    for c in CPU_PRESETS.values():
+        t.add_row(c.name, f"{c.peak_flops / 1e12:.1f} TFLOP/s FP32 ({c.cores} cores), {c.peak_bw / 1e9:.1f} GB/s",
+                  f"{c.memory_bytes / 2**30:.0f} GiB {c.memory}", c.source)  # fmt: skip
     console.print(t)
     t = Table(title="DRAM presets")
     t.add_column("name")

@@ -72,9 +72,8 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         if not self._fits(rid, 1):
             return None
         t = self.table
-        run = self.running
-        dev = run[(t.kv_tier[run] == 1) & (t.prefilled[run] >= t.prefill_target[run])]
-        if self.coord.policy != "alignment" or not len(run[t.kv_tier[run] == 1]):
+        dev = self.running[t.kv_tier[self.running] == 1]  # decoding or about to (prefilling)
+        if self.coord.policy != "alignment" or not len(dev):
             return 1  # fill by memory; and the device always serves at least one request
         if not self.warm or self._gpu0_s is None:
             return None

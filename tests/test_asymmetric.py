@@ -106,3 +106,25 @@ def test_requests_outgrowing_hbm_move_to_the_device():
     res = Simulator(dep, wl).run()
     assert res.table.status[0] == 3
     assert res.table.preemptions[0] == 1 and res.table.kv_tier[0] == 1
+
+
+def test_alignment_holds_requests_back_from_an_overloaded_cpu():
+    """Once the predictors are trained, a request is kept waiting (not offloaded) when the predicted CPU
+    attention time would exceed sub-batch 0's GPU time, even though DRAM has room; all still complete."""
+    n = 60  # 12K-token prompts: the HBM tier (192K tokens per replica) holds about 15 of a replica's 30
+    wl = make_workload(np.zeros(n), np.full(n, 12000), np.full(n, 300), mode="offline")
+    sim = Simulator(offload_system(warmup_iterations=2), wl)
+    held = []
+    for sched in sim.schedulers:
+        choose = sched.choose_tier
+
+        def recording(rid, sched=sched, choose=choose):
+            tier = choose(rid)
+            if tier is None and sched._fits(rid, 1):
+                held.append(rid)
+            return tier
+
+        sched.choose_tier = recording
+    res = sim.run()
+    assert np.all(res.table.status == 3)
+    assert held  # the alignment rule declined DRAM admissions that memory alone would have allowed

@@ -84,17 +84,18 @@ def test_compare_writes_one_summary_per_system(tmp_path):
     import json as _json
 
     out = tmp_path / "cmp"
-    text = l3("compare", "--systems", "gpu-only,l3", "--model", "llama-3-8b", "--workload", "dolphin-short",
-              "--requests", "30", "--out", str(out)).stdout  # fmt: skip
+    text = l3("compare", "--systems", "gpu-only,l3,cpu-offload", "--model", "llama-3-8b", "--workload",
+              "dolphin-short", "--requests", "30", "--out", str(out)).stdout  # fmt: skip
     assert "speedup" in text
     results = _json.loads((out / "compare.json").read_text())
-    assert [r["system"] for r in results] == ["gpu-only", "l3"]
+    assert [r["system"] for r in results] == ["gpu-only", "l3", "cpu-offload"]
+    assert [r["attention_model"] for r in results] == ["mechanism", "mechanism", "ideal"]  # said per system
     for r in results:
         for key in REQUIRED:
             assert key in r, key
         assert r["requests_completed"] + r["requests_rejected"] == 30
     assert results[0]["speedup"] == 1.0
-    assert (out / "compare.csv").read_text().count("\n") == 3
+    assert (out / "compare.csv").read_text().count("\n") == 4
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -20,7 +20,8 @@ from l3.specs.system import get_system
 from l3.workload import load_workload
 
 COLUMNS = {  # compare.csv / table column -> summary key
-    "system": "system", "throughput_tok_s": "throughput_tok_s", "speedup": "speedup",
+    "system": "system", "attention_model": "attention_model", "throughput_tok_s": "throughput_tok_s",
+    "speedup": "speedup",
     "mean_batch_size": "mean_batch_size", "tbt_p50_s": "tbt_p50_s", "tbt_p99_s": "tbt_p99_s",
     "ttft_p50_s": "ttft_p50_s", "requests_completed": "requests_completed",
     "requests_rejected": "requests_rejected", "kv_capacity_bytes": "kv_capacity_bytes",

@@ -78,7 +78,8 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         if not self.warm or self._gpu0_s is None:
             return None
         ids = np.append(dev, rid)
-        pim = self.pim_pred.predict(self.pim_features(ids, ids[:0], np.empty(0))[None, :])[0]
+        place = np.append(t.placement[dev], 0)  # not placed yet; a pooled device has one slot
+        pim = self.pim_pred.predict(self.pim_features(ids, ids[:0], np.empty(0), place=place)[None, :])[0]
         return 1 if pim <= self._gpu0_s else None
 
     def on_admit(self, ids: np.ndarray) -> None:
@@ -92,15 +93,17 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
             load[pos] += t.prefill_target[rid]
 
     # --- features -------------------------------------------------------------------------------------
-    def pim_features(self, ids: np.ndarray, pre_ids: np.ndarray, pre_tokens: np.ndarray, grow: int = 0) -> np.ndarray:
+    def pim_features(self, ids: np.ndarray, pre_ids: np.ndarray, pre_tokens: np.ndarray, grow: int = 0,
+                     place: np.ndarray | None = None) -> np.ndarray:
         """[busiest slot's decode tokens, its requests, its prefill tokens written, all decode tokens]: requests
         sharing a slot share a rank in every layer, so the busiest slot sets each layer's attention time."""
         t = self.table
         ctx = t.context(ids) + grow
-        tokens = np.bincount(t.placement[ids], weights=ctx, minlength=self.positions)
+        place = t.placement[ids] if place is None else place
+        tokens = np.bincount(place, weights=ctx, minlength=self.positions)
         written = np.bincount(t.placement[pre_ids], weights=pre_tokens, minlength=self.positions)
         k = int(np.argmax(tokens + written))
-        count = np.count_nonzero(t.placement[ids] == k)
+        count = np.count_nonzero(place == k)
         return np.array([tokens[k], count, written[k], ctx.sum()], float)
 
     def gpu_features(self, chunks: np.ndarray, prefix: np.ndarray, decode_ids: np.ndarray) -> np.ndarray:

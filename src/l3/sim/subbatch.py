@@ -107,11 +107,13 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         return np.array([tokens[k], count, written[k], ctx.sum()], float)
 
     def gpu_features(self, chunks: np.ndarray, prefix: np.ndarray, decode_ids: np.ndarray) -> np.ndarray:
-        """[prefill chunk tokens, their prefix tokens, decode requests, tokens the GPU attends for decodes
-        whose KV is in HBM (asymmetric pipelining only)]."""
+        """[prefill chunk tokens, their prefix tokens, decode requests] and, under asymmetric pipelining, the
+        tokens the GPU attends for the decodes whose KV is in HBM."""
+        base = [chunks.sum(), prefix.sum(), len(decode_ids)]
+        if not self.coord.asymmetric:
+            return np.array(base, float)
         t = self.table
-        gpu_ctx = t.context(decode_ids[t.kv_tier[decode_ids] == 0]).sum() if self.coord.asymmetric else 0
-        return np.array([chunks.sum(), prefix.sum(), len(decode_ids), gpu_ctx], float)
+        return np.array([*base, t.context(decode_ids[t.kv_tier[decode_ids] == 0]).sum()], float)
 
     # --- the split ------------------------------------------------------------------------------------
     def split(self, plan: Plan) -> Plan:
@@ -160,6 +162,8 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         (g0, g1), (p0, p1) = self._predict(plan)
         g_all = self.gpu_pred.predict(self.gpu_features(plan.prefill_chunks, plan.prefill_prefix,
                                                         plan.decode_ids)[None, :])[0]  # fmt: skip
+        # The whole batch does at least each part's GPU work (a forest does not extrapolate to larger batches).
+        g_all = max(g_all, g0, g1)
         return bool(g_all + p0 + p1 < max(g0 + g1, p0 + p1, g0 + p0, g1 + p1))
 
     def _place_aligned(self, plan: Plan, pre_sub: np.ndarray, sub: np.ndarray, new: np.ndarray) -> None:

@@ -80,15 +80,15 @@ def main() -> None:
             base = res[0]
             print(f"\n### Ablation: {model}, {workload}, {n} requests\n")
             print("| variant | throughput (tok/s) | vs L3 | TBT p50 (s) | mean batch | GPU busy | PIM busy "
-                  "| GPU waited | PIM waited | chunks shortened |")
-            print("|---|---|---|---|---|---|---|---|---|---|")
+                  "| GPU waited | PIM waited | chunks shortened | one-batch iterations |")
+            print("|---|---|---|---|---|---|---|---|---|---|---|")
             for name, r in zip(ABLATIONS, res, strict=True):
                 b = r["busy_fraction"]
                 rel = r["throughput_tok_s"] / base["throughput_tok_s"]
                 print(f"| {name} | {r['throughput_tok_s']:.1f} | {rel:.2f}x"
                       f" | {r['tbt_p50_s']:.3f} | {r['mean_batch_size']:.1f} | {b['gpu']:.0%} | {b['pim']:.0%} | "
                       f"{r['gpu_waited_fraction']:.0%} | {r['pim_waited_fraction']:.0%} | "
-                      f"{r['prefill_chunks_shortened']} |")
+                      f"{r['prefill_chunks_shortened']} | {r['single_batch_iterations']} |")
 
 
 if __name__ == "__main__":

@@ -131,3 +131,20 @@ def test_dram_derived_capacity_and_bandwidth():
         from l3.specs.dram import DramOrg
 
         DramOrg.build(get_org("ddr4-l3-2tb").model_dump() | {"channels": 0})
+
+
+@pytest.mark.parametrize("system, old, new, field", [
+    ("cpu-offload", 'cpu = "epyc-7742-x2"', 'cpu = "epyc-9999"', "unknown CPU"),
+    ("hbm-pim-mech", "stacks = 40", "stacks = 40\nccd_l = 1", r"ccd_l \(1\) must be >= ccd_s"),
+    ("hbm-pim-mech", "stacks = 40", "stacks = 0", "stacks must be > 0"),
+    ("hbm-pim-mech", 'variant = "mechanism"', 'variant = "mechanism"\ncpu = "epyc-7742-x2"', "either cpu or hbm"),
+])  # fmt: skip
+def test_baseline_devices_fail_naming_the_field(tmp_path, system, old, new, field):
+    from importlib import resources
+
+    text = (resources.files("l3.data.systems") / f"{system}.toml").read_text()
+    assert old in text
+    path = tmp_path / f"{system}.toml"
+    path.write_text(text.replace(old, new, 1))
+    with pytest.raises(SpecError, match=field):
+        get_system(str(path))

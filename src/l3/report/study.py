@@ -318,7 +318,8 @@ def run_study(name: str, out: Path, requests: int, jobs: int) -> Path:
     body = report(results, out)
     what = (f"{len(runs)} runs, {requests} requests each (seed 0), {wall:.0f} s wall on {jobs} processes"
             if runs else "computed from the systems' timing models (no workload served)")  # fmt: skip
-    ideal = sorted({r["system"] for r in results if r.get("attention_model") == "ideal"})
+    names = {r.system for r in runs} or set(PAPER_SYSTEMS)  # a study with no runs times the paper's systems
+    ideal = sorted(n for n in names if (att := get_system(n).attention) is not None and att.variant == "ideal")
     models = (f"Idealised (decode attention at peak bandwidth): {', '.join(ideal)}; every other system is "
               "mechanism-level" if ideal else "Every system is mechanism-level")  # fmt: skip
     text = (f"# Study `{name}`\n\nCommand: `l3 study {name} --requests {requests}`; {what}. Every throughput and "

@@ -264,7 +264,9 @@ def tbt_study(n: int) -> tuple[list[Run], Callable]:
         fig.savefig(out / "tbt.png", dpi=110)
         plt.close(fig)
         return "\n".join(["OPT-66B, one replica's decode step in milliseconds ('-': the batch's KV does not fit the "
-                          "system).", "", *lines, "![tbt](tbt.png)"])  # fmt: skip
+                          "system). Sub-batched systems are timed with two sub-batches (the scheduler may run small "
+                          "batches as one; see docs/l3-system.md); CPU offloading fills its HBM tier first.", "",
+                          *lines, "![tbt](tbt.png)"])  # fmt: skip
 
     return [], report
 

@@ -47,6 +47,10 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         self.chunked = 0  # prefill chunks shortened to close a PIM bubble
         self._gpu0_s: float | None = None  # last measured GPU seconds of sub-batch 0
         self.single_batch = 0  # iterations run as one batch because splitting would not pay
+        self._one = False  # the plan just made runs as one batch
+        self._step_cost: list[float | None] = [None, None]  # last measured s per request-step: one batch, split
+        self._same_way = 0  # consecutive iterations run the same way (one batch or split)
+        self._last_way = -1
 
     @property
     def learning(self) -> bool:
@@ -138,7 +142,8 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
                     counts[x] += 1
             t.sub_batch[d[new]] = sub[new]
         plan.decode_sub, plan.prefill_sub = sub.astype(np.int8), pre_sub
-        if self.warm and self.coord.single_batch_fallback and self._one_batch_pays(plan):
+        self._one = self.warm and self.coord.single_batch_fallback and self._choose_one_batch(plan)
+        if self._one:
             plan.decode_sub, plan.prefill_sub = np.zeros_like(plan.decode_sub), np.zeros_like(pre_sub)
             self.single_batch += 1
         elif self.warm and len(plan.prefill_ids) and len(self.queue) and not self._head_fits():
@@ -154,6 +159,20 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
             gx.append(self.gpu_features(sb.prefill_chunks, sb.prefill_prefix, sb.decode_ids))
             px.append(self.pim_features(sb.decode_ids, sb.prefill_ids, sb.prefill_chunks))
         return self.gpu_pred.predict(np.array(gx)), self.pim_pred.predict(np.array(px))
+
+    def _choose_one_batch(self, plan: Plan) -> bool:
+        """One batch when the predictors favour it and measurements do not refute it. The forest cannot tell
+        sub-batch GPU times well after a run of one-batch iterations (it has seen only whole batches), so the
+        last measured time per request-step of each way decides; every `warmup_iterations` iterations in one
+        way, the other is tried once to refresh its measurement."""
+        if not self._one_batch_pays(plan):
+            return False
+        one, split = self._step_cost
+        if split is None or one is None:
+            return split is not None  # measure a split iteration first, then one batch
+        if self._same_way >= self.coord.warmup_iterations:
+            return not self._one  # refresh the other way's measurement
+        return one <= split
 
     def _one_batch_pays(self, plan: Plan) -> bool:
         """Whether one batch is predicted faster than two sub-batches. Two sub-batches take, per layer, at least
@@ -215,6 +234,11 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
     def observe(self, plan: Plan, timing: IterationTiming) -> None:
         if not self.learning or timing.sub_gpu_s is None:
             return
+        if self.warm and plan.batch_size:
+            way = 0 if self._one else 1
+            self._same_way = self._same_way + 1 if self._last_way == way else 1
+            self._last_way = way
+            self._step_cost[way] = float(timing.durations[-1]) / plan.batch_size
         warm = self.warm
         for x in (0, 1):
             sb = plan.sub_batch(x)

@@ -103,6 +103,7 @@ def test_mechanism_level_r_pim_is_bounded_by_the_rank_bus():
     per_slot = np.array([work[0, 0, s.ranks_of(np.array([k]), 0)[0]].max() for k in range(s.slots)])
     assert np.all(per_slot >= floor * (1 - 1e-9))
     assert s.kv_capacity_tokens == system("l3", "llama-3-8b").kv_capacity_tokens
+    assert s.attention_bw * s.dep.dp == pytest.approx(64 * 25.6e9)  # peak: every rank's bus, not the bank PUs
 
 
 def test_cpu_offload_derives_its_figures_from_the_cpu_spec():

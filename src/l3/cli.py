@@ -200,7 +200,7 @@ def pim(
     t.add_row("organisation", f"{rep['dram']}, {dram.org.ranks} ranks, {dram.org.banks:,} banks")
     t.add_row("capacity", f"{rep['capacity_bytes'] / 2**40:.2f} TiB = {rep['kv_capacity_tokens']:,} tokens of KV")
     t.add_row("chips per KV head (N_hc)", str(rep["n_hc"]))
-    t.add_row("peak bank-level bandwidth", f"{rep['peak_attention_bw_bytes_per_s'] / 1e12:.2f} TB/s")
+    t.add_row("peak attention read bandwidth", f"{rep['peak_attention_bw_bytes_per_s'] / 1e12:.2f} TB/s")
     t.add_row("effective attention bandwidth", f"{rep['effective_attention_bw_bytes_per_s'] / 1e12:.2f} TB/s")
     t.add_row("one step's attention (slowest rank)", f"{rep['step_attention_time_s'] * 1e3:.3f} ms")
     if not rep["fits"]:

@@ -50,7 +50,10 @@ class PimDevice:
 
     @property
     def peak_attention_bw(self) -> float:
-        """Bank-level read bandwidth of all banks, bytes/s."""
+        """Peak rate at which attention reads the KV, bytes/s: every bank PU at once; with the KV mapping off no
+        bank PU can compute, and all KV crosses the rank PUs' links to their chips."""
+        if not self.pim.features.kv_mapping:
+            return self.geometry.rank_link_bw * self.dram.org.ranks
         return self.geometry.peak_attention_bw
 
     @property

@@ -13,25 +13,20 @@ from __future__ import annotations
 
 import numpy as np
 
+from l3.devices.attention_pool import AttentionDevice
 from l3.specs.hardware import CpuSpec
 from l3.specs.model import ModelSpec
 
 
-class CpuAttention:
-    variant = "mechanism"
-
+class CpuAttention(AttentionDevice):
     def __init__(self, cpu: CpuSpec, model: ModelSpec, write_bandwidth: float, share: float):
-        self.cpu = cpu
-        self.bw = cpu.peak_bw * share * (1.0 - cpu.timing.refresh_fraction)  # sustained read, bytes/s
-        self.write_bw = write_bandwidth * share * (1.0 - cpu.timing.refresh_fraction)
+        up = 1.0 - cpu.timing.refresh_fraction  # the DRAM bus idles during refresh
+        super().__init__(model, write_bandwidth * up, share)
+        self.bw = cpu.peak_bw * share * up  # sustained read, bytes/s
         cycles_per_element = 1.0 / cpu.fp16_to_fp32_per_cycle + 2.0 * model.gqa_group / cpu.fp32_flops_per_cycle
         self.element_rate = cpu.cores * share * cpu.clock_ghz * 1e9 / cycles_per_element  # KV elements/s
-        self._kv_layer = model.kv_bytes_per_token_layer
         self._elements = model.kv_bytes_per_token_layer / model.dtype_bytes
 
     def read_seconds(self, ctx: np.ndarray) -> np.ndarray:
         tokens = ctx.sum(axis=-1)
         return np.maximum(tokens * self._kv_layer / self.bw, tokens * self._elements / self.element_rate)
-
-    def write_seconds(self, tokens: float) -> float:
-        return tokens * self._kv_layer / self.write_bw

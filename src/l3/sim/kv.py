@@ -10,6 +10,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+# Tiers of a two-tier pool (NEO-style CPU offloading): the GPUs' spare HBM, then the attention device's memory.
+HBM_TIER, DEVICE_TIER = 0, 1
+
 
 class KvPool:
     """Block accounting for one replica's KV memory. Never allocates beyond a tier's capacity."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from l3.sim.kv import KvPool
+from l3.sim.kv import DEVICE_TIER, HBM_TIER, KvPool
 from l3.sim.plan import Plan
 from l3.sim.predictors import ErrorLog, ForestPredictor, LinearPredictor
 from l3.sim.requests import RequestTable, WaitingQueue
@@ -71,20 +71,20 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
     def choose_tier(self, rid: int) -> int | None:
         if not self.coord.asymmetric:
             return super().choose_tier(rid)
-        if self._fits(rid, 0):
-            return 0
-        if not self._fits(rid, 1):
+        if self._fits(rid, HBM_TIER):
+            return HBM_TIER
+        if not self._fits(rid, DEVICE_TIER):
             return None
         t = self.table
-        dev = self.running[t.kv_tier[self.running] == 1]  # decoding or about to (prefilling)
+        dev = self.running[t.kv_tier[self.running] == DEVICE_TIER]  # decoding or about to (prefilling)
         if self.coord.policy != "alignment" or not len(dev):
-            return 1  # fill by memory; and the device always serves at least one request
+            return DEVICE_TIER  # fill by memory; and the device always serves at least one request
         if not self.warm or self._gpu0_s is None:
             return None
         ids = np.append(dev, rid)
         place = np.append(t.placement[dev], 0)  # not placed yet; a pooled device has one slot
         pim = self.pim_pred.predict(self.pim_features(ids, ids[:0], np.empty(0), place=place)[None, :])[0]
-        return 1 if pim <= self._gpu0_s else None
+        return DEVICE_TIER if pim <= self._gpu0_s else None
 
     def on_admit(self, ids: np.ndarray) -> None:
         """Place each new request on the least-loaded slot, by tokens held now (output lengths are unknown)."""
@@ -117,13 +117,13 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         if not self.coord.asymmetric:
             return np.array(base, float)
         t = self.table
-        return np.array([*base, t.context(decode_ids[t.kv_tier[decode_ids] == 0]).sum()], float)
+        return np.array([*base, t.context(decode_ids[t.kv_tier[decode_ids] == HBM_TIER]).sum()], float)
 
     # --- the split ------------------------------------------------------------------------------------
     def split(self, plan: Plan) -> Plan:
         t = self.table
         if self.coord.asymmetric:
-            plan.decode_sub = (t.kv_tier[plan.decode_ids] == 1).astype(np.int8)
+            plan.decode_sub = (t.kv_tier[plan.decode_ids] == DEVICE_TIER).astype(np.int8)
             plan.prefill_sub = np.zeros(len(plan.prefill_ids), np.int8)
             self._last = self._predict(plan) if self.learning else None
             return plan
@@ -165,14 +165,16 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         sub-batch GPU times well after a run of one-batch iterations (it has seen only whole batches), so the
         last measured time per request-step of each way decides; every `warmup_iterations` iterations in one
         way, the other is tried once to refresh its measurement."""
-        if not self._one_batch_pays(plan):
-            return False
         one, split = self._step_cost
-        if split is None or one is None:
-            return split is not None  # measure a split iteration first, then one batch
-        if self._same_way >= self.coord.warmup_iterations:
-            return not self._one  # refresh the other way's measurement
-        return one <= split
+        if split is None:
+            return False  # measure a split iteration first
+        if one is not None:
+            if self._same_way >= self.coord.warmup_iterations:
+                if self._one:
+                    return False  # refresh the split measurement
+            elif one > split:
+                return False  # one batch measured slower
+        return self._one_batch_pays(plan)  # predictions last: they cost two forest queries
 
     def _one_batch_pays(self, plan: Plan) -> bool:
         """Whether one batch is predicted faster than two sub-batches. Two sub-batches take, per layer, at least

@@ -44,6 +44,13 @@ def format_validation_error(exc: ValidationError, kind: str, where: str = "") ->
     return f"{prefix}invalid {kind}: " + "; ".join(parts)
 
 
+def require_positive(spec: BaseModel, fields: tuple[str, ...], unit: str = "") -> None:
+    """Raise naming the first of `fields` that is not > 0 (for model validators)."""
+    for f in fields:
+        if getattr(spec, f) <= 0:
+            raise ValueError(f"{f} must be > 0{unit}")
+
+
 def load_toml(path: Path) -> dict[str, Any]:
     """Read a TOML file, reporting syntax errors with file and line."""
     try:

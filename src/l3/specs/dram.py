@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import model_validator
 
-from l3.specs.base import SpecModel, lookup
+from l3.specs.base import SpecModel, lookup, require_positive
 
 
 class DramTiming(SpecModel):
@@ -41,10 +41,8 @@ class DramTiming(SpecModel):
     def _check(self) -> DramTiming:
         if self.tck_ns <= 0:
             raise ValueError("tck_ns must be > 0")
-        for f in ("burst_cycles", "cl", "cwl", "rcd", "rp", "ras", "rc", "ccd_s", "ccd_l", "rrd_s", "rrd_l",
-                  "faw", "wtr_s", "wtr_l", "wr", "rtp", "rfc", "refi"):  # fmt: skip
-            if getattr(self, f) <= 0:
-                raise ValueError(f"{f} must be > 0 cycles")
+        require_positive(self, ("burst_cycles", "cl", "cwl", "rcd", "rp", "ras", "rc", "ccd_s", "ccd_l", "rrd_s",
+                                "rrd_l", "faw", "wtr_s", "wtr_l", "wr", "rtp", "rfc", "refi"), " cycles")  # fmt: skip
         if self.rc < self.ras + self.rp:
             raise ValueError(f"rc ({self.rc}) must be >= ras + rp ({self.ras + self.rp})")
         if self.ccd_l < self.ccd_s:
@@ -82,10 +80,8 @@ class DramOrg(SpecModel):
 
     @model_validator(mode="after")
     def _check(self) -> DramOrg:
-        for f in ("channels", "dimms_per_channel", "ranks_per_dimm", "chips_per_rank", "bank_groups",
-                  "banks_per_group", "rows", "columns"):  # fmt: skip
-            if getattr(self, f) <= 0:
-                raise ValueError(f"{f} must be > 0")
+        require_positive(self, ("channels", "dimms_per_channel", "ranks_per_dimm", "chips_per_rank", "bank_groups",
+                                "banks_per_group", "rows", "columns"))  # fmt: skip
         if self.device_width_bits not in (4, 8, 16):
             raise ValueError("device_width_bits must be 4, 8 or 16")
         return self

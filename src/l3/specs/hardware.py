@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import model_validator
 
-from l3.specs.base import SpecModel, lookup
+from l3.specs.base import SpecModel, lookup, require_positive
 from l3.specs.dram import DramTiming, get_timing
 
 
@@ -19,9 +19,7 @@ class GpuSpec(SpecModel):
 
     @model_validator(mode="after")
     def _check(self) -> GpuSpec:
-        for f in ("peak_flops", "hbm_bw", "hbm_bytes", "sm_count"):
-            if getattr(self, f) <= 0:
-                raise ValueError(f"{f} must be > 0")
+        require_positive(self, ("peak_flops", "hbm_bw", "hbm_bytes", "sm_count"))
         return self
 
 
@@ -62,10 +60,8 @@ class CpuSpec(SpecModel):
 
     @model_validator(mode="after")
     def _check(self) -> CpuSpec:
-        for f in ("sockets", "cores_per_socket", "clock_ghz", "fp32_flops_per_cycle", "fp16_to_fp32_per_cycle",
-                  "channels", "channel_bytes", "memory_bytes"):  # fmt: skip
-            if getattr(self, f) <= 0:
-                raise ValueError(f"{f} must be > 0")
+        require_positive(self, ("sockets", "cores_per_socket", "clock_ghz", "fp32_flops_per_cycle",
+                                "fp16_to_fp32_per_cycle", "channels", "channel_bytes", "memory_bytes"))  # fmt: skip
         get_timing(self.memory)
         return self
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pydantic import model_validator
 
-from l3.specs.base import SpecModel
+from l3.specs.base import SpecModel, require_positive
 
 
 class HbmPimSpec(SpecModel):
@@ -31,10 +31,8 @@ class HbmPimSpec(SpecModel):
 
     @model_validator(mode="after")
     def _check(self) -> HbmPimSpec:
-        for f in ("stacks", "channels_per_stack", "pseudo_channels", "banks_per_pseudo_channel", "access_bytes",
-                  "page_bytes", "tck_ns", "ccd_s", "ccd_l", "refi_ns", "gqa_reuse_max"):  # fmt: skip
-            if getattr(self, f) <= 0:
-                raise ValueError(f"{f} must be > 0")
+        require_positive(self, ("stacks", "channels_per_stack", "pseudo_channels", "banks_per_pseudo_channel",
+                                "access_bytes", "page_bytes", "tck_ns", "ccd_s", "ccd_l", "refi_ns", "gqa_reuse_max"))
         if self.ccd_l < self.ccd_s:
             raise ValueError(f"ccd_l ({self.ccd_l}) must be >= ccd_s ({self.ccd_s})")
         if not 0 <= self.rfc_ns < self.refi_ns:

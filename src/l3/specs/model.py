@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import model_validator
 
 from l3.errors import SpecError
-from l3.specs.base import SpecModel, lookup
+from l3.specs.base import SpecModel, lookup, require_positive
 
 
 class ModelSpec(SpecModel):
@@ -33,9 +33,7 @@ class ModelSpec(SpecModel):
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
-        for field in ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size"):
-            if getattr(self, field) <= 0:
-                raise ValueError(f"{field} must be > 0")
+        require_positive(self, ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size"))
         if self.n_kv_heads > self.n_heads:
             raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must be <= n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads:

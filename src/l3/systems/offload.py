@@ -17,6 +17,7 @@ from abc import abstractmethod
 import numpy as np
 
 from l3.devices.gpu import GpuCostModel
+from l3.sim.kv import HBM_TIER
 from l3.sim.plan import BatchShape, Plan
 from l3.sim.requests import RequestTable
 from l3.specs.system import Deployment
@@ -30,7 +31,6 @@ class AttentionOffloadSystem(SystemModel):
     """Units are numbered channel * R + rankset (R = 1 for devices without ranksets)."""
 
     memory_device = "pim"  # name of the memory-side device in reports
-    gpu_tier: int | None = None  # KV tier whose requests run decode attention on the GPU (asymmetric pipelining)
 
     def __init__(self, dep: Deployment, ranksets: int, channels: int):
         self.dep = dep
@@ -89,9 +89,9 @@ class AttentionOffloadSystem(SystemModel):
 
     def _on_gpu(self, table: RequestTable, ids: np.ndarray) -> np.ndarray:
         """Which of these requests keep their KV in GPU HBM (only under asymmetric pipelining)."""
-        if self.gpu_tier is None:
+        if not self.coord.asymmetric:
             return np.zeros(len(ids), bool)
-        return table.kv_tier[ids] == self.gpu_tier
+        return table.kv_tier[ids] == HBM_TIER
 
     def _gpu_parts_uncached(self, n_tokens, n_decode, prefill_tokens, pairs, kv_tokens, n_sampled) -> dict:
         """Per-layer GPU and PCIe seconds of a sub-batch (the same shapes recur: cached). n_decode and

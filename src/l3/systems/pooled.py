@@ -40,8 +40,7 @@ class PooledAttentionSystem(AttentionOffloadSystem):
         capacity = spec.resolved("capacity_bytes")
         # "hbm": KV beside the weights, as on GPU-only
         device = dep.hbm_kv_tokens if capacity == "hbm" else int(capacity // dep.dp // dep.model.kv_bytes_per_token)
-        if self.coord.asymmetric:  # tier 0: the GPUs' spare HBM (attention on the GPU), tier 1: the device
-            self.gpu_tier = 0
+        if self.coord.asymmetric:  # HBM_TIER, DEVICE_TIER: the GPUs' spare HBM (attention on the GPU), the device
             self._tiers = (dep.hbm_kv_tokens, device)
         else:
             self._tiers = (device,)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import settings
 
 from l3.specs.model import get_model
-from l3.specs.system import SystemSpec
+from l3.specs.system import PAPER_PARALLELISM, ParallelSpec, SystemSpec
 from l3.workload.workload import Workload
 
 
@@ -21,6 +21,11 @@ def small_system(kv_fraction_reserve: float = 0.83, dp: int = 1, **sched) -> Sys
         "parallelism": {"llama-2-7b": {"tp": 1, "dp": dp}},
         "scheduler": {"max_batched_tokens": 512, **sched},
     })  # fmt: skip
+
+
+def paper_or_dp8(model: str) -> ParallelSpec | str:
+    """The paper's TP x DP for its models, else TP1 x DP8 (a small model on the 8-GPU built-in systems)."""
+    return "paper" if model in PAPER_PARALLELISM else ParallelSpec(tp=1, dp=8)
 
 
 def make_workload(arrival, prompt, output, mode="online") -> Workload:

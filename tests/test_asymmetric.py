@@ -14,7 +14,7 @@ from l3.sim.plan import Plan
 from l3.sim.requests import RequestTable
 from l3.sim.simulator import Simulator
 from l3.specs.model import get_model
-from l3.specs.system import get_system, with_overrides
+from l3.specs.system import ParallelSpec, get_system, with_overrides
 from l3.systems import build_system
 
 MODEL = get_model("llama-3-8b")
@@ -24,7 +24,7 @@ def offload_system(hbm_reserve: float = 0.88, **coord):
     """cpu-offload with most HBM reserved, so the HBM tier holds a few requests and the rest go to the CPU."""
     spec = with_overrides(get_system("cpu-offload"), {"gpu": {"memory_reserve_fraction": hbm_reserve},
                                                       "coordination": coord})  # fmt: skip
-    return spec.deploy(MODEL)
+    return spec.deploy(MODEL, ParallelSpec(tp=4, dp=2))  # the smallest TP whose weights leave half the HBM free
 
 
 def test_tiered_pool_keeps_each_tier_within_capacity():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import paper_or_dp8
 from l3.sim.simulator import Simulator
 from l3.specs.model import get_model
 from l3.specs.system import get_system, with_overrides
@@ -21,12 +22,12 @@ def system(name, model="opt-66b", **overrides):
     spec = get_system(name)
     if overrides:
         spec = with_overrides(spec, overrides)
-    return build_system(spec.deploy(get_model(model)))
+    return build_system(spec.deploy(get_model(model), paper_or_dp8(model)))
 
 
 def test_hbm_pim_kv_shares_hbm_with_the_weights():
     for model in ("opt-66b", "qwen-72b", "gpt-175b"):
-        gpu_only = GpuOnlySystem(get_system("gpu-only").deploy(get_model(model)))
+        gpu_only = GpuOnlySystem(get_system("gpu-only").deploy(get_model(model), "paper"))
         assert system("hbm-pim", model).kv_capacity_tokens == gpu_only.kv_capacity_tokens
 
 
@@ -85,7 +86,7 @@ def test_prefill_kv_writes_take_write_bandwidth():
 @pytest.mark.parametrize("name", BASELINES)
 def test_baselines_serve_a_workload(name):
     wl = load_workload("dolphin-short", n_requests=40, seed=1)
-    dep = get_system(name).deploy(get_model("llama-3-8b"))
+    dep = get_system(name).deploy(get_model("llama-3-8b"), paper_or_dp8("llama-3-8b"))
     res = Simulator(dep, wl).run()
     assert np.all((res.table.status == 3) | (res.table.status == 4))
     assert res.simulated_time_s > 0

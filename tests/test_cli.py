@@ -10,7 +10,8 @@ import pytest
 
 REQUIRED = ["throughput_tok_s", "requests_completed", "requests_rejected", "mean_batch_size", "ttft_p50_s",
             "ttft_p99_s", "tbt_p50_s", "tbt_p99_s", "simulated_time_s", "wall_time_s", "model", "system",
-            "workload"]  # fmt: skip
+            "workload", "steady_throughput_tok_s", "t50_output_s", "t90_output_s", "bound_tok_s", "bound_fraction",
+            "time_breakdown", "parallelism", "parallelism_candidates"]  # fmt: skip
 
 
 def l3(*args, check=True):
@@ -30,6 +31,9 @@ def test_simulate_writes_summary_csv_and_plots(tmp_path):
         assert key in s, key
     assert s["requests_completed"] + s["requests_rejected"] == 40
     assert s["throughput_tok_s"] > 0
+    assert s["parallelism"]["rule"] == "auto" and len(s["parallelism_candidates"]) == 4  # TP 1, 2, 4, 8
+    chosen = [c for c in s["parallelism_candidates"] if c["status"].startswith("chosen")]
+    assert [(c["tp"], c["dp"]) for c in chosen] == [(s["deployment"]["tp"], s["deployment"]["dp"])]
     lines = (out / "requests.csv").read_text().splitlines()
     assert len(lines) == 41 and lines[0].startswith("id,arrival_s")
     for png in ("batch_throughput.png", "timeline.png"):
@@ -39,9 +43,10 @@ def test_simulate_writes_summary_csv_and_plots(tmp_path):
 def test_builtin_sample_trace_online(tmp_path):
     out = tmp_path / "run"
     l3("simulate", "--model", "llama-2-7b", "--workload", "azure-conv-sample", "--requests", "50",
-       "--out", str(out))  # fmt: skip
+       "--parallelism", "2x4", "--out", str(out))  # fmt: skip
     s = json.loads((out / "summary.json").read_text())
     assert s["workload_mode"] == "online" and s["requests_completed"] + s["requests_rejected"] == 50
+    assert s["parallelism"] == {"rule": "given", "tp": 2, "dp": 4}
 
 
 def test_list_shows_presets():
@@ -54,7 +59,10 @@ def test_list_shows_presets():
     "args, needle",
     [(["simulate", "--model", "nope"], "unknown model"),
      (["simulate", "--system", "nope"], "unknown system"),
-     (["simulate", "--workload", "nope"], "nope")],
+     (["simulate", "--workload", "nope"], "nope"),
+     (["simulate", "--parallelism", "4by2"], "expected auto, paper or TPxDP"),
+     (["simulate", "--model", "llama-2-7b", "--parallelism", "paper"], "the paper gives TP/DP only for"),
+     (["simulate", "--parallelism", "5x1"], "tp = 5 must divide the model's n_heads")],
 )  # fmt: skip
 def test_errors_are_one_line_without_traceback(args, needle):
     proc = l3(*args, check=False)

@@ -53,7 +53,7 @@ def test_one_batch_when_splitting_would_only_reread_the_weights():
     out = {}
     for fallback in (False, True):
         spec = with_overrides(get_system("hbm-pim"), {"coordination": {"single_batch_fallback": fallback}})
-        out[fallback] = summarize(Simulator(spec.deploy(get_model("qwen-72b")), wl).run())
+        out[fallback] = summarize(Simulator(spec.deploy(get_model("qwen-72b"), "paper"), wl).run())
     assert out[False]["single_batch_iterations"] == 0
     assert out[True]["single_batch_iterations"] > 0
     assert out[True]["throughput_tok_s"] > out[False]["throughput_tok_s"]

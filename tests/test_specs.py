@@ -9,7 +9,7 @@ import pytest
 from l3.errors import SpecError
 from l3.specs.dram import DramSpec, get_org, get_timing
 from l3.specs.model import MODEL_PRESETS, ModelSpec, get_model
-from l3.specs.system import builtin_system_names, get_system
+from l3.specs.system import SystemSpec, builtin_system_names, get_system, with_overrides
 
 PAPER_MODELS = {"opt-66b": (64, 72, 72, 9216), "qwen-72b": (80, 64, 8, 8192), "gpt-175b": (96, 96, 96, 12288)}
 
@@ -74,18 +74,31 @@ def test_hf_config_llama_and_opt(tmp_path):
         get_model(str(p))
 
 
-def test_all_builtin_systems_deploy_paper_models():
+def test_all_builtin_systems_deploy_paper_models_at_the_papers_parallelism():
     for name in builtin_system_names():
         s = get_system(name)
         for m in PAPER_MODELS:
-            dep = s.deploy(get_model(m))
-            assert dep.tp * dep.dp <= s.gpu.count
+            assert s.parallelism_for(get_model(m))[0] == "auto"  # shipped files choose by probe
+            dep = s.deploy(get_model(m), "paper")
+            assert (dep.tp, dep.dp, dep.rule) == (*{"opt-66b": (2, 4), "qwen-72b": (4, 2), "gpt-175b": (8, 1)}[m],
+                                                  "paper")  # fmt: skip
 
 
-def test_gpu_only_paper_parallelism():
+def test_parallelism_rules(tmp_path):
     s = get_system("gpu-only")
-    got = {m: (s.deploy(get_model(m)).tp, s.deploy(get_model(m)).dp) for m in PAPER_MODELS}
-    assert got == {"opt-66b": (2, 4), "qwen-72b": (4, 2), "gpt-175b": (8, 1)}
+    with pytest.raises(SpecError, match='"auto" for opt-66b: the TP/DP is chosen by probing'):
+        s.deploy(get_model("opt-66b"))
+    with pytest.raises(SpecError, match="the paper gives TP/DP only for"):
+        s.deploy(get_model("llama-2-7b"), "paper")
+    table = SystemSpec.build(s.model_dump() | {"parallelism": {"default": "paper", "llama-2-7b": {"tp": 2, "dp": 4}}})
+    assert (table.deploy(get_model("qwen-72b")).tp, table.deploy(get_model("qwen-72b")).rule) == (4, "paper")
+    assert (table.deploy(get_model("llama-2-7b")).dp, table.deploy(get_model("llama-2-7b")).rule) == (4, "fixed")
+    # every candidate uses all 8 GPUs; those the model cannot use say why
+    cands = {(p.tp, p.dp): why for p, why in s.parallel_candidates(get_model("gpt-175b"))}
+    assert list(cands) == [(1, 8), (2, 4), (4, 2), (8, 1)]
+    assert cands[(8, 1)] is None and "do not fit" in cands[(4, 2)]
+    six = with_overrides(get_system("l3"), {"pim": {"org_overrides": {"channels": 6}}})
+    assert "dp = 8 must divide pim channels = 6" in six.parallel_candidates(get_model("llama-2-7b"))[0][1]
 
 
 def _edited(tmp_path, text_from, text_to):
@@ -101,18 +114,15 @@ def _edited(tmp_path, text_from, text_to):
 def test_impossible_systems_fail_naming_the_field(tmp_path):
     with pytest.raises(SpecError, match="count"):
         get_system(str(_edited(tmp_path, "count = 8", "count = 0")))
-    with pytest.raises(SpecError, match=r"parallelism\.gpt-175b\.tp = 5 must divide"):
-        get_system(str(_edited(tmp_path, "gpt-175b = { tp = 8", "gpt-175b = { tp = 5"))).deploy(
-            get_model("gpt-175b")
-        )
+    auto = 'default = "auto"'
+    with pytest.raises(SpecError, match=r"parallelism\.gpt-175b: tp = 5 must divide"):
+        get_system(str(_edited(tmp_path, auto, auto + "\ngpt-175b = { tp = 5, dp = 1 }"))).deploy(get_model("gpt-175b"))
     with pytest.raises(SpecError, match="do not fit"):
-        get_system(
-            str(_edited(tmp_path, "gpt-175b = { tp = 8, dp = 1 }", "gpt-175b = { tp = 2, dp = 4 }"))
-        ).deploy(get_model("gpt-175b"))
+        get_system(str(_edited(tmp_path, auto, auto + "\ngpt-175b = { tp = 2, dp = 4 }"))).deploy(get_model("gpt-175b"))
     with pytest.raises(SpecError, match=r"exceeds gpu\.count"):
-        get_system(
-            str(_edited(tmp_path, "opt-66b = { tp = 2, dp = 4 }", "opt-66b = { tp = 2, dp = 8 }"))
-        ).deploy(get_model("opt-66b"))
+        get_system(str(_edited(tmp_path, auto, auto + "\nopt-66b = { tp = 2, dp = 8 }"))).deploy(get_model("opt-66b"))
+    with pytest.raises(SpecError, match="parallelism"):
+        get_system(str(_edited(tmp_path, auto, 'default = "best"')))
     with pytest.raises(SpecError, match="unknown GPU"):
         get_system(str(_edited(tmp_path, 'preset = "a100-80gb"', 'preset = "z9000"')))
     with pytest.raises(SpecError, match="invalid TOML"):

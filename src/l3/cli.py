@@ -25,6 +25,31 @@ def _fmt(x, unit: str = "", digits: int = 3) -> str:
     return f"{x}{unit}"
 
 
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def _parallel_note(s: dict) -> str:
+    """How TP/DP were chosen, with the probe's figures of an automatic choice."""
+    p = s["parallelism"]
+    if p["rule"] != "auto" or not p.get("probe_requests"):
+        return {"paper": "the paper's", "fixed": "fixed in the system file", "given": "given"}.get(
+            p["rule"], "auto: the only candidate")
+    probed = [c for c in s["parallelism_candidates"] if c["probe_steady_tok_s"] is not None]
+    figs = ", ".join(f"TP{c['tp']} {c['probe_steady_tok_s']:.0f}" for c in probed)
+    return f"auto, probe of {p['probe_requests']} requests, steady tok/s: {figs}"
+
+
+def _losses(breakdown: dict) -> str:
+    """The largest causes of time beyond the bound, as shares of the replicas' time."""
+    items = sorted(((v, k) for k, v in breakdown.items() if k != "bound" and v >= 0.005), reverse=True)
+    return ", ".join(f"{k} {v:.0%}" for v, k in items[:4]) or "-"
+
+
 def print_summary(s: dict) -> None:
     t = Table(
         title=f"{s['system']} · {s['model']} · {s['workload']} ({s['workload_mode']})", show_header=False
@@ -33,10 +58,15 @@ def print_summary(s: dict) -> None:
     t.add_column("value", justify="right")
     dep = s["deployment"]
     rows = [
-        ("GPUs / parallelism", f"{dep['gpu']}, TP{dep['tp']} x DP{dep['dp']}"),
+        ("GPUs / parallelism", f"{dep['gpu']}, TP{dep['tp']} x DP{dep['dp']} ({_parallel_note(s)})"),
         ("decode attention model", s.get("attention_model", "mechanism")),
         ("requests completed / rejected", f"{s['requests_completed']} / {s['requests_rejected']}"),
-        ("output throughput", _fmt(s["throughput_tok_s"], " tok/s", 4)),
+        ("output throughput (all requests / makespan)", _fmt(s["throughput_tok_s"], " tok/s", 4)),
+        ("steady-state throughput (10%-90% of output)", _fmt(s["steady_throughput_tok_s"], " tok/s", 4)),
+        ("50% / 90% of output tokens out at", f"{_fmt(s['t50_output_s'], ' s')} / {_fmt(s['t90_output_s'], ' s')}"),
+        ("hardware bound on these batches", f"{_fmt(s['bound_tok_s'], ' tok/s', 4)} "
+                                            f"({_pct(s['bound_fraction'])} reached)"),
+        ("time beyond the bound", _losses(s["time_breakdown"])),
         ("mean batch size (per replica)", _fmt(s["mean_batch_size"])),
         ("TTFT p50 / p99", f"{_fmt(s['ttft_p50_s'], ' s')} / {_fmt(s['ttft_p99_s'], ' s')}"),
         ("TBT p50 / p90 / p99",
@@ -83,20 +113,26 @@ def simulate(
     arrival_rate: Annotated[float | None, typer.Option(help="online: Poisson arrivals, requests/s")] = None,
     out: Annotated[Path | None, typer.Option(help="directory for summary.json, CSVs and plots")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="folder holding the real traces")] = None,
+    parallelism: Annotated[str | None, typer.Option(
+        help="auto (probe every TP x DP), paper (the paper's TP/DP) or TPxDP such as 4x2; default: the file's")
+    ] = None,
 ) -> None:
     """Serve a workload on a system and report throughput, latency and utilisation."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from l3.report.files import write_run
     from l3.report.summary import summarize
+    from l3.run import deploy, parse_parallel
     from l3.sim.simulator import Simulator
     from l3.specs.model import get_model
     from l3.specs.system import get_system
     from l3.workload import load_workload
 
+    par = parse_parallel(parallelism)
     wl = load_workload(workload, n_requests=requests, seed=seed, mode=mode, rate_scale=rate_scale,
                        arrival_rate=arrival_rate, data_dir=data_dir)  # fmt: skip
-    dep = get_system(system).deploy(get_model(model))
+    with console.status("choosing TP x DP"):
+        dep = deploy(get_system(system), get_model(model), wl, seed, par)
     sim = Simulator(dep, wl)
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=True,
@@ -122,30 +158,45 @@ def compare_cmd(
     out: Annotated[Path | None, typer.Option(help="directory for compare.json, compare.csv, compare.png")] = None,
     jobs: Annotated[int, typer.Option(min=1, help="parallel processes")] = 2,
     data_dir: Annotated[Path | None, typer.Option(help="folder holding the real traces")] = None,
+    parallelism: Annotated[str | None, typer.Option(
+        help="for every system: auto, paper or TPxDP such as 4x2; default: each file's")] = None,
 ) -> None:
     """Run several systems on the same workload and compare them in one table."""
     from l3.report.compare import compare, write_compare
+    from l3.run import parse_parallel
 
+    par = parse_parallel(parallelism)
     names = [s.strip() for s in systems.split(",") if s.strip()]
     with console.status(f"simulating {len(names)} systems"):
-        results = compare(names, model, workload, requests, seed, mode, data_dir, jobs)
+        results = compare(names, model, workload, requests, seed, mode, data_dir, jobs, par)
     r0 = results[0]
     t = Table(title=f"{r0['model']} · {r0['workload']} ({r0['workload_mode']}, {r0['requests_total']} requests)"
                     " - simulated")  # fmt: skip
-    for col in ("system", "attention", "tok/s", "speedup", "batch", "TBT p50/p99 s", "TTFT p50 s", "rejected",
-                "KV GiB", "attn TB/s"):  # fmt: skip
-        t.add_column(col, justify="left" if col in ("system", "attention") else "right", no_wrap=True)
+    common = "common_requests" in r0
+    cols = ["system", "attention", "TPxDP", "tok/s total", "steady", "speedup", "bound (reached)", "batch",
+            "TBT p50/p99 s", "rej.", "KV GiB", "attn TB/s"]  # fmt: skip
+    if common:
+        cols[6:6] = [f"common steady ({r0['common_requests']} req.)", "common speedup"]
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("system", "attention") else "right", no_wrap=col == "system")
     for r in results:
-        speedup = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
-        t.add_row(r["system"], r["attention_model"], f"{r['throughput_tok_s']:.1f}", speedup,
-                  f"{r['mean_batch_size']:.1f}",
-                  f"{_fmt(r['tbt_p50_s'])}/{_fmt(r['tbt_p99_s'])}", _fmt(r["ttft_p50_s"]),
-                  str(r["requests_rejected"]), f"{r['kv_capacity_bytes'] / 2**30:,.0f}",
-                  f"{r['attention_peak_bw_bytes_per_s'] / 1e12:.1f}")  # fmt: skip
+        oom = f"OOM ({r['requests_rejected']} rej.)" if r["requests_rejected"] else None
+        row = [r["system"], r["attention_model"], f"{r['tp']}x{r['dp']}", f"{r['throughput_tok_s']:.1f}",
+               _fmt(r["steady_throughput_tok_s"], "", 4), oom or _ratio(r["speedup"]),
+               f"{_fmt(r['bound_tok_s'], '', 4)} ({_pct(r['bound_fraction'])})", f"{r['mean_batch_size']:.1f}",
+               f"{_fmt(r['tbt_p50_s'])}/{_fmt(r['tbt_p99_s'])}", str(r["requests_rejected"]),
+               f"{r['kv_capacity_bytes'] / 2**30:,.0f}", f"{r['attention_peak_bw_bytes_per_s'] / 1e12:.1f}"]
+        if common:
+            row[6:6] = [_fmt(r["common_steady_throughput_tok_s"], "", 4), _ratio(r["common_speedup"])]
+        t.add_row(*row)
     console.print(t)
-    console.print(f"[dim]speedup: throughput over {r0['speedup_baseline']}; KV: capacity for KV over all "
-                  "replicas; attn: peak bandwidth decode attention reads the KV at; attention: ideal = at that "
-                  "peak (the paper's idealisation), mechanism = from the device's mechanisms[/dim]")
+    console.print(f"[dim]tok/s total: output tokens / makespan; steady: output tokens/s between the times 10% and "
+                  f"90% of the output was out; speedup: steady over {r0['speedup_baseline']}, none where either "
+                  "rejected requests (OOM); bound: the hardware's throughput on the batches each run executed "
+                  "(share reached); " + ("common: every system re-run on the requests all of them served, at its "
+                  "TP x DP; " if common else "") + "KV: capacity for KV over all replicas; attn: peak bandwidth "
+                  "decode attention reads the KV at; attention: ideal = at that peak (the paper's idealisation), "
+                  "mechanism = from the device's mechanisms[/dim]")  # fmt: skip
     if out is not None:
         write_compare(results, out)
         console.print(f"wrote {out}/compare.json, compare.csv, compare.png")

@@ -99,23 +99,55 @@ class GpuCostModel:
         return np.where(active, t + self.p.kernel_overhead_s, 0.0)
 
     # --- per-layer operators (the names of the measured profiles) ---------------------------------
+    def gemm_shapes(self) -> dict[str, tuple[int, int]]:
+        """(n, k) of each per-layer GEMM on one GPU of the TP group (its weight is k x n)."""
+        md, t = self.model, self.tp
+        ffn_shard = md.ffn_dim // t
+        up_n = (2 if md.ffn_kind == "gated" else 1) * ffn_shard
+        return {"attn_pre_proj": ((md.q_dim + 2 * md.kv_dim) // t, md.d_model),
+                "attn_post_proj": (md.d_model, md.q_dim // t), "mlp_up_proj": (up_n, md.d_model),
+                "mlp_down_proj": (md.d_model, ffn_shard)}  # fmt: skip
+
     def op_times(self, m) -> dict[str, np.ndarray]:
         """Dense per-layer operators for m tokens on one GPU of the TP group."""
         md, t = self.model, self.tp
         ffn_shard = md.ffn_dim // t
-        up_n = (2 if md.ffn_kind == "gated" else 1) * ffn_shard
+        g = {name: self.gemm(m, n, k) for name, (n, k) in self.gemm_shapes().items()}
         return {
             "input_layernorm": self.elementwise(m, md.d_model),
-            "attn_pre_proj": self.gemm(m, (md.q_dim + 2 * md.kv_dim) // t, md.d_model),
+            "attn_pre_proj": g["attn_pre_proj"],
             "attn_rope": self.elementwise(m, (md.q_dim + md.kv_dim) // t),
-            "attn_post_proj": self.gemm(m, md.d_model, md.q_dim // t),
+            "attn_post_proj": g["attn_post_proj"],
             "post_attention_layernorm": self.elementwise(m, md.d_model),
-            "mlp_up_proj": self.gemm(m, up_n, md.d_model),
+            "mlp_up_proj": g["mlp_up_proj"],
             "mlp_act": self.elementwise(m, ffn_shard, passes=3.0 if md.ffn_kind == "gated" else 2.0),
-            "mlp_down_proj": self.gemm(m, md.d_model, ffn_shard),
+            "mlp_down_proj": g["mlp_down_proj"],
             "add": self.elementwise(m, md.d_model, passes=3.0),
             "all_reduce": self.allreduce(m),
         }
+
+    def weight_read_s(self) -> tuple[float, float]:
+        """Seconds to read one GPU's share of the decoder layers' GEMM weights, and of the vocabulary projection."""
+        md = self.model
+        layers = md.n_layers * sum(n * k for n, k in self.gemm_shapes().values())
+        vocab = md.vocab_size // self.tp * md.d_model
+        return layers * md.dtype_bytes / self._bw, vocab * md.dtype_bytes / self._bw
+
+    def roofline(self, n_tokens, n_sampled, attn_flops, attn_bytes) -> np.ndarray:
+        """A lower bound on one iteration's GPU time (all layers, one TP group), seconds: the GEMMs' FLOPs plus
+        `attn_flops` at the achievable FLOP rate, or every weight used read once plus `attn_bytes` at the
+        achievable HBM bandwidth, whichever is longer. No tile padding, kernel latency, norms or all-reduce, so
+        every iteration the model times takes at least this. attn_flops / attn_bytes: attention work done on
+        the GPUs over all layers, whole TP group (split evenly over its GPUs)."""
+        md = self.model
+        n_tokens, n_sampled = np.asarray(n_tokens, float), np.asarray(n_sampled, float)
+        per_layer = sum(n * k for n, k in self.gemm_shapes().values())
+        flops = 2.0 * (n_tokens * md.n_layers * per_layer + n_sampled * (md.vocab_size // self.tp) * md.d_model)
+        compute = (flops + np.asarray(attn_flops, float) / self.tp) / self._flops
+        layers_s, vocab_s = self.weight_read_s()
+        weights = np.where(n_tokens > 0, layers_s, 0.0) + np.where(n_sampled > 0, vocab_s, 0.0)
+        memory = weights + np.asarray(attn_bytes, float) / self.tp / self._bw
+        return np.maximum(compute, memory)
 
     def layer(self, n_tokens, n_decode, decode_ctx, prefill_pairs, prefill_kv_tokens) -> LayerCost:
         """One layer's cost for an iteration.
@@ -144,6 +176,13 @@ class GpuCostModel:
         decode_ctx = np.asarray(decode_ctx, float)
         return self.attention(4.0 * decode_ctx * md.head_dim * md.n_heads / t,
                               decode_ctx * md.kv_bytes_per_token_layer / t, np.asarray(n_decode) > 0)  # fmt: skip
+
+    def attention_work(self, pairs, kv_tokens) -> tuple[np.ndarray, np.ndarray]:
+        """FLOPs and KV bytes of attention over all layers (whole TP group): `pairs` query-key pairs per layer
+        (a decode request: its context) reading `kv_tokens` tokens of KV per layer."""
+        md = self.model
+        return (4.0 * md.n_layers * np.asarray(pairs, float) * md.head_dim * md.n_heads,
+                md.n_layers * np.asarray(kv_tokens, float) * md.kv_bytes_per_token_layer)  # fmt: skip
 
     def lm_head(self, n_sampled) -> np.ndarray:
         """Final norm + vocabulary projection for the tokens that are sampled."""

@@ -14,43 +14,83 @@ import numpy as np
 import pandas as pd
 
 from l3.report.summary import summarize
-from l3.sim.simulator import Simulator
+from l3.run import ParallelChoice, simulate
+from l3.sim.requests import Status
 from l3.specs.model import get_model
-from l3.specs.system import get_system
+from l3.specs.system import ParallelSpec, get_system
 from l3.workload import load_workload
 
 COLUMNS = {  # compare.csv / table column -> summary key
-    "system": "system", "attention_model": "attention_model", "throughput_tok_s": "throughput_tok_s",
-    "speedup": "speedup",
+    "system": "system", "attention_model": "attention_model", "tp": "tp", "dp": "dp",
+    "throughput_tok_s": "throughput_tok_s", "steady_throughput_tok_s": "steady_throughput_tok_s",
+    "speedup": "speedup", "bound_tok_s": "bound_tok_s", "bound_fraction": "bound_fraction",
+    "t50_output_s": "t50_output_s", "t90_output_s": "t90_output_s",
     "mean_batch_size": "mean_batch_size", "tbt_p50_s": "tbt_p50_s", "tbt_p99_s": "tbt_p99_s",
     "ttft_p50_s": "ttft_p50_s", "requests_completed": "requests_completed",
-    "requests_rejected": "requests_rejected", "kv_capacity_bytes": "kv_capacity_bytes",
+    "requests_rejected": "requests_rejected", "common_requests": "common_requests",
+    "common_throughput_tok_s": "common_throughput_tok_s", "common_steady_throughput_tok_s":
+    "common_steady_throughput_tok_s", "common_speedup": "common_speedup", "kv_capacity_bytes": "kv_capacity_bytes",
     "attention_peak_bw_bytes_per_s": "attention_peak_bw_bytes_per_s", "wall_time_s": "wall_time_s",
 }  # fmt: skip
+SPEEDUP_OF = "steady_throughput_tok_s"  # the measure speedups are taken of (docs/evaluation.md)
 
 
-def run_one(args: tuple[str, str, str, int | None, int, str | None, Path | None]) -> dict:
-    system, model, workload, n, seed, mode, data_dir = args
+def run_one(args: tuple) -> tuple[dict, list[int]]:
+    """One system's summary, and the ids of the requests it rejected."""
+    system, model, workload, n, seed, mode, data_dir, parallel, subset = args
     wl = load_workload(workload, n_requests=n, seed=seed, mode=mode, data_dir=data_dir)
-    return summarize(Simulator(get_system(system).deploy(get_model(model)), wl).run())
+    if subset is not None:
+        wl = wl.subset(np.asarray(subset), wl.name, f"{wl.source}; the {len(subset)} requests every system served")
+    res = simulate(get_system(system), get_model(model), wl, seed, parallel)
+    return summarize(res), [int(i) for i in np.flatnonzero(res.table.status == Status.REJECTED)]
+
+
+def _speedups(results: list[dict], key: str, out: str) -> None:
+    """results[i][out] = results[i][key] / the baseline's, only where neither rejected a request."""
+    base = next((r for r in results if r["system"] == "gpu-only"), results[0])
+    for r in results:
+        ok = not r["requests_rejected"] and not base["requests_rejected"] and base[key] and r[key] is not None
+        r[out] = r[key] / base[key] if ok else None
+        r["speedup_baseline"] = base["system"]
 
 
 def compare(systems: list[str], model: str, workload: str, n: int | None, seed: int = 0, mode: str | None = None,
-            data_dir: Path | None = None, jobs: int = 2) -> list[dict]:  # fmt: skip
-    """One summary per system (same workload and seed), each with `speedup` over the baseline: gpu-only if
-    it is among the systems, else the first."""
-    for s in systems:  # fail early, in this process, on a bad name
-        get_system(s).deploy(get_model(model))
-    args = [(s, model, workload, n, seed, mode, data_dir) for s in systems]
-    if jobs > 1 and len(systems) > 1:
-        with mp.get_context("spawn").Pool(min(jobs, len(systems))) as pool:
-            results = pool.map(run_one, args, chunksize=1)
-    else:
-        results = [run_one(a) for a in args]
-    base = next((r for r in results if r["system"] == "gpu-only"), results[0])
+            data_dir: Path | None = None, jobs: int = 2, parallel: ParallelChoice = None) -> list[dict]:  # fmt: skip
+    """One summary per system (same workload and seed), each with `speedup` (of steady-state throughput) over
+    the baseline, gpu-only if it is among the systems, else the first. A system that rejected requests gets no
+    speedup. When the systems served different request sets, every system is run again on the requests all of
+    them served, at the TP x DP it ran at, and `common_*` give that run's figures."""
+    for s in systems:  # fail early, in this process, on a bad name or spec
+        get_system(s)
+    get_model(model)
+
+    def run_all(args: list[tuple]) -> list[tuple[dict, list[int]]]:
+        if jobs > 1 and len(args) > 1:
+            with mp.get_context("spawn").Pool(min(jobs, len(args))) as pool:
+                return pool.map(run_one, args, chunksize=1)
+        return [run_one(a) for a in args]
+
+    out = run_all([(s, model, workload, n, seed, mode, data_dir, parallel, None) for s in systems])
+    results = [r for r, _ in out]
+    _speedups(results, SPEEDUP_OF, "speedup")
+    rejected = sorted(set().union(*(ids for _, ids in out)))
+    total = results[0]["requests_total"]
+    if rejected and len(rejected) < total:
+        common = np.setdiff1d(np.arange(total), rejected)
+        again = run_all([(s, model, workload, n, seed, mode, data_dir,
+                          ParallelSpec(tp=r["deployment"]["tp"], dp=r["deployment"]["dp"]), common.tolist())
+                         for s, r in zip(systems, results, strict=True)])  # fmt: skip
+        for r, (c, _) in zip(results, again, strict=True):
+            r |= {"common_requests": c["requests_completed"], "common_rejected": c["requests_rejected"],
+                  "common_throughput_tok_s": c["throughput_tok_s"],
+                  "common_steady_throughput_tok_s": c["steady_throughput_tok_s"]}  # fmt: skip
+        common_view = [{"system": r["system"], "requests_rejected": r["common_rejected"],
+                        SPEEDUP_OF: r["common_steady_throughput_tok_s"]} for r in results]  # fmt: skip
+        _speedups(common_view, SPEEDUP_OF, "common_speedup")
+        for r, c in zip(results, common_view, strict=True):
+            r["common_speedup"] = c["common_speedup"]
     for r in results:
-        r["speedup"] = r["throughput_tok_s"] / base["throughput_tok_s"] if base["throughput_tok_s"] else None
-        r["speedup_baseline"] = base["system"]
+        r["tp"], r["dp"] = r["deployment"]["tp"], r["deployment"]["dp"]
     return results
 
 
@@ -78,9 +118,19 @@ def write_compare(results: list[dict], out: Path) -> None:
     r0 = results[0]
     title = f"{r0['model']} · {r0['workload']} ({r0['workload_mode']}, {r0['requests_total']} requests; simulated)"
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    axes[0].bar(names, [r["throughput_tok_s"] for r in results], color="tab:blue")
+    x = np.arange(len(results))
+    axes[0].bar(x - 0.2, [0 if r["requests_rejected"] else r["throughput_tok_s"] for r in results], 0.4,
+                label="total", color="tab:blue")  # fmt: skip
+    axes[0].bar(x + 0.2, [0 if r["requests_rejected"] else r[SPEEDUP_OF] or 0 for r in results], 0.4,
+                label="steady state", color="tab:cyan")  # fmt: skip
+    for i, r in enumerate(results):
+        if r["requests_rejected"]:
+            axes[0].text(i, 0, f"OOM ({r['requests_rejected']} rejected)", rotation=90, ha="center", va="bottom",
+                         fontsize=7)  # fmt: skip
+    axes[0].set_xticks(x, names)
     axes[0].set_ylabel("output tokens / s")
-    axes[0].set_title("throughput")
+    axes[0].set_title("throughput (OOM: rejected requests)")
+    axes[0].legend(fontsize=7)
     axes[1].bar(names, [r["mean_batch_size"] for r in results], color="tab:orange")
     axes[1].set_ylabel("requests per iteration (per replica)")
     axes[1].set_title("mean batch size")

@@ -6,6 +6,8 @@ report states the command, what was simulated, and the tables the figures are dr
 
 from __future__ import annotations
 
+import contextlib
+import json
 import multiprocessing as mp
 import time
 from collections.abc import Callable
@@ -20,9 +22,10 @@ import numpy as np
 
 from l3.errors import L3Error
 from l3.report.summary import summarize
+from l3.run import deploy
 from l3.sim.simulator import Simulator
 from l3.specs.model import get_model
-from l3.specs.system import get_system, with_overrides
+from l3.specs.system import ParallelSpec, SystemSpec, get_system, with_overrides
 from l3.workload import load_workload
 
 PAPER_MODELS = ("opt-66b", "qwen-72b", "gpt-175b")
@@ -44,32 +47,60 @@ ABLATIONS = {
 
 @dataclass(frozen=True)
 class Run:
+    """One simulation of a study. `parallel`: "paper" (the paper's TP/DP), "auto" (probed), or None (the file's)."""
+
     label: str
     system: str
     model: str
     workload: str
     requests: int
     overrides: dict = field(default_factory=dict, hash=False, compare=False)
+    parallel: str | None = "paper"
+
+    def spec(self) -> SystemSpec:
+        spec = get_system(self.system)
+        return with_overrides(spec, self.overrides, name=f"{self.system}[{self.label}]") if self.overrides else spec
 
 
-def execute(run: Run) -> dict:
-    spec = get_system(run.system)
-    if run.overrides:
-        spec = with_overrides(spec, run.overrides, name=f"{run.system}[{run.label}]")
+def choose(run: Run) -> dict:
+    """The deployment a run gets: its TP/DP and how they were chosen (probes included)."""
     wl = load_workload(run.workload, n_requests=run.requests, seed=0)
-    s = summarize(Simulator(spec.deploy(get_model(run.model)), wl).run())
-    s["label"] = run.label
-    return s
+    return deploy(run.spec(), get_model(run.model), wl, 0, run.parallel).selection
+
+
+def execute(job: tuple[Run, dict]) -> dict:
+    run, selection = job
+    wl = load_workload(run.workload, n_requests=run.requests, seed=0)
+    dep = run.spec().deploy(get_model(run.model), ParallelSpec(tp=selection["tp"], dp=selection["dp"]),
+                            rule=selection["rule"])  # fmt: skip
+    return summarize(Simulator(dep, wl).run())
 
 
 def execute_all(runs: list[Run], jobs: int) -> list[dict]:
+    """Every run's summary. TP/DP are chosen first (probing where a run asks for "auto"); runs that then come
+    out identical (same system, overrides, model, workload and TP/DP) are simulated once and reported for each."""
     for r in runs:  # fail early, in this process, on a bad spec
-        spec = get_system(r.system)
-        (with_overrides(spec, r.overrides) if r.overrides else spec).deploy(get_model(r.model))
-    if jobs > 1:
-        with mp.get_context("spawn").Pool(jobs) as pool:
-            return pool.map(execute, runs, chunksize=1)
-    return [execute(r) for r in runs]
+        spec = r.spec()
+        if r.parallel != "auto" and spec.parallelism_for(get_model(r.model))[0] != "auto":
+            spec.deploy(get_model(r.model), r.parallel)
+    with mp.get_context("spawn").Pool(jobs) if jobs > 1 else contextlib.nullcontext() as pool:
+        mapper = pool.map if pool is not None else lambda f, xs, chunksize=1: [f(x) for x in xs]
+        selections = mapper(choose, runs, chunksize=1)
+        key = [(r.system, json.dumps(r.overrides, sort_keys=True), r.model, r.workload, r.requests, s["tp"], s["dp"])
+               for r, s in zip(runs, selections, strict=True)]  # fmt: skip
+        first = {k: i for i, k in reversed(list(enumerate(key)))}
+        unique = sorted(set(first.values()))
+        done = dict(zip(unique, mapper(execute, [(runs[i], selections[i]) for i in unique], chunksize=1),
+                        strict=True))  # fmt: skip
+    out = []
+    for r, s, k in zip(runs, selections, key, strict=True):
+        summary = dict(done[first[k]])
+        summary["parallelism"] = {k2: v for k2, v in s.items() if k2 != "candidates"}
+        summary["parallelism_candidates"] = s.get("candidates", [])
+        summary["deployment"] = summary["deployment"] | {"parallelism_rule": s["rule"]}
+        summary["label"] = r.label
+        out.append(summary)
+    return out
 
 
 def line_plot(path: Path, xs, series: dict[str, list[float]], xlabel: str, ylabel: str, log2x: bool = True,
@@ -91,37 +122,79 @@ def line_plot(path: Path, xs, series: dict[str, list[float]], xlabel: str, ylabe
 
 
 # --- the studies ------------------------------------------------------------------------------------------
-def main_study(n: int, systems: tuple[str, ...] = PAPER_SYSTEMS) -> tuple[list[Run], Callable]:
-    runs = [Run(s, s, m, w, n) for m in PAPER_MODELS for w in PAPER_WORKLOADS for s in systems]
+LEAD = "steady_throughput_tok_s"  # the measure tables lead with (docs/evaluation.md: it does not swing with N)
+VIEWS = {"paper": "paper parallelism: the paper's TP x DP for every system",
+         "best": "best parallelism: every system at the TP x DP its probe ranks best (parallelism = \"auto\")"}
 
-    def report(res: list[dict], out: Path) -> str:
-        lines = []
+
+def ratio_cell(r: dict, base: dict, key: str = LEAD) -> str:
+    """A system's figure against a baseline's, only where both served every request (else no ratio)."""
+    if r["requests_rejected"]:
+        return f"OOM ({r['requests_rejected']} rejected)"
+    if base["requests_rejected"] or not base[key] or r[key] is None:
+        return f"{r[key]:.0f} tok/s"
+    return f"{r[key] / base[key]:.2f}x ({r[key]:.0f} tok/s)"
+
+
+def main_study(n: int, systems: tuple[str, ...] = PAPER_SYSTEMS) -> tuple[list[Run], Callable]:
+    runs = [Run(f"{s} [{v}]", s, m, w, n, parallel="auto" if v == "best" else "paper")
+            for v in VIEWS for m in PAPER_MODELS for w in PAPER_WORKLOADS for s in systems]  # fmt: skip
+
+    def view_table(res: list[dict], view: str, out: Path) -> list[str]:
+        lines = [f"## {VIEWS[view]}", ""]
         fig, axes = plt.subplots(1, len(PAPER_MODELS), figsize=(15, 4), sharey=True)
         for ax, m in zip(axes, PAPER_MODELS, strict=True):
-            lines += [f"### {m}", "", "| workload | " + " | ".join(systems) + " |",
-                      "|---|" + "---|" * len(systems)]  # fmt: skip
+            lines += [f"### {m}", "", "| workload | " + " | ".join(systems) + " |", "|---|" + "---|" * len(systems)]
             for wi, w in enumerate(PAPER_WORKLOADS):
-                row = {r["system"]: r for r in res if r["model"] == m and r["workload"] == w}
-                base = row["gpu-only"]["throughput_tok_s"]
+                row = {r["system"]: r for r in res if r["model"] == m and r["workload"] == w
+                       and r["label"].endswith(f"[{view}]")}  # fmt: skip
+                base = row["gpu-only"]
                 cells = []
                 for si, s in enumerate(systems):
                     r = row[s]
-                    sp = r["throughput_tok_s"] / base if base else float("nan")
-                    cells.append(f"{sp:.2f}x ({r['throughput_tok_s']:.0f} tok/s, {r['requests_rejected']} rej.)")
-                    ax.bar(wi + (si - 2.5) * 0.13, sp, width=0.13, color=plt.get_cmap("tab10")(si),
-                           label=s if wi == 0 else None)  # fmt: skip
+                    par = f", TP{r['deployment']['tp']}" if view == "best" else ""
+                    cells.append(f"{ratio_cell(r, base)}{par}")
+                    x = wi + (si - (len(systems) - 1) / 2) * 0.13
+                    if r["requests_rejected"]:
+                        ax.text(x, 0.02, "OOM", rotation=90, ha="center", va="bottom", fontsize=6)
+                    elif not base["requests_rejected"]:
+                        ax.bar(x, r[LEAD] / base[LEAD], width=0.13, color=plt.get_cmap("tab10")(si),
+                               label=s if wi == 0 else None)  # fmt: skip
                 lines.append(f"| {w} | " + " | ".join(cells) + " |")
             lines.append("")
             ax.set_xticks(range(len(PAPER_WORKLOADS)), PAPER_WORKLOADS, rotation=20)
-            ax.set_title(m)
+            ax.set_title(f"{m} ({view} parallelism)")
             ax.axhline(1.0, color="grey", lw=0.8)
-        axes[0].set_ylabel("throughput speedup over gpu-only")
+        axes[0].set_ylabel("steady-state throughput over gpu-only")
         axes[-1].legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out / "main.png", dpi=110)
+        fig.savefig(out / f"main-{view}.png", dpi=110)
         plt.close(fig)
-        return "\n".join(["Speedup of output-token throughput over gpu-only (throughput, rejected requests).",
-                          "", *lines, "![speedups](main.png)"])
+        return [*lines, f"![{view} parallelism](main-{view}.png)", ""]
+
+    def bound_table(res: list[dict]) -> list[str]:
+        lines = ["## Every run against its bound (best parallelism)", "",
+                 "total: output tokens / makespan (the paper's measure); steady: 10%-90% of the output; bound: the "
+                 "hardware's throughput on the batches the run executed (docs/evaluation.md); time lost: the "
+                 "largest causes, as shares of the replicas' time.", "",
+                 "| model | workload | system | TP x DP | total tok/s | steady tok/s | bound tok/s | reached | "
+                 "time lost to |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in res:
+            if not r["label"].endswith("[best]"):
+                continue
+            lost = sorted(((v, k) for k, v in r["time_breakdown"].items() if k != "bound" and v >= 0.01), reverse=True)
+            d = r["deployment"]
+            lines.append(f"| {r['model']} | {r['workload']} | {r['system']} | {d['tp']} x {d['dp']} | "
+                         f"{r['throughput_tok_s']:.0f} | {r[LEAD]:.0f} | {r['bound_tok_s']:.0f} | "
+                         f"{r['bound_fraction']:.0%} | {', '.join(f'{k} {v:.0%}' for v, k in lost[:3]) or '-'} |")
+        return [*lines, ""]
+
+    def report(res: list[dict], out: Path) -> str:
+        head = ["Steady-state throughput (output tokens/s between the times 10% and 90% of the output was out) over "
+                "gpu-only, in two views. A system that rejected requests shows OOM: its throughput covers fewer "
+                "requests, so no ratio is taken. Where gpu-only itself is OOM, cells give tok/s only. TPn (best "
+                "view): the tensor parallelism each system's probe chose (DP = 8 / TP).", ""]  # fmt: skip
+        return "\n".join([*head, *view_table(res, "paper", out), *view_table(res, "best", out), *bound_table(res)])
 
     return runs, report
 
@@ -134,25 +207,25 @@ def ablation_study(n: int) -> tuple[list[Run], Callable]:
         lines = []
         for m, w in cases:
             rows = [r for r in res if r["model"] == m and r["workload"] == w]
-            base = rows[0]["throughput_tok_s"]
-            lines += [f"### {m}, {w}", "", "| variant | tok/s | vs L3 | TBT p50 (s) | mean batch | rank imbalance |",
-                      "|---|---|---|---|---|---|"]  # fmt: skip
-            lines += [f"| {r['label']} | {r['throughput_tok_s']:.1f} | {r['throughput_tok_s'] / base:.2f}x | "
-                      f"{r['tbt_p50_s']:.3f} | {r['mean_batch_size']:.1f} | {r['rank_load_imbalance']:.2f} |"
-                      for r in rows]  # fmt: skip
+            lines += [f"### {m}, {w}", "", "| variant | total tok/s | steady tok/s | steady vs L3 | bound reached "
+                      "| TBT p50 (s) | mean batch | rank imbalance |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            lines += [f"| {r['label']} | {r['throughput_tok_s']:.1f} | {r[LEAD]:.1f} | {ratio_cell(r, rows[0])} | "
+                      f"{r['bound_fraction']:.0%} | {r['tbt_p50_s']:.3f} | {r['mean_batch_size']:.1f} | "
+                      f"{r['rank_load_imbalance']:.2f} |" for r in rows]  # fmt: skip
             lines.append("")
         fig, ax = plt.subplots(figsize=(9, 4))
         for k, (m, w) in enumerate(cases):
             rows = [r for r in res if r["model"] == m and r["workload"] == w]
-            ax.barh(np.arange(len(rows)) + 0.4 * k, [r["throughput_tok_s"] / rows[0]["throughput_tok_s"] for r in rows],
-                    height=0.4, label=f"{m}, {w}")  # fmt: skip
+            ax.barh(np.arange(len(rows)) + 0.4 * k, [r[LEAD] / rows[0][LEAD] for r in rows], height=0.4,
+                    label=f"{m}, {w}")  # fmt: skip
         ax.set_yticks(np.arange(len(ABLATIONS)) + 0.2, list(ABLATIONS))
-        ax.set_xlabel("throughput relative to L3 with everything on")
+        ax.set_xlabel("steady-state throughput relative to L3 with everything on")
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / "ablation.png", dpi=110)
         plt.close(fig)
-        return "\n".join(["Each variant changes one switch of `l3.toml`; mechanisms in docs/l3-system.md.", "",
+        return "\n".join(["Each variant changes one switch of `l3.toml` and runs at the paper's TP x DP; mechanisms in "
+                          "docs/l3-system.md.", "",
                           *lines, "![ablation](ablation.png)"])  # fmt: skip
 
     return runs, report
@@ -163,19 +236,24 @@ def capacity_study(n: int) -> tuple[list[Run], Callable]:
     channels = (4, 8, 12, 16)  # multiples of OPT-66B's DP 4 (each replica owns whole channels)
     runs = [Run(f"{c} channels", "l3", "opt-66b", "openr1", n, {"pim": {"org_overrides": {"channels": c}}})
             for c in channels]  # fmt: skip
-    runs.append(Run("gpu-only", "gpu-only", "opt-66b", "openr1", n))
+    runs.append(Run("gpu-only", "gpu-only", "opt-66b", "openr1", n, parallel="auto"))
 
     def report(res: list[dict], out: Path) -> str:
-        base = res[-1]["throughput_tok_s"]
-        lines = ["| DIMMs | capacity | tok/s | vs gpu-only | mean batch | rejected |", "|---|---|---|---|---|---|"]
+        base = res[-1]
+        d = base["deployment"]
+        lines = ["| DIMMs | capacity | total tok/s | steady tok/s | steady vs gpu-only | mean batch | rejected |",
+                 "|---|---|---|---|---|---|---|"]  # fmt: skip
         for c, r in zip(channels, res, strict=False):
             lines.append(f"| {2 * c} of 32 ({c / 16:.0%}) | {r['kv_capacity_bytes'] / 2**30:,.0f} GiB | "
-                         f"{r['throughput_tok_s']:.1f} | {r['throughput_tok_s'] / base:.2f}x | "
+                         f"{r['throughput_tok_s']:.1f} | {r[LEAD]:.1f} | {ratio_cell(r, base)} | "
                          f"{r['mean_batch_size']:.1f} | {r['requests_rejected']} |")  # fmt: skip
-        line_plot(out / "capacity.png", [c / 16 for c in channels], {"l3": [r["throughput_tok_s"] for r in res[:-1]]},
-                  "fraction of the DIMMs", "output tokens / s", log2x=False, hline=("gpu-only", base))
-        return "\n".join(["OPT-66B on OpenR1-like requests, L3 with whole channels removed (DP 4 needs multiples of "
-                          "4 channels, so the sweep starts at 25%).", "", *lines, "", "![capacity](capacity.png)"])
+        line_plot(out / "capacity.png", [c / 16 for c in channels], {"l3": [r[LEAD] for r in res[:-1]]},
+                  "fraction of the DIMMs", "steady-state output tokens / s", log2x=False,
+                  hline=(f"gpu-only (TP{d['tp']} x DP{d['dp']})", base[LEAD]))  # fmt: skip
+        return "\n".join(["OPT-66B on OpenR1-like requests, L3 (the paper's TP2 x DP4) with whole channels removed "
+                          "(DP 4 needs multiples of 4 channels, so the sweep starts at 25%), against gpu-only at its "
+                          f"best parallelism (TP{d['tp']} x DP{d['dp']}, {base['throughput_tok_s']:.1f} tok/s total, "
+                          f"{base['requests_rejected']} rejected).", "", *lines, "", "![capacity](capacity.png)"])
 
     return runs, report
 
@@ -185,30 +263,34 @@ def _org(dimms: int, ranks: int, rows: int) -> dict:
 
 
 def scaling_study(n: int) -> tuple[list[Run], Callable]:
-    """From one rankset (16 channels x 1 rank, 512 GiB) up by 8x: capacity only (more rows), bandwidth only
-    (more ranksets, fewer rows each), both (more ranksets)."""
+    """The paper's scaling study: GPT-175B on OpenR1, from one rankset (16 channels x 1 rank, 512 GiB) up by 8x:
+    capacity only (more rows), bandwidth only (more ranksets, fewer rows each), both (more ranksets)."""
     base_rows = 262144
     shapes = {1: (1, 1), 2: (1, 2), 4: (2, 2), 8: (4, 2)}  # ranksets -> (DIMMs per channel, ranks per DIMM)
+    ways = ("capacity", "bandwidth", "both")
     runs = []
     for k, (d, r) in shapes.items():
-        runs.append(Run(f"capacity x{k}", "l3", "opt-66b", "openr1", n, _org(1, 1, base_rows * k)))
-        runs.append(Run(f"bandwidth x{k}", "l3", "opt-66b", "openr1", n, _org(d, r, base_rows // k)))
-        runs.append(Run(f"both x{k}", "l3", "opt-66b", "openr1", n, _org(d, r, base_rows)))
+        orgs = {"capacity": _org(1, 1, base_rows * k), "bandwidth": _org(d, r, base_rows // k),
+                "both": _org(d, r, base_rows)}  # fmt: skip
+        runs += [Run(f"{w} x{k}", "l3", "gpt-175b", "openr1", n, orgs[w]) for w in ways]
 
     def report(res: list[dict], out: Path) -> str:
         by = {r["label"]: r for r in res}
-        lines = ["| scale | capacity only: tok/s (batch) | bandwidth only: tok/s (batch) | both: tok/s (batch) |",
+        lines = ["| scale | " + " | ".join(f"{w}: steady tok/s (total, batch)" for w in ways) + " |",
                  "|---|---|---|---|"]  # fmt: skip
         line_plot(out / "scaling.png", list(shapes),
-                  {s: [by[f"{s} x{k}"]["throughput_tok_s"] for k in shapes] for s in ("capacity", "bandwidth", "both")},
-                  "scale over one rankset (512 GiB, 3.3 TB/s)", "output tokens / s")  # fmt: skip
+                  {w: [by[f"{w} x{k}"][LEAD] for k in shapes] for w in ways},
+                  "scale over one rankset (512 GiB, 3.3 TB/s)", "steady-state output tokens / s")  # fmt: skip
         for k in shapes:
-            cells = [f"{by[f'{s} x{k}']['throughput_tok_s']:.1f} ({by[f'{s} x{k}']['mean_batch_size']:.1f})"
-                     for s in ("capacity", "bandwidth", "both")]  # fmt: skip
+            cells = []
+            for w in ways:
+                r = by[f"{w} x{k}"]
+                cells.append(f"OOM ({r['requests_rejected']} rejected)" if r["requests_rejected"] else
+                             f"{r[LEAD]:.1f} ({r['throughput_tok_s']:.1f}, {r['mean_batch_size']:.1f})")  # fmt: skip
             lines.append(f"| x{k} | " + " | ".join(cells) + " |")
-        return "\n".join(["L3, OPT-66B, OpenR1-like requests. Capacity only: rows x k on one rankset; bandwidth only:"
-                          " k ranksets with rows / k (capacity fixed at 512 GiB); both: k ranksets.", "", *lines,
-                          "", "![scaling](scaling.png)"])  # fmt: skip
+        return "\n".join(["L3, GPT-175B (TP8 x DP1), OpenR1-like requests, as the paper ran it. Capacity only: "
+                          "rows x k on one rankset; bandwidth only: k ranksets with rows / k (capacity fixed at "
+                          "512 GiB); both: k ranksets.", "", *lines, "", "![scaling](scaling.png)"])  # fmt: skip
 
     return runs, report
 
@@ -238,7 +320,7 @@ def tbt_study(n: int) -> tuple[list[Run], Callable]:
     def report(res: list[dict], out: Path) -> str:
         lines, fig_data = [], {}
         for name in PAPER_SYSTEMS:
-            system = build_system(get_system(name).deploy(get_model("opt-66b")))
+            system = build_system(get_system(name).deploy(get_model("opt-66b"), "paper"))
             grid = {(b, c): step_time(system, b, c) for b in batches for c in contexts}
             fig_data[name] = grid
         for c in contexts:
@@ -263,36 +345,51 @@ def tbt_study(n: int) -> tuple[list[Run], Callable]:
         fig.tight_layout()
         fig.savefig(out / "tbt.png", dpi=110)
         plt.close(fig)
-        return "\n".join(["OPT-66B, one replica's decode step in milliseconds ('-': the batch's KV does not fit the "
-                          "system). Sub-batched systems are timed with two sub-batches (the scheduler may run small "
-                          "batches as one; see docs/l3-system.md); CPU offloading fills its HBM tier first.", "",
+        return "\n".join(["OPT-66B at the paper's TP2 x DP4, one replica's decode step in milliseconds ('-': the "
+                          "batch's KV does not fit the system). Sub-batched systems are timed with two sub-batches "
+                          "(the scheduler may run small batches as one; see docs/l3-system.md); CPU offloading fills "
+                          "its HBM tier first.", "",
                           *lines, "![tbt](tbt.png)"])  # fmt: skip
 
     return [], report
 
 
 def long_context_study(n: int) -> tuple[list[Run], Callable]:
-    """Real long-context traces online, and a context sweep to 128K tokens (fixed lengths)."""
+    """Real long-context traces online, and a context sweep to 128K tokens (fixed lengths); every system at its
+    best parallelism."""
     sweep = (8192, 32768, 65536, 131072)
-    runs = [Run(f"{s} {w}", s, "qwen-72b", w, n) for w in ("mooncake-conversation", "azure-conv")
+    runs = [Run(f"{s} {w}", s, "qwen-72b", w, n, parallel="auto") for w in ("mooncake-conversation", "azure-conv")
             for s in ("gpu-only", "l3")]  # fmt: skip
-    runs += [Run(f"{s} {c // 1024}K", s, "opt-66b", f"fixed:{c - 512}:512", n) for c in sweep
+    runs += [Run(f"{s} {c // 1024}K", s, "opt-66b", f"fixed:{c - 512}:512", n, parallel="auto") for c in sweep
              for s in ("gpu-only", "l3")]  # fmt: skip
+
+    def tput(r: dict, key: str) -> str:
+        return f"OOM ({r['requests_rejected']} rejected)" if r["requests_rejected"] else f"{r[key]:.1f}"
+
+    def par(r: dict) -> str:
+        return f"{r['deployment']['tp']} x {r['deployment']['dp']}"
 
     def report(res: list[dict], out: Path) -> str:
         lines = ["### Real traces (Qwen-72B, online at the traces' arrival times)", "",
-                 "| run | completed / rejected | tok/s | TTFT p50 (s) | TBT p50 / p99 (s) |", "|---|---|---|---|---|"]
-        lines += [f"| {r['label']} | {r['requests_completed']} / {r['requests_rejected']} | {r['throughput_tok_s']:.1f}"
-                  f" | {r['ttft_p50_s'] or float('nan'):.2f} | {r['tbt_p50_s']:.3f} / {r['tbt_p99_s']:.3f} |"
-                  for r in res[:4]]  # fmt: skip
+                 "| run | TP x DP | completed / rejected | tok/s | TTFT p50 (s) | TBT p50 / p99 (s) |",
+                 "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {r['label']} | {par(r)} | {r['requests_completed']} / {r['requests_rejected']} | "
+                  f"{tput(r, 'throughput_tok_s')} | {r['ttft_p50_s'] or float('nan'):.2f} | {r['tbt_p50_s']:.3f} / "
+                  f"{r['tbt_p99_s']:.3f} |" for r in res[:4]]  # fmt: skip
         lines += ["", "### Context sweep (OPT-66B, contexts of the given length = prompt + 512 output, offline)", "",
-                  "| run | completed / rejected | tok/s | mean batch | TBT p50 (s) |", "|---|---|---|---|---|"]
-        lines += [f"| {r['label']} | {r['requests_completed']} / {r['requests_rejected']} | {r['throughput_tok_s']:.1f}"
-                  f" | {r['mean_batch_size']:.1f} | {r['tbt_p50_s']:.3f} |" for r in res[4:]]  # fmt: skip
+                  "| run | TP x DP | completed / rejected | steady tok/s | total tok/s | mean batch | TBT p50 (s) |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {r['label']} | {par(r)} | {r['requests_completed']} / {r['requests_rejected']} | "
+                  f"{tput(r, LEAD)} | {tput(r, 'throughput_tok_s')} | {r['mean_batch_size']:.1f} | "
+                  f"{r['tbt_p50_s']:.3f} |"
+                  for r in res[4:]]  # fmt: skip
         line_plot(out / "long_context.png", [c // 1024 for c in sweep],
-                  {s: [r["throughput_tok_s"] for r in res[4:] if r["system"] == s] for s in ("gpu-only", "l3")},
-                  "context length (K tokens)", "output tokens / s")  # fmt: skip
-        return "\n".join([*lines, "", "![context sweep](long_context.png)"])
+                  {s: [np.nan if r["requests_rejected"] else r[LEAD] for r in res[4:] if r["system"] == s]
+                   for s in ("gpu-only", "l3")},
+                  "context length (K tokens)", "steady-state output tokens / s (gaps: OOM)")  # fmt: skip
+        return "\n".join(["Every system at its best parallelism (auto). OOM: the system rejected requests it can "
+                          "never hold, so its throughput would cover fewer requests.", "", *lines, "",
+                          "![context sweep](long_context.png)"])  # fmt: skip
 
     return runs, report
 
@@ -328,7 +425,5 @@ def run_study(name: str, out: Path, requests: int, jobs: int) -> Path:
             f"latency is simulated. {models} (docs/evaluation.md).\n\n{body}\n")  # fmt: skip
     path = out / "report.md"
     path.write_text(text)
-    import json
-
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     return path

@@ -44,6 +44,7 @@ def summarize(res: SimResult) -> dict:
     e2e = (t.finish_s - t.arrival)[done]
     reasons = Counter(t.reject_code.values())
     replica_time = sim_t * dep.dp
+    t50, t90 = m.output_times([0.5, 0.9])
     return {
         "system": dep.system.name,
         "model": dep.model.name,
@@ -51,6 +52,8 @@ def summarize(res: SimResult) -> dict:
         "workload_mode": res.workload.mode,
         "workload_source": res.workload.source,
         "deployment": dep.describe(),
+        "parallelism": {k: v for k, v in dep.selection.items() if k != "candidates"},
+        "parallelism_candidates": dep.selection.get("candidates", []),
         "what_is_simulated": "all times are simulated by analytic device models; wall_time_s is measured",
         "attention_model": res.system.attention_model,
         "requests_total": int(t.n),
@@ -59,6 +62,10 @@ def summarize(res: SimResult) -> dict:
         "reject_reasons": dict(reasons),
         "output_tokens": out_tokens,
         "throughput_tok_s": out_tokens / sim_t if sim_t > 0 else 0.0,
+        "steady_throughput_tok_s": m.steady_throughput(),
+        "t50_output_s": _finite(t50),
+        "t90_output_s": _finite(t90),
+        **bound_summary(res, out_tokens),
         "mean_batch_size": m.mean_batch_size,
         "iterations": m.steps,
         "preemptions": int(t.preemptions.sum()),
@@ -78,6 +85,30 @@ def summarize(res: SimResult) -> dict:
         "simulated_time_s": sim_t,
         "wall_time_s": res.wall_time_s,
         **coordination_summary(res),
+    }
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
+def bound_summary(res: SimResult, out_tokens: int) -> dict:
+    """The hardware's bound on the batches the run executed, how close the run came, and where the rest went.
+
+    bound_tok_s: output tokens over the sum of every step's bound, spread evenly over the replicas (so the
+    bound also assumes replicas that never wait for each other or for arrivals). time_breakdown: fractions of
+    the replicas' total time (replicas x makespan) spent at the bound, lost to each cause in systems.base.LOSSES,
+    and idle (`replica_idle`: waiting for arrivals, or done before the last replica); they sum to 1.
+    """
+    m, dp, sim_t = res.metrics, res.deployment.dp, res.simulated_time_s
+    replica_time = sim_t * dp
+    if m.bound_s <= 0 or replica_time <= 0:
+        return {"bound_tok_s": None, "bound_fraction": None, "time_breakdown": {}}
+    breakdown = {"bound": m.bound_s, **m.losses, "replica_idle": replica_time - m.busy_s}
+    return {
+        "bound_tok_s": out_tokens * dp / m.bound_s,
+        "bound_fraction": m.bound_s / replica_time,
+        "time_breakdown": {k: v / replica_time for k, v in breakdown.items()},
     }
 
 

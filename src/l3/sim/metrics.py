@@ -44,6 +44,8 @@ class Metrics:
         self.batch_sum = 0.0  # sum over steps of requests in the batch
         self.busy = dict.fromkeys(devices, 0.0)
         self.stats: dict[str, float] = {}  # sums over steps of system-specific quantities
+        self.bound_s = 0.0  # sum over replicas' steps of the hardware's lower bound on each step's duration
+        self.losses: dict[str, float] = {}  # sums over steps of duration - bound, by cause (systems.base.LOSSES)
         self.timeline_limit = timeline_limit
         # (replica, plan index, device, start, end, label): device intervals of recorded plans
         self.timeline: list[tuple[int, int, str, float, float, str]] = []
@@ -62,6 +64,10 @@ class Metrics:
             self.busy[dev] = self.busy.get(dev, 0.0) + float(np.sum(b))
         for key, v in timing.stats.items():
             self.stats[key] = self.stats.get(key, 0.0) + float(np.sum(v))
+        if timing.bound is not None:
+            self.bound_s += float(np.sum(timing.bound))
+        for key, v in timing.losses.items():
+            self.losses[key] = self.losses.get(key, 0.0) + float(np.sum(v))
         t1 = t0 + float(np.sum(durations))
         tokens = n_decode * k + int(plan.prefill_completes.sum())
         self._series.append((replica, t0, t1, k, plan.batch_size, tokens))
@@ -77,3 +83,53 @@ class Metrics:
     def series(self) -> np.ndarray:
         """Rows (replica, t0, t1, steps, batch, tokens), one per executed plan."""
         return np.asarray(self._series, dtype=float).reshape(-1, 6)
+
+    def output_times(self, fractions) -> np.ndarray:
+        """Times (s) at which each fraction of all output tokens was out (see `output_times`)."""
+        s = self.series()
+        return output_times(s[:, 1], s[:, 2], s[:, 5], fractions)
+
+    def steady_throughput(self) -> float | None:
+        """Output tokens/s between the times 10% and 90% of all output tokens were out (None if no span)."""
+        t10, t90 = self.output_times([0.1, 0.9])
+        total = float(self.series()[:, 5].sum())
+        return 0.8 * total / (t90 - t10) if t90 > t10 else None
+
+    @property
+    def busy_s(self) -> float:
+        """Sum over replicas of the time they spent executing plans (s)."""
+        s = self.series()
+        return float((s[:, 2] - s[:, 1]).sum())
+
+
+def output_times(t0: np.ndarray, t1: np.ndarray, tokens: np.ndarray, fractions) -> np.ndarray:
+    """Times at which the given fractions of all `tokens` were out, where plan i puts out tokens[i] evenly over
+    [t0[i], t1[i]] (exact at step granularity for a run of equal steps; plans of several replicas overlap).
+    The cumulative count is piecewise linear; each fraction is found on its segment. NaN if no tokens."""
+    fractions = np.atleast_1d(np.asarray(fractions, float))
+    keep = tokens > 0
+    t0, t1, tokens = t0[keep], t1[keep], tokens[keep]
+    if not len(tokens):
+        return np.full(len(fractions), np.nan)
+    span = t1 - t0
+    point = span <= 0  # instantaneous plans: a jump of the count at t0
+    rate = np.where(point, 0.0, tokens / np.where(point, 1.0, span))
+    times = np.concatenate([t0, t1])
+    order = np.argsort(times, kind="stable")
+    times = times[order]
+    slope = np.concatenate([rate, -rate])[order]
+    jump = np.concatenate([np.where(point, tokens, 0.0), np.zeros(len(tokens))])[order]
+    rate_after = np.cumsum(slope)  # output rate on [times[k], times[k+1])
+    # count just after times[k] (jumps included), and the count just before it
+    after = np.cumsum(jump + np.concatenate([[0.0], rate_after[:-1] * np.diff(times)]))
+    before = after - jump
+    total = after[-1]
+    out = np.empty(len(fractions))
+    for i, q in enumerate(fractions):  # few fractions; each a binary search
+        target = q * total
+        k = min(int(np.searchsorted(after, target, side="left")), len(times) - 1)  # first point reaching it
+        if k > 0 and before[k] >= target > after[k - 1] and rate_after[k - 1] > 0:  # on the segment before k
+            out[i] = min(times[k - 1] + (target - after[k - 1]) / rate_after[k - 1], times[k])
+        else:  # at point k (a jump there, or the target is exactly its count)
+            out[i] = times[k]
+    return out

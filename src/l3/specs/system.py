@@ -60,6 +60,13 @@ class ParallelSpec(SpecModel):
         return self
 
 
+ParallelRule = ParallelSpec | Literal["auto", "paper"]
+DEFAULT_KEY = "default"  # the parallelism table's entry for models it does not name
+# The L3 paper's evaluation setup (Sec. 4): TP x DP of each model on the DGX-A100.
+PAPER_PARALLELISM = {"opt-66b": ParallelSpec(tp=2, dp=4), "qwen-72b": ParallelSpec(tp=4, dp=2),
+                     "gpt-175b": ParallelSpec(tp=8, dp=1)}  # fmt: skip
+
+
 class SchedulerSpec(SpecModel):
     """Continuous batching with chunked prefill (units: tokens, requests)."""
 
@@ -180,7 +187,9 @@ class SystemSpec(SpecModel):
     description: str = ""
     gpu: GpuGroupSpec
     links: LinksSpec = LinksSpec()
-    parallelism: dict[str, ParallelSpec] = Field(default_factory=dict)  # per model name
+    # "auto" (probe every TP x DP), "paper" (the paper's TP/DP) or {tp, dp}: for all models, or a table per model
+    # name with an optional `default` entry for the models it does not list (default "auto").
+    parallelism: ParallelRule | dict[str, ParallelRule] = "auto"
     scheduler: SchedulerSpec = SchedulerSpec()
     pim: PimMemorySpec | None = None
     attention: AttentionDeviceSpec | None = None
@@ -197,47 +206,84 @@ class SystemSpec(SpecModel):
             raise ValueError("coordination.asymmetric: needs a pooled-attention system whose KV lives off the GPUs")
         return self
 
-    def deploy(self, model: ModelSpec) -> Deployment:
-        """Fix TP/DP for `model` and check that it fits; raises SpecError naming the field."""
+    def parallelism_for(self, model: ModelSpec) -> tuple[ParallelSpec | Literal["auto"], str]:
+        """The rule this file gives `model` (a fixed TP/DP, or "auto"), and the field it came from."""
+        table = self.parallelism if isinstance(self.parallelism, dict) else {DEFAULT_KEY: self.parallelism}
+        key = model.name if model.name in table else DEFAULT_KEY
+        rule = table.get(key, "auto")
+        where = "parallelism" if not isinstance(self.parallelism, dict) else f"parallelism.{key}"
+        if rule == "paper":
+            if model.name not in PAPER_PARALLELISM:
+                raise SpecError(f"{self.name}: {where} = \"paper\": the paper gives TP/DP only for "
+                                f"{', '.join(PAPER_PARALLELISM)}, not {model.name}; give {{tp, dp}} or \"auto\"")
+            return PAPER_PARALLELISM[model.name], f"{where} (the paper's)"
+        return rule, where
+
+    def parallel_candidates(self, model: ModelSpec) -> list[tuple[ParallelSpec, str | None]]:
+        """Every TP x DP that uses all the GPUs (tp divides gpu.count, dp = count / tp), each with the reason
+        it cannot serve `model` (None where it can): heads, KV heads, PIM channels, weights in HBM."""
+        out = []
+        for tp in range(1, self.gpu.count + 1):
+            if self.gpu.count % tp == 0:
+                par = ParallelSpec(tp=tp, dp=self.gpu.count // tp)
+                out.append((par, self._problem(model, par, f"tp = {tp}, dp = {par.dp}")))
+        return out
+
+    def _problem(self, model: ModelSpec, par: ParallelSpec, where: str) -> str | None:
+        """Why `par` cannot hold `model` on this machine (None if it can)."""
         gpu = get_gpu(self.gpu.preset)
-        if model.name in self.parallelism:
-            par = self.parallelism[model.name]
-            where = f"parallelism.{model.name}"
-        else:
-            par = auto_parallelism(model, gpu, self.gpu)
-            where = "parallelism (automatic)"
         if par.tp * par.dp > self.gpu.count:
-            raise SpecError(
-                f"{self.name}: {where}: tp*dp = {par.tp * par.dp} exceeds gpu.count = {self.gpu.count}"
-            )
+            return f"{where}: tp*dp = {par.tp * par.dp} exceeds gpu.count = {self.gpu.count}"
         if model.n_heads % par.tp:
-            raise SpecError(
-                f"{self.name}: {where}.tp = {par.tp} must divide the model's n_heads = {model.n_heads}"
-            )
+            return f"{where}: tp = {par.tp} must divide the model's n_heads = {model.n_heads}"
         if par.tp % model.n_kv_heads and model.n_kv_heads % par.tp:
-            raise SpecError(
-                f"{self.name}: {where}.tp = {par.tp} and n_kv_heads = {model.n_kv_heads}: one must divide the other"
-            )
-        usable = par.tp * gpu.hbm_bytes * (1 - self.gpu.memory_reserve_fraction)
+            return f"{where}: tp = {par.tp} and n_kv_heads = {model.n_kv_heads}: one must divide the other"
         if self.pim is not None and self.pim.dram().org.channels % par.dp:
-            raise SpecError(f"{self.name}: {where}.dp = {par.dp} must divide pim channels = "
-                            f"{self.pim.dram().org.channels} (each replica owns a share of the channels)")
+            return (f"{where}: dp = {par.dp} must divide pim channels = {self.pim.dram().org.channels} "
+                    "(each replica owns a share of the channels)")  # fmt: skip
+        usable = par.tp * gpu.hbm_bytes * (1 - self.gpu.memory_reserve_fraction)
         if model.weight_bytes >= usable:
-            raise SpecError(
-                f"{self.name}: {where}.tp = {par.tp}: model weights {model.weight_bytes / 1e9:.1f} GB do not fit "
-                f"the {usable / 1e9:.1f} GB usable HBM of {par.tp} x {gpu.name}; expected a larger tp"
-            )
+            return (f"{where}: model weights {model.weight_bytes / 1e9:.1f} GB do not fit the "
+                    f"{usable / 1e9:.1f} GB usable HBM of {par.tp} x {gpu.name}; expected a larger tp")
+        return None
+
+    def deploy(self, model: ModelSpec, parallel: ParallelSpec | Literal["paper"] | None = None,
+               rule: str | None = None) -> Deployment:  # fmt: skip
+        """Place `model` with the file's TP/DP, or with `parallel` ("paper": the paper's TP/DP), and check that it
+        fits; raises SpecError naming the field. A model whose rule is "auto" needs `parallel` (the caller
+        chooses it by probing a workload: `l3.run.choose_parallelism`)."""
+        if parallel == "paper":
+            if model.name not in PAPER_PARALLELISM:
+                raise SpecError(f"{self.name}: the paper gives TP/DP only for {', '.join(PAPER_PARALLELISM)}, "
+                                f"not {model.name}")  # fmt: skip
+            par, where, rule = PAPER_PARALLELISM[model.name], "parallelism (the paper's)", "paper"
+        elif parallel is not None:
+            par, where, rule = parallel, "parallelism", rule or "given"
+        else:
+            par, where = self.parallelism_for(model)
+            if par == "auto":
+                raise SpecError(f"{self.name}: {where} = \"auto\" for {model.name}: the TP/DP is chosen by probing a "
+                                "workload (l3 simulate does this); pass tp and dp to deploy a fixed one")
+            rule = "paper" if "paper" in where else "fixed"
+        problem = self._problem(model, par, f"{self.name}: {where}")
+        if problem is not None:
+            raise SpecError(problem)
+        gpu = get_gpu(self.gpu.preset)
+        usable = par.tp * gpu.hbm_bytes * (1 - self.gpu.memory_reserve_fraction)
         return Deployment(self, model, gpu, get_link(self.links.nvlink), get_link(self.links.host), par.tp,
-                          par.dp, int(usable - model.weight_bytes))  # fmt: skip
+                          par.dp, int(usable - model.weight_bytes), rule)  # fmt: skip
 
 
 class Deployment:
     """A system with a model placed on it: the facts the simulator needs (per replica)."""
 
     def __init__(self, system: SystemSpec, model: ModelSpec, gpu: GpuSpec, nvlink: LinkSpec, host_link: LinkSpec,
-                 tp: int, dp: int, hbm_free_bytes: int):  # fmt: skip
+                 tp: int, dp: int, hbm_free_bytes: int, rule: str = "fixed"):  # fmt: skip
         self.system, self.model, self.gpu, self.nvlink, self.host_link = system, model, gpu, nvlink, host_link
         self.tp, self.dp = tp, dp
+        self.rule = rule  # how TP/DP were chosen: "fixed" (the file), "paper", "auto" (probed) or "given"
+        # the choice as reports show it; an "auto" choice adds the probe's figures (l3.run.choose_parallelism)
+        self.selection: dict = {"rule": rule, "tp": tp, "dp": dp}
         self.hbm_free_bytes = hbm_free_bytes  # per replica, after weights and reserve
 
     @property
@@ -249,7 +295,7 @@ class Deployment:
 
     def describe(self) -> dict:
         return {"system": self.system.name, "model": self.model.name, "gpu": f"{self.tp * self.dp} x {self.gpu.name}",
-                "tp": self.tp, "dp": self.dp}  # fmt: skip
+                "tp": self.tp, "dp": self.dp, "parallelism_rule": self.rule}  # fmt: skip
 
 
 def with_overrides(spec: SystemSpec, overrides: dict, name: str | None = None) -> SystemSpec:
@@ -265,19 +311,6 @@ def with_overrides(spec: SystemSpec, overrides: dict, name: str | None = None) -
     if name is not None:
         data["name"] = name
     return SystemSpec.build(data, where=f"{spec.name} with {overrides}")
-
-
-def auto_parallelism(model: ModelSpec, gpu: GpuSpec, group: GpuGroupSpec) -> ParallelSpec:
-    """Smallest power-of-two TP dividing the heads whose weights use <= half the usable HBM; DP fills the rest."""
-    usable = gpu.hbm_bytes * (1 - group.memory_reserve_fraction)
-    tp = 1
-    while tp <= group.count:
-        if model.n_heads % tp == 0 and model.weight_bytes / tp <= 0.5 * usable:
-            return ParallelSpec(tp=tp, dp=group.count // tp)
-        tp *= 2
-    raise SpecError(
-        f"model {model.name}: weights {model.weight_bytes / 1e9:.1f} GB do not fit {group.count} x {gpu.name}"
-    )
 
 
 SYSTEMS_PACKAGE = "l3.data.systems"

@@ -33,10 +33,27 @@ class IterationTiming:
     sub_mem_s: np.ndarray | None = None  # (steps, sub-batches): memory-side attention seconds of each sub-batch
     stats: dict[str, np.ndarray] = field(default_factory=dict)  # per step: extra quantities to average
     intervals: list[Interval] = field(default_factory=list)  # only for single steps, when asked
+    bound: np.ndarray | None = None  # per step: the hardware's lower bound on its duration (see LOSSES)
+    losses: dict[str, np.ndarray] = field(default_factory=dict)  # per step: duration - bound, by cause (LOSSES)
 
     @property
     def duration(self) -> float:
         return float(self.durations.sum())
+
+
+# Where an iteration's time beyond its bound goes. The bound is max(GPU side, memory side): the GPU side is the
+# dense work at the GPU model's FLOP rate or every weight read once at its HBM rate (GpuCostModel.roofline);
+# the memory side is all KV the step attends read at the attention device's peak bandwidth, perfectly spread
+# over its units. The causes are charged on the side that bounds the step, and add up to duration - bound:
+LOSSES = {
+    "gpu_overheads": "GPU time beyond the roofline: tile padding, kernel latency, norms, all-reduce",
+    "weight_rereads": "GPU time re-reading the weights for the second sub-batch",
+    "device_overheads": "memory-side unit time beyond streaming the KV at peak: writes, row switches, fixed costs",
+    "idle_units": "memory-side units with nothing to attend in the iteration while others work",
+    "imbalance": "the busiest unit's time beyond the mean working unit's (over the iteration)",
+    "transfers": "waits on the host links in series with attention (Q/K/V up, outputs down)",
+    "serialisation": "other waits between the GPU and the memory side (dependencies, sub-batch alignment)",
+}
 
 
 class SystemModel(ABC):

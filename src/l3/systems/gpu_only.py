@@ -42,4 +42,11 @@ class GpuOnlySystem(SystemModel):
         t = np.atleast_1d(self.time(shape)).astype(float)
         label = "prefill+decode" if shape.prefill_tokens else "decode"
         intervals = [Interval("gpu", 0.0, float(t[0]), label)] if record else []
-        return IterationTiming(t, {"gpu": t}, intervals=intervals)
+        bound = np.broadcast_to(self.bound(shape), t.shape)
+        return IterationTiming(t, {"gpu": t}, intervals=intervals, bound=bound, losses={"gpu_overheads": t - bound})
+
+    def bound(self, shape: BatchShape) -> np.ndarray:
+        """The roofline of the iteration: dense work, prefill and decode attention (their KV is in HBM)."""
+        pf, pb = self.gpu.attention_work(shape.prefill_pairs, shape.prefill_kv_tokens)
+        df, db = self.gpu.attention_work(shape.decode_ctx, shape.decode_ctx)
+        return self.gpu.roofline(shape.n_tokens, shape.n_sampled, pf + df, pb + db)

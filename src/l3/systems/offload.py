@@ -11,6 +11,7 @@ Subclasses say what the units are, how long a layer's attention occupies each, a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from abc import abstractmethod
 
@@ -67,7 +68,10 @@ class AttentionOffloadSystem(SystemModel):
     def run(self, plan: Plan, table: RequestTable, steps: int, record: bool = False) -> IterationTiming:
         L = self.dep.model.n_layers
         offsets = np.unique(np.linspace(0, steps - 1, 2 + (steps - 1) // BULK_SAMPLE_EVERY).round().astype(int))
+        grow = np.arange(steps, dtype=float)  # each step every decode request attends one token more
         subs = []
+        whole = {"tokens": 0, "sampled": 0, "flops": np.zeros(steps), "bytes": np.zeros(steps),
+                 "device_ctx": np.zeros(steps)}  # the whole batch, for the bound  # fmt: skip
         for s in (0, 1):
             sb = plan.sub_batch(s)
             if sb.empty:
@@ -81,11 +85,18 @@ class AttentionOffloadSystem(SystemModel):
                                        table.placement[pre_ids], offsets)  # fmt: skip
             parts = self._gpu_parts(shape.n_tokens, len(dev), int(pre_chunks.sum()), shape.prefill_pairs,
                                     shape.prefill_kv_tokens, shape.n_sampled)  # fmt: skip
+            gpu_ctx = ctx[on_gpu].sum() + on_gpu.sum() * grow
             if on_gpu.any():  # asymmetric pipelining: these requests' attention runs on the GPU, KV in HBM
-                gpu_ctx = ctx[on_gpu].sum() + on_gpu.sum() * np.arange(steps, dtype=float)
                 parts = parts | {"pattn": parts["pattn"] + self.gpu.decode_attention(on_gpu.sum(), gpu_ctx)}
+            flops, nbytes = self.gpu.attention_work(shape.prefill_pairs + gpu_ctx, shape.prefill_kv_tokens + gpu_ctx)
+            whole["tokens"] += shape.n_tokens
+            whole["sampled"] += shape.n_sampled
+            whole["flops"] += flops
+            whole["bytes"] += nbytes
+            whole["device_ctx"] += ctx[~on_gpu].sum() + len(dev) * grow
             subs.append({"s": s, "n_dec": len(dev), "work": interpolate_steps(work, offsets, steps), **parts})
-        return self._schedule(subs, L, steps, record)
+        timing = self._schedule(subs, L, steps, record)
+        return self._with_bound(timing, subs, whole)
 
     def _on_gpu(self, table: RequestTable, ids: np.ndarray) -> np.ndarray:
         """Which of these requests keep their KV in GPU HBM (only under asymmetric pipelining)."""
@@ -232,6 +243,37 @@ class AttentionOffloadSystem(SystemModel):
         }
         return IterationTiming(durations, busy, gpu_sub, mem_sub, stats, intervals)
 
+
+
+    def _with_bound(self, timing: IterationTiming, subs: list[dict], whole: dict) -> IterationTiming:
+        """`timing` with its bound and the causes of the time beyond it (systems.base.LOSSES), per step."""
+        L = self.dep.model.n_layers
+        reps = np.bincount(np.arange(L) % self.ranksets, minlength=self.ranksets)  # layers per residue
+        g_bound = self.gpu.roofline(whole["tokens"], whole["sampled"], whole["flops"], whole["bytes"])
+        m_bound = whole["device_ctx"] * L * self._kv_layer / self.attention_bw
+        steps = len(timing.durations)
+        per_unit, chain = np.zeros((steps, self.n_ranks)), 0.0
+        for x in subs:  # each unit's time over the whole iteration (a unit is a serial resource)
+            per_unit += np.einsum("srn,r->sn", x["work"], reps)
+            chain += L * (x["up"] + x["down"])
+        working = (per_unit > 0).sum(axis=1)
+        m_all, m_max = per_unit.mean(axis=1), per_unit.max(axis=1)
+        m_act = np.where(working > 0, per_unit.sum(axis=1) / np.maximum(working, 1), 0.0)
+        d, gpu = timing.durations, timing.busy["gpu"]
+        gpu_side = g_bound >= m_bound
+        beyond = gpu - g_bound
+        rereads = np.clip((len(subs) - 1) * self.gpu.weight_read_s()[0], 0.0, np.maximum(beyond, 0.0))
+        wait = d - np.where(gpu_side, gpu, m_max)
+        transfers = np.clip(wait, 0.0, chain)
+
+        def on(mask, x):
+            return np.where(mask, x, 0.0)
+
+        losses = {"gpu_overheads": on(gpu_side, beyond - rereads), "weight_rereads": on(gpu_side, rereads),
+                  "device_overheads": on(~gpu_side, m_all - m_bound), "idle_units": on(~gpu_side, m_act - m_all),
+                  "imbalance": on(~gpu_side, m_max - m_act), "transfers": transfers,
+                  "serialisation": wait - transfers}  # fmt: skip
+        return dataclasses.replace(timing, bound=np.maximum(g_bound, m_bound), losses=losses)
 
 
 def interpolate_steps(values: np.ndarray, offsets: np.ndarray, steps: int) -> np.ndarray:

@@ -60,6 +60,14 @@ class Workload:
     def __len__(self) -> int:
         return len(self.arrival_s)
 
+    def subset(self, idx: np.ndarray, name: str, source: str) -> Workload:
+        """The requests at ascending indices `idx`, with their arrival times and prefix blocks."""
+        idx = np.asarray(idx, np.int64)
+        blocks = None if self.prefix_blocks is None else [self.prefix_blocks[i] for i in idx]
+        return Workload(name=name, arrival_s=self.arrival_s[idx], prompt_len=self.prompt_len[idx],
+                        output_len=self.output_len[idx], mode=self.mode, source=source,
+                        prefix_blocks=blocks)  # fmt: skip
+
     def describe(self) -> dict:
         """Summary for reports: plain Python numbers only (JSON-serialisable)."""
 

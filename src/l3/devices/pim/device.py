@@ -8,6 +8,8 @@ KV length attended, including the new token).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from l3.devices.pim.geometry import PimGeometry
@@ -19,6 +21,14 @@ from l3.specs.model import ModelSpec
 from l3.specs.pim import PimSpec
 
 
+@functools.lru_cache(maxsize=16)
+def shared_surrogate(dram_json: str, pim_json: str, model_json: str) -> PimSurrogate:
+    """One surrogate per (DRAM, PU, model) in a process: its engine measurements are the same whoever asks, and
+    they are the costly part of building a device (probes and repeated runs reuse them)."""
+    return PimSurrogate(DramSpec.model_validate_json(dram_json), PimSpec.model_validate_json(pim_json),
+                        ModelSpec.model_validate_json(model_json))  # fmt: skip
+
+
 class PimDevice:
     """DIMM-PIM holding one model's KV cache; decode-attention timing from the surrogate (fast) or the
     command-level engine (`engine_layer_attention_time`, for checks)."""
@@ -26,7 +36,7 @@ class PimDevice:
     def __init__(self, dram: DramSpec, pim: PimSpec, model: ModelSpec):
         self.dram, self.pim, self.model = dram, pim, model
         self.geometry = PimGeometry(dram, pim)
-        self.surrogate = PimSurrogate(dram, pim, model)
+        self.surrogate = shared_surrogate(dram.model_dump_json(), pim.model_dump_json(), model.model_dump_json())
         self.shape = self.surrogate.shape
         self._tck_s = dram.timing.tck_ns * 1e-9
 

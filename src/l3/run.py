@@ -1,0 +1,105 @@
+"""One pipeline for every command: system spec -> deployment (parallelism chosen) -> simulation -> result.
+
+Parallelism "auto" (docs/evaluation.md): every TP x DP that uses all the GPUs is a candidate
+(`SystemSpec.parallel_candidates`). A candidate the model does not fit, or whose replica cannot hold the
+workload's largest request, is dropped (if none holds it, those that reject the fewest requests stay). Each
+remaining candidate serves a probe: `PROBE_REQUESTS` requests drawn from the workload without replacement
+(seeded), all at t = 0; the one with the highest steady-state throughput (output tokens between the times 10%
+and 90% of the probe's output was out, over that interval) is run. Ties go to the smaller TP. One surviving
+candidate is taken without a probe. The same rule serves every system, so comparisons are at each one's best.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Literal
+
+import numpy as np
+
+from l3.errors import SpecError
+from l3.sim.requests import Status
+from l3.sim.simulator import SimResult, Simulator
+from l3.specs.model import ModelSpec
+from l3.specs.system import Deployment, ParallelSpec, SystemSpec
+from l3.workload import Workload
+
+PROBE_REQUESTS = 200  # requests per probe run: enough for a steady batch, a small fraction of a 1,000-request run
+ParallelChoice = ParallelSpec | Literal["auto", "paper"] | None
+
+
+def probe_workload(workload: Workload, n: int = PROBE_REQUESTS, seed: int = 0) -> Workload:
+    """`n` requests of `workload` drawn without replacement (seeded), in their original order, all at t = 0."""
+    rng = np.random.default_rng([seed, 0x9A7A])
+    idx = np.sort(rng.choice(len(workload), size=min(n, len(workload)), replace=False))
+    sub = workload.subset(idx, f"{workload.name} (probe)", f"{len(idx)} requests drawn from {workload.name}")
+    return dataclasses.replace(sub, arrival_s=np.zeros(len(idx)), mode="offline")
+
+
+def rejected_by(dep: Deployment, workload: Workload) -> int:
+    """Requests of `workload` that a replica of `dep` can never hold (rejected before serving starts)."""
+    return int((Simulator(dep, workload).table.status == Status.REJECTED).sum())
+
+
+def choose_parallelism(spec: SystemSpec, model: ModelSpec, workload: Workload, seed: int = 0,
+                       probe_requests: int = PROBE_REQUESTS) -> Deployment:  # fmt: skip
+    """The best TP x DP for `model` on `spec` by the rule above; its `selection` records every candidate."""
+    rows, deps = [], []
+    for par, problem in spec.parallel_candidates(model):
+        row = {"tp": par.tp, "dp": par.dp, "status": "", "rejected": None, "probe_steady_tok_s": None,
+               "probe_throughput_tok_s": None}  # fmt: skip
+        rows.append(row)
+        if problem is not None:
+            row["status"] = f"does not fit: {problem.split(': ', 1)[-1]}"
+            continue
+        dep = spec.deploy(model, par, rule="auto")
+        row["rejected"] = rejected_by(dep, workload)
+        deps.append((row, dep))
+    if not deps:
+        reasons = "; ".join(f"TP{r['tp']} x DP{r['dp']}: {r['status']}" for r in rows)
+        raise SpecError(f"{spec.name}: parallelism = \"auto\" for {model.name}: no TP x DP fits ({reasons})")
+    fewest = min(r["rejected"] for r, _ in deps)
+    for r, _ in deps:
+        if r["rejected"] > fewest:
+            r["status"] = f"dropped: rejects {r['rejected']} requests its replicas cannot hold"
+    deps = [(r, d) for r, d in deps if r["rejected"] == fewest]
+    probe = probe_workload(workload, probe_requests, seed)
+    if len(deps) > 1:
+        for row, dep in deps:
+            res = Simulator(dep, probe).run()
+            row["probe_steady_tok_s"] = res.metrics.steady_throughput()
+            done = res.table.status == Status.DONE
+            row["probe_throughput_tok_s"] = float(res.table.output[done].sum()) / res.simulated_time_s
+            row["status"] = "probed"
+    best_row, best = max(deps, key=lambda rd: (rd[0]["probe_steady_tok_s"] or 0.0, -rd[1].tp))
+    best_row["status"] = "chosen" if len(deps) > 1 else "chosen (the only candidate left)"
+    best.selection |= {"probe_requests": len(probe) if len(deps) > 1 else 0,
+                       "probe_metric": "steady_throughput_tok_s", "candidates": rows}  # fmt: skip
+    return best
+
+
+def deploy(spec: SystemSpec, model: ModelSpec, workload: Workload, seed: int = 0,
+           parallel: ParallelChoice = None) -> Deployment:  # fmt: skip
+    """Place `model` on `spec` for `workload`: with `parallel` if given, else the file's rule for the model."""
+    rule = parallel if parallel is not None else spec.parallelism_for(model)[0]
+    if rule == "auto":
+        return choose_parallelism(spec, model, workload, seed)
+    return spec.deploy(model, None if parallel is None else rule)
+
+
+def simulate(spec: SystemSpec, model: ModelSpec, workload: Workload, seed: int = 0,
+             parallel: ParallelChoice = None, progress: Callable[[int], None] | None = None) -> SimResult:  # fmt: skip
+    """Deploy and serve `workload`; the result's deployment says how its TP/DP was chosen."""
+    return Simulator(deploy(spec, model, workload, seed, parallel), workload).run(progress=progress)
+
+
+def parse_parallel(text: str | None) -> ParallelChoice:
+    """A command-line parallelism: "auto", "paper" or "TPxDP" (e.g. "4x2")."""
+    if text is None or text in ("auto", "paper"):
+        return text
+    try:
+        tp, dp = (int(x) for x in text.lower().split("x"))
+        return ParallelSpec(tp=tp, dp=dp)
+    except (ValueError, SpecError):
+        raise SpecError(f"--parallelism {text!r}: expected auto, paper or TPxDP with whole numbers >= 1, "
+                        "e.g. 4x2") from None  # fmt: skip

@@ -131,3 +131,4 @@ def test_rejecting_systems_get_no_ratio_and_compare_reruns_the_common_requests(t
     assert by["small"]["common_speedup"] == 1.0 and by["big"]["common_speedup"] is not None
     assert ratio_cell(by["small"], by["big"]) == "OOM (2 rejected)"
     assert ratio_cell(by["big"], by["small"]).endswith("tok/s") and "x" not in ratio_cell(by["big"], by["small"])
+    assert ratio_cell(by["big"], by["big"]) == "1.00x / 1.00x"

@@ -10,22 +10,42 @@ Each keeps a sliding window of recent observations and refits as it grows.
 
 from __future__ import annotations
 
-from collections import deque
-
 import numpy as np
 from sklearn.ensemble import RandomForestRegressor
 
 
 class _Windowed:
+    """The last `window` observations, oldest first, as array views (`x`: rows of features, `y`), kept in a
+    buffer of twice the window that is compacted when full (amortised O(1) per observation)."""
+
     def __init__(self, window: int):
-        self.x: deque[np.ndarray] = deque(maxlen=window)
-        self.y: deque[float] = deque(maxlen=window)
+        self.window = window
+        self._x: np.ndarray | None = None  # allocated at the first observation (its feature count)
+        self._y = np.empty(2 * window)
+        self._start = self._end = 0
         self.seen = 0
 
     def add(self, x: np.ndarray, y: float) -> None:
-        self.x.append(np.asarray(x, float))
-        self.y.append(float(y))
+        x = np.asarray(x, float)
+        if self._x is None:
+            self._x = np.empty((2 * self.window, len(x)))
+        if self._end == len(self._y):  # compact: keep the newest window - 1 rows at the front
+            keep = self.window - 1
+            self._x[:keep] = self._x[self._end - keep:self._end]
+            self._y[:keep] = self._y[self._end - keep:self._end]
+            self._start, self._end = 0, keep
+        self._x[self._end], self._y[self._end] = x, float(y)
+        self._end += 1
+        self._start = max(self._start, self._end - self.window)
         self.seen += 1
+
+    @property
+    def x(self) -> np.ndarray:
+        return self._x[self._start:self._end] if self._x is not None else np.empty((0, 0))
+
+    @property
+    def y(self) -> np.ndarray:
+        return self._y[self._start:self._end]
 
 
 class LinearPredictor(_Windowed):
@@ -42,8 +62,8 @@ class LinearPredictor(_Windowed):
     @property
     def w(self) -> np.ndarray | None:
         if self._w is None and self.seen:
-            X = np.column_stack([np.asarray(self.x), np.ones(len(self.x))])
-            self._w = np.linalg.lstsq(X, np.asarray(self.y), rcond=None)[0]
+            X = np.column_stack([self.x, np.ones(len(self.y))])
+            self._w = np.linalg.lstsq(X, self.y, rcond=None)[0]
         return self._w
 
     def predict(self, x: np.ndarray) -> np.ndarray:
@@ -69,7 +89,7 @@ class ForestPredictor(_Windowed):
         due = grown or self.seen - self._fitted_at >= 256
         if due and len(self.y) >= 4:
             self.model = RandomForestRegressor(n_estimators=24, min_samples_leaf=1, random_state=self._seed, n_jobs=1)
-            self.model.fit(np.asarray(self.x), np.asarray(self.y))
+            self.model.fit(self.x.copy(), self.y.copy())
             self._cache.clear()
             self._fitted_at = self.seen
 

@@ -91,15 +91,16 @@ def test_the_bound_is_never_below_the_achieved_throughput(kind, dp, n, seed, onl
         return
     assert s["bound_tok_s"] >= s["throughput_tok_s"] * (1 - 1e-9)
     assert 0 < s["bound_fraction"] <= 1 + 1e-9
+    assert s["steady_bound_fraction"] is None or 0 < s["steady_bound_fraction"] <= 1 + 1e-9
     parts = s["time_breakdown"]
     assert set(parts) <= {"bound", "replica_idle", *LOSSES}
     assert sum(parts.values()) == pytest.approx(1.0, rel=1e-9)
     assert all(v >= -1e-9 for v in parts.values()), parts
 
 
-def _timing(durations) -> IterationTiming:
+def _timing(durations, bound=0.5) -> IterationTiming:
     d = np.asarray(durations, float)
-    return IterationTiming(d, {"gpu": d})
+    return IterationTiming(d, {"gpu": d}, bound=bound * d)
 
 
 def test_steady_state_throughput_of_a_hand_built_timeline():
@@ -109,6 +110,7 @@ def test_steady_state_throughput_of_a_hand_built_timeline():
     # 50 tokens: 10% (5) at 5/4 s, 50% (25) at 25/4 s, 90% (45) at 10 + 5/1 s
     assert np.allclose(m.output_times([0.1, 0.5, 0.9]), [1.25, 6.25, 15.0])
     assert m.steady_throughput() == pytest.approx(40 / (15.0 - 1.25))
+    assert m.steady_bound_s() == pytest.approx(0.5 * (15.0 - 1.25))  # every step's bound is half its duration
     # two replicas at once: 100 tokens over [0, 10] and 100 over [0, 5]; 10% = 20 tokens at 30 tok/s
     t = output_times(np.zeros(2), np.array([10.0, 5.0]), np.array([100.0, 100.0]), [0.1, 0.5, 0.9])
     assert np.allclose(t, [20 / 30, 100 / 30, 5 + 30 / 10])

@@ -65,7 +65,8 @@ def print_summary(s: dict) -> None:
         ("steady-state throughput (10%-90% of output)", _fmt(s["steady_throughput_tok_s"], " tok/s", 4)),
         ("50% / 90% of output tokens out at", f"{_fmt(s['t50_output_s'], ' s')} / {_fmt(s['t90_output_s'], ' s')}"),
         ("hardware bound on these batches", f"{_fmt(s['bound_tok_s'], ' tok/s', 4)} "
-                                            f"({_pct(s['bound_fraction'])} reached)"),
+                                            f"({_pct(s['bound_fraction'])} reached; "
+                                            f"{_pct(s['steady_bound_fraction'])} in the steady state)"),
         ("time beyond the bound", _losses(s["time_breakdown"])),
         ("mean batch size (per replica)", _fmt(s["mean_batch_size"])),
         ("TTFT p50 / p99", f"{_fmt(s['ttft_p50_s'], ' s')} / {_fmt(s['ttft_p99_s'], ' s')}"),

@@ -138,6 +138,10 @@ def ratio_cell(r: dict, base: dict) -> str:
     return f"{r[LEAD] / base[LEAD]:.2f}x / {r['throughput_tok_s'] / base['throughput_tok_s']:.2f}x"
 
 
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
 def main_study(n: int, systems: tuple[str, ...] = PAPER_SYSTEMS) -> tuple[list[Run], Callable]:
     runs = [Run(f"{s} [{v}]", s, m, w, n, parallel="auto" if v == "best" else "paper")
             for v in VIEWS for m in PAPER_MODELS for w in PAPER_WORKLOADS for s in systems]  # fmt: skip
@@ -146,6 +150,7 @@ def main_study(n: int, systems: tuple[str, ...] = PAPER_SYSTEMS) -> tuple[list[R
         lines = [f"## {VIEWS[view]}", ""]
         fig, axes = plt.subplots(1, len(PAPER_MODELS), figsize=(15, 4), sharey=True)
         for ax, m in zip(axes, PAPER_MODELS, strict=True):
+            labelled: set[str] = set()
             lines += [f"### {m}", "", "| workload | " + " | ".join(systems) + " |", "|---|" + "---|" * len(systems)]
             for wi, w in enumerate(PAPER_WORKLOADS):
                 row = {r["system"]: r for r in res if r["model"] == m and r["workload"] == w
@@ -161,14 +166,15 @@ def main_study(n: int, systems: tuple[str, ...] = PAPER_SYSTEMS) -> tuple[list[R
                         ax.text(x, 0.02, "OOM", rotation=90, ha="center", va="bottom", fontsize=6)
                     elif not base["requests_rejected"]:
                         ax.bar(x, r[LEAD] / base[LEAD], width=0.13, color=plt.get_cmap("tab10")(si),
-                               label=s if wi == 0 else None)  # fmt: skip
+                               label=None if s in labelled else s)  # fmt: skip
+                        labelled.add(s)
                 lines.append(f"| {w} | " + " | ".join(cells) + " |")
             lines.append("")
             ax.set_xticks(range(len(PAPER_WORKLOADS)), PAPER_WORKLOADS, rotation=20)
             ax.set_title(f"{m} ({view} parallelism)")
             ax.axhline(1.0, color="grey", lw=0.8)
         axes[0].set_ylabel("steady-state throughput over gpu-only")
-        axes[-1].legend(fontsize=7)
+        axes[0].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / f"main-{view}.png", dpi=110)
         plt.close(fig)
@@ -177,10 +183,11 @@ def main_study(n: int, systems: tuple[str, ...] = PAPER_SYSTEMS) -> tuple[list[R
     def bound_table(res: list[dict]) -> list[str]:
         lines = ["## Every run against its bound (best parallelism)", "",
                  "total: output tokens / makespan (the paper's measure); steady: 10%-90% of the output; bound: the "
-                 "hardware's throughput on the batches the run executed (docs/evaluation.md); time lost: the "
-                 "largest causes, as shares of the replicas' time.", "",
-                 "| model | workload | system | TP x DP | total tok/s | steady tok/s | bound tok/s | reached | "
-                 "time lost to |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                 "hardware's throughput on the batches the run executed (docs/evaluation.md); reached: the share of "
+                 "the bound achieved over the whole run, and within the steady-state window; time lost: the largest "
+                 "causes, as shares of the replicas' time.", "",
+                 "| model | workload | system | TP x DP | total tok/s | steady tok/s | bound tok/s | reached: run / "
+                 "steady state | time lost to |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in res:
             if not r["label"].endswith("[best]"):
                 continue
@@ -188,7 +195,8 @@ def main_study(n: int, systems: tuple[str, ...] = PAPER_SYSTEMS) -> tuple[list[R
             d = r["deployment"]
             lines.append(f"| {r['model']} | {r['workload']} | {r['system']} | {d['tp']} x {d['dp']} | "
                          f"{r['throughput_tok_s']:.0f} | {r[LEAD]:.0f} | {r['bound_tok_s']:.0f} | "
-                         f"{r['bound_fraction']:.0%} | {', '.join(f'{k} {v:.0%}' for v, k in lost[:3]) or '-'} |")
+                         f"{r['bound_fraction']:.0%} / {_pct(r['steady_bound_fraction'])} | "
+                         f"{', '.join(f'{k} {v:.0%}' for v, k in lost[:3]) or '-'} |")
         return [*lines, ""]
 
     def report(res: list[dict], out: Path) -> str:

@@ -96,18 +96,23 @@ def bound_summary(res: SimResult, out_tokens: int) -> dict:
     """The hardware's bound on the batches the run executed, how close the run came, and where the rest went.
 
     bound_tok_s: output tokens over the sum of every step's bound, spread evenly over the replicas (so the
-    bound also assumes replicas that never wait for each other or for arrivals). time_breakdown: fractions of
+    bound also assumes replicas that never wait for each other or for arrivals). steady_bound_fraction: the
+    same over the steady-state window (10%-90% of the output): its bound time over the window's replica time,
+    which is what steady-state throughput is to its bound there. time_breakdown: fractions of
     the replicas' total time (replicas x makespan) spent at the bound, lost to each cause in systems.base.LOSSES,
     and idle (`replica_idle`: waiting for arrivals, or done before the last replica); they sum to 1.
     """
     m, dp, sim_t = res.metrics, res.deployment.dp, res.simulated_time_s
     replica_time = sim_t * dp
     if m.bound_s <= 0 or replica_time <= 0:
-        return {"bound_tok_s": None, "bound_fraction": None, "time_breakdown": {}}
+        return {"bound_tok_s": None, "bound_fraction": None, "steady_bound_fraction": None, "time_breakdown": {}}
     breakdown = {"bound": m.bound_s, **m.losses, "replica_idle": replica_time - m.busy_s}
+    t10, t90 = m.output_times([0.1, 0.9])
+    steady_bound = m.steady_bound_s()
     return {
         "bound_tok_s": out_tokens * dp / m.bound_s,
         "bound_fraction": m.bound_s / replica_time,
+        "steady_bound_fraction": steady_bound / (dp * (t90 - t10)) if steady_bound is not None else None,
         "time_breakdown": {k: v / replica_time for k, v in breakdown.items()},
     }
 

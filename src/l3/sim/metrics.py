@@ -49,7 +49,8 @@ class Metrics:
         self.timeline_limit = timeline_limit
         # (replica, plan index, device, start, end, label): device intervals of recorded plans
         self.timeline: list[tuple[int, int, str, float, float, str]] = []
-        self._series: list[tuple[int, float, float, int, int, float]] = []  # replica,t0,t1,steps,batch,tokens
+        # replica, t0, t1, steps, batch, tokens, bound (s: the sum of the plan's steps' bounds)
+        self._series: list[tuple[int, float, float, int, int, float, float]] = []
 
     def record(self, replica: int, t0: float, plan: Plan, timing: IterationTiming) -> None:
         """One executed plan (all its steps)."""
@@ -64,13 +65,13 @@ class Metrics:
             self.busy[dev] = self.busy.get(dev, 0.0) + float(np.sum(b))
         for key, v in timing.stats.items():
             self.stats[key] = self.stats.get(key, 0.0) + float(np.sum(v))
-        if timing.bound is not None:
-            self.bound_s += float(np.sum(timing.bound))
+        bound = float(np.sum(timing.bound)) if timing.bound is not None else 0.0
+        self.bound_s += bound
         for key, v in timing.losses.items():
             self.losses[key] = self.losses.get(key, 0.0) + float(np.sum(v))
         t1 = t0 + float(np.sum(durations))
         tokens = n_decode * k + int(plan.prefill_completes.sum())
-        self._series.append((replica, t0, t1, k, plan.batch_size, tokens))
+        self._series.append((replica, t0, t1, k, plan.batch_size, tokens, bound))
         if timing.intervals and len(self.timeline) < self.timeline_limit:
             plan_no = len(self._series) - 1
             self.timeline.extend((replica, plan_no, iv.device, t0 + iv.start, t0 + iv.end, iv.label)
@@ -81,8 +82,8 @@ class Metrics:
         return self.batch_sum / self.steps if self.steps else 0.0
 
     def series(self) -> np.ndarray:
-        """Rows (replica, t0, t1, steps, batch, tokens), one per executed plan."""
-        return np.asarray(self._series, dtype=float).reshape(-1, 6)
+        """Rows (replica, t0, t1, steps, batch, tokens, bound seconds), one per executed plan."""
+        return np.asarray(self._series, dtype=float).reshape(-1, 7)
 
     def output_times(self, fractions) -> np.ndarray:
         """Times (s) at which each fraction of all output tokens was out (see `output_times`)."""
@@ -94,6 +95,17 @@ class Metrics:
         t10, t90 = self.output_times([0.1, 0.9])
         total = float(self.series()[:, 5].sum())
         return 0.8 * total / (t90 - t10) if t90 > t10 else None
+
+    def steady_bound_s(self) -> float | None:
+        """The steps' bounds (s, summed over replicas) that fall between the times 10% and 90% of the output was
+        out, each plan's bound spread evenly over its duration as its tokens are (None if no span)."""
+        t10, t90 = self.output_times([0.1, 0.9])
+        if not t90 > t10:
+            return None
+        s = self.series()
+        t0, t1 = s[:, 1], s[:, 2]
+        inside = np.clip(np.minimum(t1, t90) - np.maximum(t0, t10), 0.0, None)
+        return float((s[:, 6] * inside / np.where(t1 > t0, t1 - t0, 1.0)).sum())
 
     @property
     def busy_s(self) -> float:

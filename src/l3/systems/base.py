@@ -52,7 +52,8 @@ LOSSES = {
     "idle_units": "memory-side units with nothing to attend in the iteration while others work",
     "imbalance": "the busiest unit's time beyond the mean working unit's (over the iteration)",
     "transfers": "waits on the host links in series with attention (Q/K/V up, outputs down)",
-    "serialisation": "other waits between the GPU and the memory side (dependencies, sub-batch alignment)",
+    "serialisation": "other waits of the bounding side: the GPU waiting for attention, or the busiest unit waiting "
+    "for its next layer's inputs (behind the slowest unit of each layer, the GPU, sub-batch alignment)",
 }
 
 

@@ -134,3 +134,14 @@ def test_rejecting_systems_get_no_ratio_and_compare_reruns_the_common_requests(t
     assert ratio_cell(by["small"], by["big"]) == "OOM (2 rejected)"
     assert ratio_cell(by["big"], by["small"]).endswith("tok/s") and "x" not in ratio_cell(by["big"], by["small"])
     assert ratio_cell(by["big"], by["big"]) == "1.00x / 1.00x"
+
+
+def test_a_study_simulates_a_run_once_when_the_probe_picks_the_papers_parallelism():
+    from l3.report.study import Run, execute_all
+
+    runs = [Run(v, "gpu-only", "gpt-175b", "fixed:200:20", 6, parallel=v) for v in ("paper", "auto")]
+    paper, auto = execute_all(runs, jobs=1)  # GPT-175B fits 8 A100s only at TP8: both views run TP8 x DP1
+    assert (paper["parallelism"]["rule"], auto["parallelism"]["rule"]) == ("paper", "auto")
+    assert auto["parallelism_candidates"][-1]["status"].startswith("chosen")
+    assert paper["wall_time_s"] == auto["wall_time_s"]  # one simulation, reported twice
+    assert paper["throughput_tok_s"] == auto["throughput_tok_s"] > 0

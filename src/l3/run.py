@@ -25,12 +25,13 @@ from l3.specs.system import Deployment, ParallelSpec, SystemSpec
 from l3.workload import Workload
 
 PROBE_REQUESTS = 200  # requests per probe run: enough for a steady batch, a small fraction of a 1,000-request run
+PROBE_STREAM = 0x9A7A  # mixed into the seed so the probe's draw is its own random stream, apart from the workload's
 ParallelChoice = ParallelSpec | Literal["auto", "paper"] | None
 
 
 def probe_workload(workload: Workload, n: int = PROBE_REQUESTS, seed: int = 0) -> Workload:
     """`n` requests of `workload` drawn without replacement (seeded), in their original order, all at t = 0."""
-    rng = np.random.default_rng([seed, 0x9A7A])
+    rng = np.random.default_rng([seed, PROBE_STREAM])
     idx = np.sort(rng.choice(len(workload), size=min(n, len(workload)), replace=False))
     sub = workload.subset(idx, f"{workload.name} (probe)", f"{len(idx)} requests drawn from {workload.name}")
     return dataclasses.replace(sub, arrival_s=np.zeros(len(idx)), mode="offline")

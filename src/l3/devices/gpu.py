@@ -58,6 +58,9 @@ class GpuCostModel:
         self._flops = gpu.peak_flops * params.compute_util
         self._bw = gpu.hbm_bw * params.memory_util
         self._sm_flops = self._flops / gpu.sm_count
+        # GEMM weight elements one GPU holds: per decoder layer, and of the vocabulary projection
+        self._layer_weights = sum(n * k for n, k in self.gemm_shapes().values())
+        self._vocab_weights = model.vocab_size // tp * model.d_model
 
     # --- operator primitives ----------------------------------------------------------------------
     def gemm(self, m, n: int, k: int) -> np.ndarray:
@@ -129,9 +132,8 @@ class GpuCostModel:
     def weight_read_s(self) -> tuple[float, float]:
         """Seconds to read one GPU's share of the decoder layers' GEMM weights, and of the vocabulary projection."""
         md = self.model
-        layers = md.n_layers * sum(n * k for n, k in self.gemm_shapes().values())
-        vocab = md.vocab_size // self.tp * md.d_model
-        return layers * md.dtype_bytes / self._bw, vocab * md.dtype_bytes / self._bw
+        return (md.n_layers * self._layer_weights * md.dtype_bytes / self._bw,
+                self._vocab_weights * md.dtype_bytes / self._bw)  # fmt: skip
 
     def roofline(self, n_tokens, n_sampled, attn_flops, attn_bytes) -> np.ndarray:
         """A lower bound on one iteration's GPU time (all layers, one TP group), seconds: the GEMMs' FLOPs plus
@@ -141,8 +143,7 @@ class GpuCostModel:
         the GPUs over all layers, whole TP group (split evenly over its GPUs)."""
         md = self.model
         n_tokens, n_sampled = np.asarray(n_tokens, float), np.asarray(n_sampled, float)
-        per_layer = sum(n * k for n, k in self.gemm_shapes().values())
-        flops = 2.0 * (n_tokens * md.n_layers * per_layer + n_sampled * (md.vocab_size // self.tp) * md.d_model)
+        flops = 2.0 * (n_tokens * md.n_layers * self._layer_weights + n_sampled * self._vocab_weights)
         compute = (flops + np.asarray(attn_flops, float) / self.tp) / self._flops
         layers_s, vocab_s = self.weight_read_s()
         weights = np.where(n_tokens > 0, layers_s, 0.0) + np.where(n_sampled > 0, vocab_s, 0.0)

@@ -45,13 +45,11 @@ def run_one(args: tuple) -> tuple[dict, list[int]]:
     return summarize(res), [int(i) for i in np.flatnonzero(res.table.status == Status.REJECTED)]
 
 
-def _speedups(results: list[dict], key: str, out: str) -> None:
-    """results[i][out] = results[i][key] / the baseline's, only where neither rejected a request."""
-    base = next((r for r in results if r["system"] == "gpu-only"), results[0])
-    for r in results:
-        ok = not r["requests_rejected"] and not base["requests_rejected"] and base[key] and r[key] is not None
-        r[out] = r[key] / base[key] if ok else None
-        r["speedup_baseline"] = base["system"]
+def _speedup(r: dict, base: dict, key: str, rejected: str) -> float | None:
+    """r[key] / base[key], only where neither rejected a request (`rejected`: the count's key)."""
+    if r[rejected] or base[rejected] or not base[key] or r[key] is None:
+        return None
+    return r[key] / base[key]
 
 
 def compare(systems: list[str], model: str, workload: str, n: int | None, seed: int = 0, mode: str | None = None,
@@ -72,7 +70,10 @@ def compare(systems: list[str], model: str, workload: str, n: int | None, seed: 
 
     out = run_all([(s, model, workload, n, seed, mode, data_dir, parallel, None) for s in systems])
     results = [r for r, _ in out]
-    _speedups(results, SPEEDUP_OF, "speedup")
+    base = next((r for r in results if r["system"] == "gpu-only"), results[0])
+    for r in results:
+        r["speedup"] = _speedup(r, base, SPEEDUP_OF, "requests_rejected")
+        r["speedup_baseline"] = base["system"]
     rejected = sorted(set().union(*(ids for _, ids in out)))
     total = results[0]["requests_total"]
     if rejected and len(rejected) < total:
@@ -84,11 +85,8 @@ def compare(systems: list[str], model: str, workload: str, n: int | None, seed: 
             r |= {"common_requests": c["requests_completed"], "common_rejected": c["requests_rejected"],
                   "common_throughput_tok_s": c["throughput_tok_s"],
                   "common_steady_throughput_tok_s": c["steady_throughput_tok_s"]}  # fmt: skip
-        common_view = [{"system": r["system"], "requests_rejected": r["common_rejected"],
-                        SPEEDUP_OF: r["common_steady_throughput_tok_s"]} for r in results]  # fmt: skip
-        _speedups(common_view, SPEEDUP_OF, "common_speedup")
-        for r, c in zip(results, common_view, strict=True):
-            r["common_speedup"] = c["common_speedup"]
+        for r in results:
+            r["common_speedup"] = _speedup(r, base, "common_steady_throughput_tok_s", "common_rejected")
     for r in results:
         r["tp"], r["dp"] = r["deployment"]["tp"], r["deployment"]["dp"]
     return results

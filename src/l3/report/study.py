@@ -123,7 +123,7 @@ def line_plot(path: Path, xs, series: dict[str, list[float]], xlabel: str, ylabe
 
 
 # --- the studies ------------------------------------------------------------------------------------------
-LEAD = "steady_throughput_tok_s"  # the measure tables lead with (docs/evaluation.md: it does not swing with N)
+LEAD = "steady_throughput_tok_s"  # the measure tables lead with (docs/evaluation.md: it moves less with N)
 VIEWS = {"paper": "paper parallelism: the paper's TP x DP for every system",
          "best": "best parallelism: every system at the TP x DP its probe ranks best (parallelism = \"auto\")"}
 
@@ -133,8 +133,9 @@ def ratio_cell(r: dict, base: dict) -> str:
     (else OOM, or the system's own steady / total tok/s where only the baseline rejected requests)."""
     if r["requests_rejected"]:
         return f"OOM ({r['requests_rejected']} rejected)"
+    steady = "-" if r[LEAD] is None else f"{r[LEAD]:.0f}"  # None: the run had no 10%-90% span
     if base["requests_rejected"] or not base[LEAD] or r[LEAD] is None:
-        return f"{r[LEAD]:.0f} / {r['throughput_tok_s']:.0f} tok/s"
+        return f"{steady} / {r['throughput_tok_s']:.0f} tok/s"
     return f"{r[LEAD] / base[LEAD]:.2f}x / {r['throughput_tok_s'] / base['throughput_tok_s']:.2f}x"
 
 

@@ -206,8 +206,9 @@ class SystemSpec(SpecModel):
             raise ValueError("coordination.asymmetric: needs a pooled-attention system whose KV lives off the GPUs")
         return self
 
-    def parallelism_for(self, model: ModelSpec) -> tuple[ParallelSpec | Literal["auto"], str]:
-        """The rule this file gives `model` (a fixed TP/DP, or "auto"), and the field it came from."""
+    def parallelism_for(self, model: ModelSpec) -> tuple[ParallelSpec | Literal["auto"], str, str]:
+        """What this file gives `model` (a TP/DP, or "auto"), the field it came from, and the rule's name
+        ("fixed", "paper" or "auto")."""
         table = self.parallelism if isinstance(self.parallelism, dict) else {DEFAULT_KEY: self.parallelism}
         key = model.name if model.name in table else DEFAULT_KEY
         rule = table.get(key, "auto")
@@ -216,8 +217,8 @@ class SystemSpec(SpecModel):
             if model.name not in PAPER_PARALLELISM:
                 raise SpecError(f"{self.name}: {where} = \"paper\": the paper gives TP/DP only for "
                                 f"{', '.join(PAPER_PARALLELISM)}, not {model.name}; give {{tp, dp}} or \"auto\"")
-            return PAPER_PARALLELISM[model.name], f"{where} (the paper's)"
-        return rule, where
+            return PAPER_PARALLELISM[model.name], f"{where} (the paper's)", "paper"
+        return rule, where, "auto" if rule == "auto" else "fixed"
 
     def parallel_candidates(self, model: ModelSpec) -> list[tuple[ParallelSpec, str | None]]:
         """Every TP x DP that uses all the GPUs (tp divides gpu.count, dp = count / tp), each with the reason
@@ -228,6 +229,10 @@ class SystemSpec(SpecModel):
                 par = ParallelSpec(tp=tp, dp=self.gpu.count // tp)
                 out.append((par, self._problem(model, par, f"tp = {tp}, dp = {par.dp}")))
         return out
+
+    def usable_hbm_bytes(self, tp: int) -> float:
+        """HBM of a TP group left for weights and KV after the activation reserve."""
+        return tp * get_gpu(self.gpu.preset).hbm_bytes * (1 - self.gpu.memory_reserve_fraction)
 
     def _problem(self, model: ModelSpec, par: ParallelSpec, where: str) -> str | None:
         """Why `par` cannot hold `model` on this machine (None if it can)."""
@@ -241,7 +246,7 @@ class SystemSpec(SpecModel):
         if self.pim is not None and self.pim.dram().org.channels % par.dp:
             return (f"{where}: dp = {par.dp} must divide pim channels = {self.pim.dram().org.channels} "
                     "(each replica owns a share of the channels)")  # fmt: skip
-        usable = par.tp * gpu.hbm_bytes * (1 - self.gpu.memory_reserve_fraction)
+        usable = self.usable_hbm_bytes(par.tp)
         if model.weight_bytes >= usable:
             return (f"{where}: model weights {model.weight_bytes / 1e9:.1f} GB do not fit the "
                     f"{usable / 1e9:.1f} GB usable HBM of {par.tp} x {gpu.name}; expected a larger tp")
@@ -260,18 +265,16 @@ class SystemSpec(SpecModel):
         elif parallel is not None:
             par, where, rule = parallel, "parallelism", rule or "given"
         else:
-            par, where = self.parallelism_for(model)
+            par, where, rule = self.parallelism_for(model)
             if par == "auto":
                 raise SpecError(f"{self.name}: {where} = \"auto\" for {model.name}: the TP/DP is chosen by probing a "
                                 "workload (l3 simulate does this); pass tp and dp to deploy a fixed one")
-            rule = "paper" if "paper" in where else "fixed"
         problem = self._problem(model, par, f"{self.name}: {where}")
         if problem is not None:
             raise SpecError(problem)
-        gpu = get_gpu(self.gpu.preset)
-        usable = par.tp * gpu.hbm_bytes * (1 - self.gpu.memory_reserve_fraction)
-        return Deployment(self, model, gpu, get_link(self.links.nvlink), get_link(self.links.host), par.tp,
-                          par.dp, int(usable - model.weight_bytes), rule)  # fmt: skip
+        return Deployment(self, model, get_gpu(self.gpu.preset), get_link(self.links.nvlink),
+                          get_link(self.links.host), par.tp, par.dp,
+                          int(self.usable_hbm_bytes(par.tp) - model.weight_bytes), rule)  # fmt: skip
 
 
 class Deployment:
@@ -281,8 +284,8 @@ class Deployment:
                  tp: int, dp: int, hbm_free_bytes: int, rule: str = "fixed"):  # fmt: skip
         self.system, self.model, self.gpu, self.nvlink, self.host_link = system, model, gpu, nvlink, host_link
         self.tp, self.dp = tp, dp
-        self.rule = rule  # how TP/DP were chosen: "fixed" (the file), "paper", "auto" (probed) or "given"
-        # the choice as reports show it; an "auto" choice adds the probe's figures (l3.run.choose_parallelism)
+        # How TP/DP were chosen, as reports show it: `rule` is "fixed" (the file), "paper", "auto" (probed) or
+        # "given"; an "auto" choice adds the probe's figures (l3.run.choose_parallelism).
         self.selection: dict = {"rule": rule, "tp": tp, "dp": dp}
         self.hbm_free_bytes = hbm_free_bytes  # per replica, after weights and reserve
 
@@ -292,6 +295,10 @@ class Deployment:
         replicated tp / n_kv_heads times)."""
         m = self.model
         return int(self.hbm_free_bytes // (m.kv_bytes_per_token * max(1, self.tp // m.n_kv_heads)))
+
+    @property
+    def rule(self) -> str:
+        return self.selection["rule"]
 
     def describe(self) -> dict:
         return {"system": self.system.name, "model": self.model.name, "gpu": f"{self.tp * self.dp} x {self.gpu.name}",

@@ -157,19 +157,19 @@ class GpuCostModel:
         n_decode: decode requests; decode_ctx: sum of their context lengths (tokens attended);
         prefill_pairs: causal query-key pairs of the prefill chunks; prefill_kv_tokens: KV tokens read by them.
         """
-        md, t = self.model, self.tp
         ops = self.op_times(n_tokens)
-        heads = md.n_heads / t
-        kv_tok = md.kv_bytes_per_token_layer / t
-        prefill_pairs = np.asarray(prefill_pairs, float)
-        decode_ctx = np.asarray(decode_ctx, float)
         pre = ops["input_layernorm"] + ops["attn_pre_proj"] + ops["attn_rope"]
-        prefill = self.attention(4.0 * prefill_pairs * md.head_dim * heads, prefill_kv_tokens * kv_tok,
-                                 prefill_pairs > 0)  # fmt: skip
-        decode = self.decode_attention(n_decode, decode_ctx)
         post = (ops["attn_post_proj"] + ops["post_attention_layernorm"] + ops["mlp_up_proj"] + ops["mlp_act"]
                 + ops["mlp_down_proj"] + ops["add"] + 2.0 * ops["all_reduce"])  # fmt: skip
-        return LayerCost(pre, prefill, decode, post)
+        prefill = self.prefill_attention(prefill_pairs, prefill_kv_tokens)
+        return LayerCost(pre, prefill, self.decode_attention(n_decode, decode_ctx), post)
+
+    def prefill_attention(self, pairs, kv_tokens) -> np.ndarray:
+        """One layer's causal attention of prefill chunks: `pairs` query-key pairs reading `kv_tokens` of KV."""
+        md, t = self.model, self.tp
+        pairs = np.asarray(pairs, float)
+        return self.attention(4.0 * pairs * md.head_dim * md.n_heads / t,
+                              np.asarray(kv_tokens, float) * md.kv_bytes_per_token_layer / t, pairs > 0)  # fmt: skip
 
     def decode_attention(self, n_decode, decode_ctx) -> np.ndarray:
         """One layer's decode attention of `n_decode` requests attending `decode_ctx` tokens in all (KV in HBM)."""

@@ -7,6 +7,7 @@ report states the command, what was simulated, and the tables the figures are dr
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import multiprocessing as mp
 import time
@@ -76,6 +77,19 @@ def execute(job: tuple[Run, dict]) -> dict:
     return summarize(Simulator(dep, wl).run())
 
 
+@functools.cache
+def _output_tokens(workload: str, requests: int) -> int:
+    return int(load_workload(workload, n_requests=requests, seed=0).output_len.sum())
+
+
+def _longest_first(runs: list[Run], idx) -> list[int]:
+    """Run indices in the order the pool takes them: longest first, so that few workers idle at the end. A run's
+    length goes with the tokens it generates; GPU-only runs take a second where the others take a minute, so they
+    go last whatever their workload."""
+    return sorted(idx, key=lambda i: (runs[i].spec().kind == "gpu-only",
+                                      -_output_tokens(runs[i].workload, runs[i].requests), i))  # fmt: skip
+
+
 def execute_all(runs: list[Run], jobs: int) -> list[dict]:
     """Every run's summary. TP/DP are chosen first (probing where a run asks for "auto"); runs that then come
     out identical (same system, overrides, model, workload and TP/DP) are simulated once and reported for each."""
@@ -85,12 +99,14 @@ def execute_all(runs: list[Run], jobs: int) -> list[dict]:
             spec.deploy(get_model(r.model), r.parallel)
     with mp.get_context("spawn").Pool(jobs) if jobs > 1 else contextlib.nullcontext() as pool:
         mapper = pool.map if pool is not None else lambda f, xs, chunksize=1: [f(x) for x in xs]
-        selections = mapper(choose, runs, chunksize=1)
+        order = _longest_first(runs, range(len(runs)))
+        selections = [None] * len(runs)
+        for i, sel in zip(order, mapper(choose, [runs[i] for i in order], chunksize=1), strict=True):
+            selections[i] = sel
         key = [(r.system, json.dumps(r.overrides, sort_keys=True), r.model, r.workload, r.requests, s["tp"], s["dp"])
                for r, s in zip(runs, selections, strict=True)]  # fmt: skip
         first = {k: i for i, k in reversed(list(enumerate(key)))}
-        # GPU-only runs take a second where the others take a minute: run them last, to fill the pool's tail
-        unique = sorted(set(first.values()), key=lambda i: (runs[i].spec().kind == "gpu-only", i))
+        unique = _longest_first(runs, set(first.values()))
         done = dict(zip(unique, mapper(execute, [(runs[i], selections[i]) for i in unique], chunksize=1),
                         strict=True))  # fmt: skip
     out = []

@@ -142,13 +142,17 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
                     counts[x] += 1
             t.sub_batch[d[new]] = sub[new]
         plan.decode_sub, plan.prefill_sub = sub.astype(np.int8), pre_sub
+        # The plan's predictions, made once: the choices below read them, and they are kept for `observe`
+        # unless a choice changes the plan.
+        self._last = self._predict(plan) if self.learning else None
         self._one = self.warm and self.coord.single_batch_fallback and self._choose_one_batch(plan)
         if self._one:
             plan.decode_sub, plan.prefill_sub = np.zeros_like(plan.decode_sub), np.zeros_like(pre_sub)
             self.single_batch += 1
+            self._last = self._predict(plan)
         elif self.warm and len(plan.prefill_ids) and len(self.queue) and not self._head_fits():
-            self._chunk_to_align(plan)
-        self._last = self._predict(plan) if self.learning else None
+            if self._chunk_to_align(plan):
+                self._last = self._predict(plan)
         return plan
 
     def _predict(self, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
@@ -174,13 +178,13 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
                     return False  # refresh the split measurement
             elif one > split:
                 return False  # one batch measured slower
-        return self._one_batch_pays(plan)  # predictions last: they cost two forest queries
+        return self._one_batch_pays(plan)  # predictions last: the whole batch's costs a forest query
 
     def _one_batch_pays(self, plan: Plan) -> bool:
         """Whether one batch is predicted faster than two sub-batches. Two sub-batches take, per layer, at least
         the longest of: both GPU parts, both attention parts, and each sub-batch's GPU part + its own attention;
         one batch takes its GPU part (the weights read once) + all the attention."""
-        (g0, g1), (p0, p1) = self._predict(plan)
+        (g0, g1), (p0, p1) = self._last  # the split plan's
         g_all = self.gpu_pred.predict(self.gpu_features(plan.prefill_chunks, plan.prefill_prefix,
                                                         plan.decode_ids)[None, :])[0]  # fmt: skip
         # The whole batch does at least each part's GPU work (a forest does not extrapolate to larger batches).
@@ -205,10 +209,11 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
             slack = gpu_other - pim
             sub[grp] = int(np.argmax(slack))
 
-    def _chunk_to_align(self, plan: Plan) -> None:
+    def _chunk_to_align(self, plan: Plan) -> bool:
         """Memory is full: where sub-batch x's PIM time is below the other's GPU time, shorten the other's last
-        prefill chunk so its GPU time matches (the PIM would otherwise idle)."""
-        gpu, pim = self._predict(plan)
+        prefill chunk so its GPU time matches (the PIM would otherwise idle). Returns whether a chunk changed."""
+        gpu, pim = self._last  # the plan's, before any change
+        changed = False
         for x in (0, 1):
             o = 1 - x
             idx = np.flatnonzero(plan.prefill_sub == o)
@@ -231,6 +236,8 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
                 plan.prefill_completes[last] = plan.prefill_prefix[last] + c >= self.table.prefill_target[
                     plan.prefill_ids[last]]
                 self.chunked += 1
+                changed = True
+        return changed
 
     # --- learning ------------------------------------------------------------------------------------
     def observe(self, plan: Plan, timing: IterationTiming) -> None:

@@ -41,6 +41,8 @@ class AttentionOffloadSystem(SystemModel):
         self.ranksets, self.channels = ranksets, channels
         self.n_ranks = ranksets * channels
         self._gpu_parts = functools.lru_cache(maxsize=4096)(self._gpu_parts_uncached)
+        self._dense = functools.lru_cache(maxsize=4096)(self._dense_uncached)
+        self._head = functools.lru_cache(maxsize=1024)(lambda n: float(self.gpu.lm_head(n)))
         lanes = tuple(f"rankset{s}" for s in range(ranksets)) if ranksets > 1 else ()
         self.devices = ("gpu", self.memory_device, "pcie_up", "pcie_down", *lanes)
         # Bytes per token per layer crossing the link.
@@ -107,18 +109,26 @@ class AttentionOffloadSystem(SystemModel):
     def _gpu_parts_uncached(self, n_tokens, n_decode, prefill_tokens, pairs, kv_tokens, n_sampled) -> dict:
         """Per-layer GPU and PCIe seconds of a sub-batch (the same shapes recur: cached). n_decode and
         prefill_tokens count only the requests whose KV lives on the memory side (what crosses the link)."""
-        layer = self.gpu.layer(n_tokens, 0, 0.0, pairs, kv_tokens)
-        return {"pre": float(layer.pre_attn), "pattn": float(layer.prefill_attn), "post": float(layer.post_attn),
-                "head": float(self.gpu.lm_head(n_sampled)), "up": self.pcie(n_decode * self._qkv_bytes),
+        pre, post = self._dense(n_tokens)
+        return {"pre": pre, "pattn": float(self.gpu.prefill_attention(pairs, kv_tokens)), "post": post,
+                "head": self._head(n_sampled), "up": self.pcie(n_decode * self._qkv_bytes),
                 "up_bg": self.pcie(prefill_tokens * self._kv_layer), "down": self.pcie(n_decode * self._out_bytes)}
+
+    def _dense_uncached(self, n_tokens: int) -> tuple[float, float]:
+        """Per-layer GPU seconds of the dense work before and after attention for n_tokens tokens (token counts
+        recur far more often than whole sub-batch shapes: cached on their own)."""
+        layer = self.gpu.layer(n_tokens, 0, 0.0, 0.0, 0.0)
+        return float(layer.pre_attn), float(layer.post_attn)
 
     def _schedule(self, subs: list[dict], L: int, steps: int, record: bool) -> IterationTiming:
         """Run the per-layer dependency graph on the GPU, the PCIe directions and every rank (vectorised over
         steps). Each rank serves one sub-batch's layer after another; different ranks run concurrently.
 
-        The graph repeats every R layers (the rankset rotation). Once two consecutive periods advance every
-        resource by the same amount, the schedule is periodic (all updates are max-plus: max and +), so the
-        remaining whole periods are added in one step; the result is exactly that of running them.
+        The graph repeats every R layers (the rankset rotation), and every period after the first (whose layer
+        0 has no post-attention work) is the same map of resource times. All updates are max-plus (max and +),
+        so that map commutes with a uniform shift: once one such period advances every resource by the same
+        amount, every later one does too, and the remaining whole periods are added in one step; the result is
+        exactly that of running them.
         """
         R, n = self.ranksets, self.n_ranks
         zero = np.zeros(steps)
@@ -145,14 +155,13 @@ class AttentionOffloadSystem(SystemModel):
             cols = [free["gpu"], free["up"], free["down"]] + [free[f"ret{x['s']}"] for x in subs]
             return np.column_stack([*cols, free["ranks"][:, used]])
 
-        layer, last, last_delta = 0, None, None
+        layer, last = 0, None
         while layer < L:
-            if layer % R == 0 and not record:
+            if layer % R == 0 and layer and not record:
                 now = core()
                 if last is not None:
                     delta = now - last
-                    uniform = np.ptp(delta, axis=1) <= 1e-12 * np.abs(delta).max(initial=1.0)
-                    if last_delta is not None and uniform.all() and np.allclose(delta, last_delta, rtol=1e-12):
+                    if (np.ptp(delta, axis=1) <= 1e-12 * np.abs(delta).max(initial=1.0)).all():
                         m = (L - layer) // R
                         shift = m * delta[:, 0]
                         for k in free:
@@ -161,7 +170,6 @@ class AttentionOffloadSystem(SystemModel):
                         last = None
                         if layer >= L:
                             break
-                    last_delta = delta
                 last = now
             for x in subs:
                 self._layer(x, layer, free, barrier, note, seq)

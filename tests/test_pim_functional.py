@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
 from l3.devices.pim.allocator import PimCapacityError
-from l3.devices.pim.functional import FunctionalPim
+from l3.devices.pim.functional import FunctionalPim, merge_partials
 from l3.devices.pim.mapping import kv_addresses
 from l3.specs.dram import DramOrg, DramSpec, get_org, get_timing
 from l3.specs.pim import BankPuSpec, PimFeatures, PimSpec
@@ -74,6 +76,30 @@ def test_attend_matches_float64(rng, mapped, n_hc, kv_heads, gqa):
     spec = PimSpec(bank_pu=FP32_PARTIALS, features=PimFeatures(n_hc=n_hc, kv_mapping=mapped))
     pim = FunctionalPim(dram(), spec, n_layers=2, n_kv_heads=kv_heads, head_dim=128, gqa_group=gqa)
     check_batch(pim, [1, 17, 301, 1025], gqa, rng)
+
+
+@pytest.mark.parametrize(("kv_heads", "gqa", "n_hc"), [(8, 1, 8), (8, 8, 1), (3, 2, 2)], ids=["mha", "gqa8", "h3g2"])
+def test_striped_partials_merge_to_whole_attention(rng, kv_heads, gqa, n_hc):
+    """A request-layer cut into ragged chunks spread over ranks (chunk k on rank k mod 3, a rank's chunks stored
+    together): each rank's unnormalised partial, merged by log-sum-exp, equals whole attention."""
+    gen, seed = rng
+    spec = PimSpec(bank_pu=FP32_PARTIALS, features=PimFeatures(n_hc=n_hc))
+    whole = FunctionalPim(dram(), spec, n_layers=1, n_kv_heads=kv_heads, head_dim=128, gqa_group=gqa)
+    striped = FunctionalPim(dram(), spec, n_layers=1, n_kv_heads=kv_heads, head_dim=128, gqa_group=gqa)
+    n = int(gen.integers(200, 3000))
+    k, v = (gen.standard_normal((n, kv_heads, 128)).astype(np.float16) for _ in range(2))
+    q = (gen.standard_normal((kv_heads * gqa, 128)) * 2).astype(np.float16)
+    cuts = np.unique(np.concatenate([[0, n], gen.integers(1, n, 6)]))
+    for c, (a, b) in enumerate(itertools.pairwise(cuts)):
+        striped.append(c % 3, 0, k[a:b], v[a:b])
+    whole.append(0, 0, k, v)
+    ranks = sorted({c % 3 for c in range(len(cuts) - 1)})
+    merged = merge_partials([striped.attend_partial(r, 0, q) for r in ranks])
+    ref = reference(q, k, v, gqa, 1 / np.sqrt(128))  # attention does not depend on the tokens' order
+    err = rel_errors(merged, ref, gqa).max()
+    assert err <= TOL, f"seed {seed}: striped over {len(cuts) - 1} chunks of {n} tokens: rel. error {err:.2e}"
+    err_whole = rel_errors(merged, whole.attend([0], 0, q[None])[0], gqa).max()
+    assert err_whole <= TOL, f"seed {seed}: striped vs whole: rel. error {err_whole:.2e}"
 
 
 @pytest.mark.parametrize("gqa", [1, 8], ids=["mha8", "gqa8"])

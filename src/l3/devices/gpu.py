@@ -96,6 +96,12 @@ class GpuCostModel:
         t = 2.0 * (self.tp - 1) / self.tp * nbytes / self.nvlink.bw + self.p.allreduce_latency_s
         return np.where(m > 0, t, 0.0)
 
+    def merge_partials(self, read_bytes, write_bytes) -> np.ndarray:
+        """Memory-bound kernel merging partial attention outputs (log-sum-exp rescale and sum): reads
+        `read_bytes` of partials and writes `write_bytes` of outputs, whole TP group (heads split over it)."""
+        nbytes = (np.asarray(read_bytes, float) + np.asarray(write_bytes, float)) / self.tp
+        return np.where(nbytes > 0, nbytes / self._bw + self.p.kernel_overhead_s, 0.0)
+
     def attention(self, flops, kv_bytes, active) -> np.ndarray:
         """Fused attention kernel: roofline of its FLOPs and KV bytes (per GPU), zero if not active."""
         t = np.maximum(np.asarray(flops, float) / self._flops, np.asarray(kv_bytes, float) / self._bw)

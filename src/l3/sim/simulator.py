@@ -59,7 +59,7 @@ class Simulator:
         kv = KvPool(self.system.kv_tiers, spec.block_size)
         if isinstance(self.system, AttentionOffloadSystem):
             return SubBatchScheduler(spec, kv, self.table, self.queue, r, self.dep.system.coordination,
-                                     self.system.slots, self.dep.model)  # fmt: skip
+                                     self.system.slots, self.dep.model, self.system.spread)  # fmt: skip
         return ContinuousBatchingScheduler(spec, kv, self.table, self.queue, replica=r)
 
     def _reject_oversized(self) -> None:

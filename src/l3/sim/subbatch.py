@@ -20,6 +20,8 @@ Predictors learn from the times the executor reports (`observe`), never from cos
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from l3.sim.kv import DEVICE_TIER, HBM_TIER, KvPool
@@ -31,14 +33,27 @@ from l3.specs.model import ModelSpec
 from l3.specs.system import CoordinationSpec, SchedulerSpec
 from l3.systems.base import IterationTiming
 
+Spread = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def tokens_at_slot(placement: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The `Spread` of unsplit placement: request i's tokens[i] tokens all lie at its slot placement[i]."""
+    placement, tokens = np.asarray(placement, np.int64), np.asarray(tokens, np.int64)
+    keep = np.flatnonzero(tokens > 0)
+    return keep, placement[keep], tokens[keep]
+
+
 CHUNK_FRACTIONS = np.array([1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0625])
 
 
 class SubBatchScheduler(ContinuousBatchingScheduler):
     def __init__(self, spec: SchedulerSpec, kv: KvPool, table: RequestTable, queue: WaitingQueue, replica: int,
-                 coord: CoordinationSpec, positions: int, model: ModelSpec):  # fmt: skip
+                 coord: CoordinationSpec, positions: int, model: ModelSpec, spread: Spread | None = None):  # fmt: skip
+        """`positions`: the placement slots; `spread(placement, tokens)` says which slots hold how many of each
+        request's tokens ((request index, slot, tokens) triples; default: all at the request's slot)."""
         super().__init__(spec, kv, table, queue, replica)
         self.coord, self.positions = coord, positions
+        self.spread = spread or tokens_at_slot
         self.group = coord.decode_group or (1 if model.gqa_group == 1 else 16)
         self.pim_pred = LinearPredictor(coord.predictor_window)
         self.gpu_pred = ForestPredictor(coord.predictor_window, seed=replica)
@@ -90,11 +105,15 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         """Place each new request on the least-loaded slot, by tokens held now (output lengths are unknown)."""
         t = self.table
         run = self.running
-        load = np.bincount(t.placement[run], weights=t.context(run), minlength=self.positions).astype(float)
+        load = self._slot_tokens(t.placement[run], t.context(run))
         for rid in ids:  # a handful per iteration
             pos = int(np.argmin(load))
             t.placement[rid] = pos
-            load[pos] += t.prefill_target[rid]
+            load += self._slot_tokens(np.array([pos]), t.prefill_target[rid : rid + 1])
+
+    def _slot_tokens(self, placement: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        _, slot, held = self.spread(placement, tokens)
+        return np.bincount(slot, weights=held, minlength=self.positions).astype(float)
 
     # --- features -------------------------------------------------------------------------------------
     def pim_features(self, ids: np.ndarray, pre_ids: np.ndarray, pre_tokens: np.ndarray, grow: int = 0,
@@ -104,10 +123,11 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         t = self.table
         ctx = t.context(ids) + grow
         place = t.placement[ids] if place is None else place
-        tokens = np.bincount(place, weights=ctx, minlength=self.positions)
-        written = np.bincount(t.placement[pre_ids], weights=pre_tokens, minlength=self.positions)
+        _, slot, held = self.spread(place, ctx)
+        tokens = np.bincount(slot, weights=held, minlength=self.positions)
+        written = self._slot_tokens(t.placement[pre_ids], pre_tokens)
         k = int(np.argmax(tokens + written))
-        count = np.count_nonzero(place == k)
+        count = np.count_nonzero(slot == k)
         return np.array([tokens[k], count, written[k], ctx.sum()], float)
 
     def gpu_features(self, chunks: np.ndarray, prefix: np.ndarray, decode_ids: np.ndarray) -> np.ndarray:

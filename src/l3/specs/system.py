@@ -91,10 +91,12 @@ class PimMemorySpec(SpecModel):
     org: str = "ddr4-l3-2tb"
     org_overrides: dict[str, int] = Field(default_factory=dict)  # e.g. {channels = 8} for a capacity sweep
     pu: PimSpec = PimSpec()
+    host_cpu: str = "epyc-7742-x2"  # the host's CPUs (the DGX-A100's): they merge partials when told to
 
     @model_validator(mode="after")
     def _check(self) -> PimMemorySpec:
         self.dram()
+        get_cpu(self.host_cpu)
         return self
 
     def dram(self) -> DramSpec:
@@ -166,8 +168,15 @@ class CoordinationSpec(SpecModel):
 
     pipeline: bool = True  # two sub-batches whose GPU and PIM work overlap; off: run them back to back
     # Where one request's layer lives: "rankset" = its KV heads split over the channels of one rankset
-    # (as many channels as keep every chip group of a rank full), "rank" = wholly inside one rank.
-    placement: Literal["rankset", "rank"] = "rankset"
+    # (as many channels as keep every chip group of a rank full), "rank" = wholly inside one rank, "striped" =
+    # heads split as "rankset", tokens cut into chunks of `chunk_tokens` rotating over the channel groups
+    # (l3-plus; each slot's partial attention merged exactly where `partial_merge` says).
+    placement: Literal["rankset", "rank", "striped"] = "rankset"
+    chunk_tokens: int = Field(default=2048, ge=1)  # tokens per stripe chunk (docs/l3-plus.md: the sweep)
+    # What a striped request-layer's chunks rotate over: the channel groups of its layer's rankset, or every
+    # group of every rankset of the replica (groups first, then the next rankset).
+    stripe_over: Literal["rankset", "replica"] = "rankset"
+    partial_merge: Literal["gpu", "host"] = "gpu"  # who merges a striped request's partials (log-sum-exp)
     rankset_overlap: bool = True  # a write blocks only the rank written; off: it blocks its whole channel
     policy: Literal["alignment", "fill-capacity", "halving"] = "alignment"
     decode_group: int = 0  # decodes placed at a time by the alignment policy; 0 = 1 for MHA, 16 for GQA

@@ -6,9 +6,11 @@ DIMM-PIM device, its units are ranks, and a layer's attention time per rank come
 Placement (docs/l3-system.md): at admission a request gets a slot: a group of S channels and an offset o. Its
 layer l lives in rankset (l + o) mod R, its KV heads split evenly over the S ranks of that rankset in the
 group's channels (S = 1 with `placement = "rank"`). Layers rotate over all ranksets; requests sharing a slot
-share ranks in every layer. A write into a rank blocks that rank's compute
-(`rankset_overlap`); without rankset overlap it blocks every rank of its channel. DP replicas each own an
-equal share of the channels.
+share ranks in every layer. With `placement = "striped"` (l3-plus, docs/l3-plus.md) a request's slot is only
+where it starts: its tokens are cut into chunks of `chunk_tokens` rotating over the slots (`spread`), and every
+slot holding some of them returns a partial attention that the GPU or the host merges. A write into a rank
+blocks that rank's compute (`rankset_overlap`); without rankset overlap it blocks every rank of its channel. DP
+replicas each own an equal share of the channels.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 from l3.devices.pim.device import PimDevice
 from l3.devices.pim.timing import CATEGORIES
 from l3.specs.dram import DramSpec
+from l3.specs.hardware import get_cpu
 from l3.specs.system import Deployment
 from l3.systems.offload import AttentionOffloadSystem
 
@@ -35,6 +38,12 @@ class L3System(AttentionOffloadSystem):
         self.pim = PimDevice(self.dram, sysspec.pim.pu, share)
         self._slot_ranks = [self.ranks_of(np.arange(self.slots), rho) for rho in range(self.ranksets)]
         self._host_cats = [CATEGORIES.index("host_write"), CATEGORIES.index("host_read")]
+        self.striped = self.coord.placement == "striped"
+        # A partial: the unnormalised output (FP32, it is not bounded by |v|) and a running max and sum per
+        # query head (FP32); a whole output: FP16 per query head.
+        self._partial_bytes = m.n_heads * (m.head_dim + 2) * 4
+        cpu = get_cpu(sysspec.pim.host_cpu)
+        self._host_flops = cpu.cores * cpu.clock_ghz * 1e9 * cpu.fp32_flops_per_cycle / dep.dp
 
     def _shard(self, n_hc: int) -> int:
         """Channels a request-layer's heads are split over: the largest divisor S of the channels such that
@@ -71,11 +80,34 @@ class L3System(AttentionOffloadSystem):
         channels = (slot // R)[..., None] * S + np.arange(S)
         return channels * R + ((slot % R + residue) % R)[..., None]
 
-    def pim_layer_work(self, ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets) -> np.ndarray:
+    def spread(self, placement: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Where requests' tokens lie: (request index, slot, tokens) per (request, slot) holding any. Request i
+        at slot placement[i] = g0 * R + o0 (channel group g0 of the G = C / S groups, offset o0) with tokens[i]
+        tokens. Unstriped: all at its slot. Striped: chunk k of `chunk_tokens` at position k mod D of the
+        request's stripe, D = G (`stripe_over = "rankset"`: group (g0 + k) mod G, offset o0) or G R
+        (`"replica"`: the groups first, then the next offset), so each position holds floor(n_full / D) or one
+        more full chunk and one holds the partly filled last chunk. Within a slot the heads stay split over its
+        S channels, as unstriped."""
+        if not self.striped:
+            return super().spread(placement, tokens)
+        placement, tokens = np.asarray(placement, np.int64), np.asarray(tokens, np.int64)
+        G, R, K = self.channels // self.shard, self.ranksets, self.coord.chunk_tokens
+        D = G if self.coord.stripe_over == "rankset" else G * R
+        full, rem = np.divmod(tokens, K)
+        j = np.arange(D)
+        held = K * (full[:, None] // D + (j < full[:, None] % D)) + rem[:, None] * (j == full[:, None] % D)
+        req, pos = np.nonzero(held)
+        g0, o0 = np.divmod(placement[req], R)
+        wrap = 0 if D == G else (g0 + pos) // G
+        return req, (g0 + pos) % G * R + (o0 + wrap) % R, held[req, pos]
+
+    def pim_layer_work(self, ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets,
+                       pre_prefix=None) -> np.ndarray:  # fmt: skip
         """Seconds each rank is occupied by one layer's attention of a sub-batch: (offsets, R residues, ranks).
 
-        The device's rank time includes writing each request's Q and new K/V token and reading its output back; prefill
-        requests `pre_ids` also write `pre_tokens` tokens of KV per layer into their ranks in the same slot.
+        The device's rank time includes writing each request's Q and new K/V token and reading its output back
+        (striped: per rank holding some of its tokens, a partial); prefill requests `pre_ids` also write
+        `pre_tokens` tokens of KV per layer (after their `pre_prefix` tokens) into the ranks that hold them.
         With rankset overlap a write blocks only the rank written; without it, every rank of its channel.
         """
         R, C, n, k = self.ranksets, self.channels, self.n_ranks, self.slots
@@ -83,13 +115,17 @@ class L3System(AttentionOffloadSystem):
         # same share of their heads; layer residue rho only moves a slot to other ranks of the same channels.
         pre_w = np.zeros(k)
         if len(pre_ids):
-            tokens = np.bincount(pre_place, weights=pre_tokens, minlength=k)
+            before = np.zeros(len(pre_ids)) if pre_prefix is None else np.asarray(pre_prefix, float)
+            _, slot_a, held_a = self.spread(pre_place, before)
+            _, slot_b, held_b = self.spread(pre_place, before + pre_tokens)
+            tokens = np.bincount(slot_b, weights=held_b, minlength=k) - np.bincount(slot_a, held_a, minlength=k)
             pre_w = np.asarray(self.pim.kv_write_time(tokens, layers=1), float)
         work = np.zeros((len(offsets), R, n))
         for si, j in enumerate(offsets):
             comp, host = np.zeros(k), np.zeros(k)
             if len(ids):
-                comp, cat = self.pim.layer_attention_time(ctx + j, placement, breakdown=True)
+                _, slot, held = self.spread(placement, ctx + j)
+                comp, cat = self.pim.layer_attention_time(held, slot, breakdown=True)
                 comp, host = comp[:k], cat[:k, self._host_cats].sum(axis=1)
             for rho in range(R):
                 ranks = self._slot_ranks[rho]  # (k, S)
@@ -103,3 +139,22 @@ class L3System(AttentionOffloadSystem):
                     channel_writes = np.repeat((host_r + pre_r).reshape(C, R).sum(axis=1), R)
                     work[si, rho] = np.where(comp_r + pre_r > 0, comp_r - host_r + channel_writes, 0.0)
         return work
+
+    # --- attention outputs ----------------------------------------------------------------------------
+    def outputs(self, ctx: np.ndarray, placement: np.ndarray, offsets: np.ndarray) -> dict[str, np.ndarray]:
+        """Per layer, at each step offset: bytes down the host link, GPU seconds merging partials and host
+        seconds merging them. Striped requests return one partial per rank holding their tokens; merged on the
+        GPU, every partial crosses PCIe and a memory-bound kernel rescales and sums them; merged on the host,
+        the CPUs do it (2 FLOP per partial element at the host's FP32 peak, its share for this replica) and only
+        the merged FP16 outputs cross."""
+        out = super().outputs(ctx, placement, offsets)
+        if not self.striped or not len(ctx):
+            return out
+        parts = np.array([len(self.spread(placement, ctx + j)[0]) for j in offsets], float)
+        n, m = len(ctx), self.dep.model
+        if self.coord.partial_merge == "gpu":
+            out["down_bytes"] = parts * self._partial_bytes
+            out["merge_gpu_s"] = self.gpu.merge_partials(parts * self._partial_bytes, n * m.q_dim * m.dtype_bytes)
+        else:
+            out["merge_host_s"] = 2.0 * parts * m.n_heads * m.head_dim / self._host_flops
+        return out

@@ -21,6 +21,7 @@ from l3.devices.gpu import GpuCostModel
 from l3.sim.kv import HBM_TIER
 from l3.sim.plan import BatchShape, Plan
 from l3.sim.requests import RequestTable
+from l3.sim.subbatch import tokens_at_slot
 from l3.specs.system import Deployment
 from l3.systems.base import Interval, IterationTiming, SystemModel
 
@@ -56,15 +57,29 @@ class AttentionOffloadSystem(SystemModel):
         """Placement positions the scheduler chooses among at admission."""
 
     @abstractmethod
-    def pim_layer_work(self, ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets) -> np.ndarray:
+    def pim_layer_work(self, ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets,
+                       pre_prefix=None) -> np.ndarray:  # fmt: skip
         """Seconds each unit is occupied by one layer's attention of a sub-batch: (offsets, R residues, units).
 
         ctx: tokens attended per decode request at step offset 0 (grows by one per step); `placement`: their
-        slots. Prefill requests `pre_ids` at slots `pre_place` write `pre_tokens` tokens of KV per layer."""
+        slots. Prefill requests `pre_ids` at slots `pre_place` write `pre_tokens` tokens of KV per layer, after
+        the `pre_prefix` they already hold (None: 0)."""
 
-    def pcie(self, nbytes: float) -> float:
-        """One transfer split over the TP group's host links (one per GPU), seconds."""
-        return float(self.dep.host_link.transfer_time(nbytes / self.dep.tp)) if nbytes > 0 else 0.0
+    def pcie(self, nbytes):
+        """One transfer (or an array of them) split over the TP group's host links (one per GPU), seconds."""
+        t = self.dep.host_link.transfer_time(np.asarray(nbytes, float) / self.dep.tp)
+        return float(t) if t.ndim == 0 else t
+
+    def spread(self, placement: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Where requests' tokens lie: (request index, slot, tokens) for each (request, slot) holding any, request
+        i being at slot placement[i] with tokens[i] tokens. Here a request's tokens all lie at its slot."""
+        return tokens_at_slot(placement, tokens)
+
+    def outputs(self, ctx: np.ndarray, placement: np.ndarray, offsets: np.ndarray) -> dict[str, np.ndarray]:
+        """How a sub-batch's attention outputs return, per layer at each step offset: `down_bytes` over the host
+        link, and the seconds the GPU (`merge_gpu_s`) or host (`merge_host_s`) spends merging partial outputs.
+        Here: one whole output per decode request (the `down` part), nothing to merge."""
+        return {}
 
     # --- the iteration --------------------------------------------------------------------------------
     def run(self, plan: Plan, table: RequestTable, steps: int, record: bool = False) -> IterationTiming:
@@ -84,7 +99,10 @@ class AttentionOffloadSystem(SystemModel):
             dev, pre = sb.decode_ids[~on_gpu], ~self._on_gpu(table, sb.prefill_ids)
             pre_ids, pre_chunks = sb.prefill_ids[pre], sb.prefill_chunks[pre]
             work = self.pim_layer_work(dev, ctx[~on_gpu], table.placement[dev], pre_ids, pre_chunks,
-                                       table.placement[pre_ids], offsets)  # fmt: skip
+                                       table.placement[pre_ids], offsets,
+                                       pre_prefix=sb.prefill_prefix[pre])  # fmt: skip
+            outs = {k: interpolate_steps(v, offsets, steps)
+                    for k, v in self.outputs(ctx[~on_gpu], table.placement[dev], offsets).items()}  # fmt: skip
             parts = self._gpu_parts(shape.n_tokens, len(dev), int(pre_chunks.sum()), shape.prefill_pairs,
                                     shape.prefill_kv_tokens, shape.n_sampled)  # fmt: skip
             gpu_ctx = ctx[on_gpu].sum() + on_gpu.sum() * grow
@@ -96,6 +114,8 @@ class AttentionOffloadSystem(SystemModel):
             whole["flops"] += flops
             whole["bytes"] += nbytes
             whole["device_ctx"] += ctx[~on_gpu].sum() + len(dev) * grow
+            parts = parts | {"down": self.pcie(outs["down_bytes"]) if "down_bytes" in outs else parts["down"],
+                             "merge": outs.get("merge_gpu_s", 0.0), "host_merge": outs.get("merge_host_s", 0.0)}
             subs.append({"s": s, "n_dec": len(dev), "work": interpolate_steps(work, offsets, steps), **parts})
         timing = self._schedule(subs, L, steps, record)
         return self._with_bound(timing, subs, whole)
@@ -177,7 +197,7 @@ class AttentionOffloadSystem(SystemModel):
         gpu_free = free["gpu"]
         for x in subs:
             start = np.maximum(gpu_free, free[f"ret{x['s']}"])
-            gpu_free = start + x["post"] + x["head"]
+            gpu_free = start + x["merge"] + x["post"] + x["head"]
             note("gpu", start, gpu_free, "AB"[x["s"]] + " dense+head")
         durations = np.maximum(gpu_free, np.maximum(free["up"], free["down"]))
         return self._timing(subs, L, steps, durations, intervals)
@@ -186,7 +206,7 @@ class AttentionOffloadSystem(SystemModel):
         """One layer of one sub-batch: dense work, Q/K/V up, attention on its ranks, output down."""
         s, name, R = x["s"], "AB"[x["s"]], self.ranksets
         start = np.maximum(free["gpu"], free[f"ret{s}"])
-        dense_end = start + (x["post"] if layer else 0.0) + x["pre"]
+        dense_end = start + (x["merge"] + x["post"] if layer else 0.0) + x["pre"]
         free["gpu"] = dense_end + x["pattn"]
         note("gpu", start, dense_end, f"{name} dense", layer)
         note("gpu", dense_end, free["gpu"], f"{name} prefill attn", layer)
@@ -211,7 +231,7 @@ class AttentionOffloadSystem(SystemModel):
             for r in np.flatnonzero(active[0]):
                 note(f"rankset{r % R}/rank{r}", r_start[:, r], r_end[:, r], f"{name} attn", layer)
         barrier(pim_end)
-        dn_start = np.maximum(pim_end, free["down"])
+        dn_start = np.maximum(pim_end + x["host_merge"], free["down"])
         free[f"ret{s}"] = free["down"] = dn_start + x["down"]
         note("pcie_down", dn_start, free["down"], f"{name} out", layer)
         barrier(free["down"])
@@ -223,7 +243,7 @@ class AttentionOffloadSystem(SystemModel):
         busy = {d: np.zeros(steps) for d in self.devices}
         imb_sum, imb_n = np.zeros(steps), 0
         for x in subs:
-            g = L * (x["pre"] + x["pattn"] + x["post"]) + x["head"]
+            g = L * (x["pre"] + x["pattn"] + x["post"] + x["merge"]) + x["head"]
             gpu_sub[:, x["s"]] = g
             busy["gpu"] += g
             busy["pcie_up"] += L * (x["up"] + x["up_bg"])
@@ -263,7 +283,7 @@ class AttentionOffloadSystem(SystemModel):
         per_unit, chain = np.zeros((steps, self.n_ranks)), 0.0
         for x in subs:  # each unit's time over the whole iteration (a unit is a serial resource)
             per_unit += np.einsum("srn,r->sn", x["work"], reps)
-            chain += L * (x["up"] + x["down"])
+            chain += L * (x["up"] + x["down"] + x["host_merge"])
         working = (per_unit > 0).sum(axis=1)
         m_all, m_max = per_unit.mean(axis=1), per_unit.max(axis=1)
         m_act = np.where(working > 0, per_unit.sum(axis=1) / np.maximum(working, 1), 0.0)

@@ -68,7 +68,8 @@ class PooledAttentionSystem(AttentionOffloadSystem):
     def pcie(self, nbytes: float) -> float:
         return super().pcie(nbytes) if self.spec.link == "host" else 0.0
 
-    def pim_layer_work(self, ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets) -> np.ndarray:
+    def pim_layer_work(self, ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets,
+                       pre_prefix=None) -> np.ndarray:  # fmt: skip
         steps_ctx = ctx[None, :] + np.asarray(offsets, float)[:, None]  # (offsets, requests) tokens attended
         work = self.device.read_seconds(steps_ctx) + self.device.write_seconds(float(np.sum(pre_tokens)))
         return work.reshape(len(offsets), 1, 1)

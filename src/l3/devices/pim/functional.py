@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -195,8 +196,20 @@ class FunctionalPim:
         scale = 1.0 / math.sqrt(lay.head_dim) if scale is None else scale
         out = np.empty(q.shape, np.float32)
         for b, request in enumerate(requests):
-            out[b] = self._attend_one(request, layer, q[b], scale)
+            o, _, total = self._attend_one(request, layer, q[b], scale)
+            out[b] = o / total[:, None]
         return out
+
+    def attend_partial(self, request: int, layer: int, q: np.ndarray, scale: float | None = None) -> Partial:
+        """One rank's share of a token-striped request-layer: decode attention over the tokens stored under
+        `request` (one chunk or several on this rank), left unnormalised for an exact merge with the other
+        ranks' partials (`merge_partials`). q (n_heads, head_dim) FP16."""
+        lay = self.layout
+        q = np.asarray(q, dtype=np.float16)
+        if q.shape != (lay.n_kv_heads * self.gqa_group, lay.head_dim):
+            raise ValueError(f"q must be ({lay.n_kv_heads * self.gqa_group}, {lay.head_dim}), got {q.shape}")
+        scale = 1.0 / math.sqrt(lay.head_dim) if scale is None else scale
+        return Partial(*self._attend_one(request, layer, q, scale))
 
     # --- the PUs -----------------------------------------------------------------------------------
     def _operands(self, request: int, layer: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -228,7 +241,8 @@ class FunctionalPim:
             ops.append(vals.transpose(0, 3, 4, 1, 2, 5))
         return ops[0], ops[1], n
 
-    def _attend_one(self, request: int, layer: int, q: np.ndarray, scale: float) -> np.ndarray:
+    def _attend_one(self, request: int, layer: int, q: np.ndarray, scale: float) -> tuple[np.ndarray, ...]:
+        """(unnormalised output (n_heads, E), running max (n_heads,), softmax sum (n_heads,)), FP32."""
         lay = self.layout
         k, v, n = self._operands(request, layer)
         rounds, groups, chip_parts, bank_parts, slots, elems = k.shape
@@ -268,8 +282,30 @@ class FunctionalPim:
         v = np.where(valid[..., None], v, np.float16(0))
         partial = _bank_axpy(s, v, self.acc_dtype)  # (r, G, c, b, gqa, E_c)
         o = partial.astype(np.float32).sum(axis=3)  # (r, G, c, gqa, E_c)
-        o = o.transpose(0, 1, 3, 2, 4).reshape(rounds, groups, gqa, lay.head_dim) / total[..., None]
-        return o.reshape(-1, lay.head_dim)[: q.shape[0]]
+        o = o.transpose(0, 1, 3, 2, 4).reshape(rounds, groups, gqa, lay.head_dim)
+        heads = q.shape[0]
+        return o.reshape(-1, lay.head_dim)[:heads], m.reshape(-1)[:heads], total.reshape(-1)[:heads]
+
+
+@dataclass(frozen=True)
+class Partial:
+    """One rank's attention over part of a request's tokens, per query head (FP32): `out` = sum_j exp(x_j - max)
+    v_j (n_heads, E), `max` = the largest logit x_j, `total` = sum_j exp(x_j - max)."""
+
+    out: np.ndarray
+    max: np.ndarray
+    total: np.ndarray
+
+
+def merge_partials(parts: Sequence[Partial]) -> np.ndarray:
+    """Exact attention output (n_heads, E) FP32 from the partials of disjoint token sets covering a request:
+    each is rescaled to the common max (log-sum-exp) before the sums are added; what the GPU or host does
+    with a token-striped request's partials."""
+    m = np.max([p.max for p in parts], axis=0)
+    scales = [np.exp(p.max - m) for p in parts]
+    out = sum(p.out * w[:, None] for p, w in zip(parts, scales, strict=True))
+    total = sum(p.total * w for p, w in zip(parts, scales, strict=True))
+    return (out / total[:, None]).astype(np.float32)
 
 
 def _bank_dot(k: np.ndarray, q: np.ndarray, acc: type, per_access: int) -> np.ndarray:

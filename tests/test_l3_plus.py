@@ -1,0 +1,102 @@
+"""L3+ token-striped KV placement: where tokens lie, what it does to rank balance, and what partials cost."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import make_workload
+from l3.sim.simulator import Simulator
+from l3.specs.model import ModelSpec
+from l3.specs.system import SystemSpec
+from l3.systems.l3 import L3System
+
+TINY = ModelSpec(name="tiny", n_layers=4, d_model=512, n_heads=4, n_kv_heads=4, head_dim=128, ffn_dim=1024,
+                 ffn_kind="gated", vocab_size=1000)  # fmt: skip
+
+
+def spec(placement="striped", chunk=256, over="rankset", merge="gpu", channels=4):
+    return SystemSpec.build({
+        "name": "tiny-l3-plus", "kind": "l3",
+        "gpu": {"preset": "a100-80gb", "count": 1},
+        "parallelism": {"tiny": {"tp": 1, "dp": 1}},
+        "pim": {"org_overrides": {"channels": channels, "rows": 4096}},
+        "coordination": {"placement": placement, "chunk_tokens": chunk, "stripe_over": over, "partial_merge": merge},
+        "scheduler": {"max_batched_tokens": 256},
+    })  # fmt: skip
+
+
+@functools.cache
+def system(kv_heads=4, **kw) -> L3System:
+    model = TINY.model_copy(update={"n_kv_heads": kv_heads})
+    return L3System(spec(**kw).deploy(model))
+
+
+@settings(max_examples=60, deadline=None)
+@given(tokens=st.lists(st.integers(0, 20_000), min_size=1, max_size=12), chunk=st.sampled_from([16, 256, 1000]),
+       over=st.sampled_from(["rankset", "replica"]), kv_heads=st.sampled_from([4, 1]), data=st.data())  # fmt: skip
+def test_spread_keeps_every_token_and_balances_each_request(tokens, chunk, over, kv_heads, data):
+    """kv_heads 4: each slot's heads split over all 4 channels (one channel group); 1: a slot is one channel."""
+    s = system(chunk=chunk, over=over, kv_heads=kv_heads)
+    place = np.array(data.draw(st.lists(st.integers(0, s.slots - 1), min_size=len(tokens), max_size=len(tokens))))
+    tokens = np.array(tokens)
+    req, slot, held = s.spread(place, tokens)
+    assert (held > 0).all() and ((slot >= 0) & (slot < s.slots)).all()
+    np.testing.assert_array_equal(np.bincount(req, weights=held, minlength=len(tokens)), tokens)
+    for i in range(len(tokens)):
+        mine = slot[req == i]
+        assert len(np.unique(mine)) == len(mine)  # one entry per (request, slot)
+        if over == "rankset":  # every chunk in the rankset of the request's offset
+            assert (mine % s.ranksets == place[i] % s.ranksets).all()
+        domain = s.slots // s.ranksets if over == "rankset" else s.slots  # channel groups (x ranksets)
+        full = tokens[i] // chunk
+        if full >= domain:  # a long request: every position holds it, within a chunk of each other
+            assert len(mine) == domain
+            assert np.ptp(held[req == i]) <= chunk
+
+
+def test_one_long_request_keeps_every_rank_of_the_replica_busy():
+    """A request of 64 chunks: unstriped, one rank works per layer; striped over the replica, all 16 (4 channels x
+    4 ranksets) do, the slowest within a chunk of the mean; over its rankset, the 4 ranks of its layer's rankset."""
+    ctx, place = np.array([64 * 256.0]), np.array([0])
+    loads = {}
+    cases = (("rank", {"placement": "rank"}), ("rankset", {"over": "rankset"}), ("replica", {"over": "replica"}))
+    for name, kw in cases:
+        s = system(**kw)
+        work = s.pim_layer_work(np.array([0]), ctx, place, np.empty(0, int), np.empty(0), np.empty(0, int),
+                                np.array([0]))[0]  # (residues, ranks)  # fmt: skip
+        loads[name] = work
+        busy = (work > 0).sum(axis=1)
+        expect = {"rank": 1, "rankset": s.channels, "replica": s.n_ranks}[name]
+        assert (busy == expect).all(), name
+    rep = loads["replica"]
+    assert (rep.max(axis=1) / rep[rep > 0].reshape(rep.shape[0], -1).mean(axis=1) < 1.05).all()
+    # striping pays a partial per rank, but the layer ends far sooner than on one rank
+    assert loads["replica"].max() < 0.2 * loads["rank"].max()
+
+
+def test_partials_cross_pcie_or_the_host_merges_them():
+    ctx, place, off = np.array([5000.0, 300.0]), np.array([0, 1]), np.array([0, 10])
+    gpu, host = (system(merge=m, kv_heads=1).outputs(ctx, place, off) for m in ("gpu", "host"))
+    s = system(merge="gpu", kv_heads=1)  # one KV head: a slot is one channel, 4 groups
+    parts = len(s.spread(place, ctx)[0])  # 5000 tokens: all 4 groups; 300: 2 chunks
+    assert parts == 6
+    np.testing.assert_allclose(gpu["down_bytes"], parts * TINY.n_heads * (TINY.head_dim + 2) * 4)
+    assert (gpu["merge_gpu_s"] > 0).all() and "merge_host_s" not in gpu
+    assert "down_bytes" not in host and (host["merge_host_s"] > 0).all()
+    assert system(placement="rankset").outputs(ctx, place, off) == {}  # unstriped: whole outputs, no merge
+
+
+@pytest.mark.parametrize("over", ["rankset", "replica"])
+@pytest.mark.parametrize("merge", ["gpu", "host"])
+def test_l3_plus_serves_every_request(over, merge):
+    rng = np.random.default_rng(3)
+    wl = make_workload(np.zeros(40), rng.integers(16, 400, 40), rng.integers(1, 900, 40), mode="offline")
+    res = Simulator(spec(over=over, merge=merge).deploy(TINY), wl).run()
+    t = res.table
+    assert (t.generated == t.output).all() and not t.reject_reason
+    assert res.schedulers[0].kv.used_blocks == 0

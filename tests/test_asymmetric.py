@@ -20,10 +20,11 @@ from l3.systems import build_system
 MODEL = get_model("llama-3-8b")
 
 
-def offload_system(hbm_reserve: float = 0.88, **coord):
-    """cpu-offload with most HBM reserved, so the HBM tier holds a few requests and the rest go to the CPU."""
-    spec = with_overrides(get_system("cpu-offload"), {"gpu": {"memory_reserve_fraction": hbm_reserve},
-                                                      "coordination": coord})  # fmt: skip
+def offload_system(hbm_reserve: float = 0.88, system: str = "cpu-offload", **coord):
+    """cpu-offload (or another system, asymmetric) with most HBM reserved, so the HBM tier holds a few requests
+    and the rest go to the device."""
+    spec = with_overrides(get_system(system), {"gpu": {"memory_reserve_fraction": hbm_reserve},
+                                               "coordination": coord | {"asymmetric": True}})  # fmt: skip
     return spec.deploy(MODEL, ParallelSpec(tp=4, dp=2))  # the smallest TP whose weights leave half the HBM free
 
 
@@ -77,11 +78,12 @@ def test_asymmetric_needs_kv_off_the_gpus():
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n=st.integers(5, 30), seed=st.integers(0, 10_000), policy=st.sampled_from(["alignment", "fill-capacity"]))
-def test_every_request_completes_and_tiers_stay_within_capacity(n, seed, policy):
+@given(n=st.integers(5, 30), seed=st.integers(0, 10_000), policy=st.sampled_from(["alignment", "fill-capacity"]),
+       system=st.sampled_from(["cpu-offload", "l3-plus"]))  # fmt: skip
+def test_every_request_completes_and_tiers_stay_within_capacity(n, seed, policy, system):
     rng = np.random.default_rng(seed)
     wl = make_workload(np.zeros(n), rng.integers(50, 4000, n), rng.integers(1, 3000, n), mode="offline")
-    sim = Simulator(offload_system(policy=policy), wl)
+    sim = Simulator(offload_system(policy=policy, system=system), wl)
     peak = np.zeros(2, np.int64)
     for sched in sim.schedulers:
         pool, alloc = sched.kv, sched.kv.allocate

@@ -182,8 +182,8 @@ class CoordinationSpec(SpecModel):
     decode_group: int = 0  # decodes placed at a time by the alignment policy; 0 = 1 for MHA, 16 for GQA
     # Under `alignment`: run an iteration as one batch when the predictors say two sub-batches would be slower.
     single_batch_fallback: bool = True
-    # NEO-style asymmetric pipelining (pooled-attention systems whose KV lives off the GPUs): requests whose KV
-    # fits the GPUs' spare HBM stay there and run attention on the GPU, in sub-batch 0 with all prefills;
+    # NEO-style asymmetric pipelining (systems whose KV lives off the GPUs: l3, pooled-attention): requests whose
+    # KV fits the GPUs' spare HBM stay there and run attention on the GPU, in sub-batch 0 with all prefills;
     # the rest keep KV in the device and form sub-batch 1, whose attention overlaps sub-batch 0's GPU work.
     asymmetric: bool = False
     warmup_iterations: int = 16  # observations before the predictors drive decisions
@@ -210,9 +210,11 @@ class SystemSpec(SpecModel):
             raise ValueError("pim: an l3 system needs a [pim] section")
         if self.kind == "pooled-attention" and self.attention is None:
             raise ValueError("attention: a pooled-attention system needs an [attention] section")
-        if self.coordination.asymmetric and (self.kind != "pooled-attention"
-                                             or self.attention.capacity_bytes == "hbm"):  # fmt: skip
-            raise ValueError("coordination.asymmetric: needs a pooled-attention system whose KV lives off the GPUs")
+        kv_on_gpus = self.kind == "gpu-only" or (self.kind == "pooled-attention"
+                                                 and self.attention.capacity_bytes == "hbm")  # fmt: skip
+        if self.coordination.asymmetric and kv_on_gpus:
+            raise ValueError("coordination.asymmetric: needs a memory-side device whose KV lives off the GPUs "
+                             "(l3, or pooled-attention with its own capacity)")
         return self
 
     def parallelism_for(self, model: ModelSpec) -> tuple[ParallelSpec | Literal["auto"], str, str]:

@@ -58,8 +58,15 @@ class L3System(AttentionOffloadSystem):
 
     @property
     def kv_capacity_tokens(self) -> int:
-        """Whole-model tokens: the share model's capacity over all ranks, divided by the shards of a token."""
-        return int(self.pim.kv_capacity_tokens // self.shard)
+        """Whole-model tokens: the share model's capacity over all ranks, divided by the shards of a token (plus
+        the HBM tier's under asymmetric pipelining)."""
+        return sum(self.kv_tiers)
+
+    @property
+    def kv_tiers(self) -> tuple[int, ...]:
+        """(PIM) or, under `coordination.asymmetric`, (the GPUs' spare HBM, PIM): sim.kv's HBM_TIER, DEVICE_TIER."""
+        pim = int(self.pim.kv_capacity_tokens // self.shard)
+        return (self.dep.hbm_kv_tokens, pim) if self.coord.asymmetric else (pim,)
 
     @property
     def attention_bw(self) -> float:

@@ -175,8 +175,8 @@ class CoordinationSpec(SpecModel):
     chunk_tokens: int = Field(default=2048, ge=1)  # tokens per stripe chunk (docs/l3-plus.md: the sweep)
     # What a striped request-layer's chunks rotate over: the channel groups of its layer's rankset, or every
     # group of every rankset of the replica (groups first, then the next rankset).
-    stripe_over: Literal["rankset", "replica"] = "rankset"
-    partial_merge: Literal["gpu", "host"] = "gpu"  # who merges a striped request's partials (log-sum-exp)
+    stripe_over: Literal["rankset", "replica"] = "replica"  # the defaults here: the sweep's choice
+    partial_merge: Literal["gpu", "host"] = "host"  # who merges a striped request's partials (log-sum-exp)
     rankset_overlap: bool = True  # a write blocks only the rank written; off: it blocks its whole channel
     policy: Literal["alignment", "fill-capacity", "halving"] = "alignment"
     decode_group: int = 0  # decodes placed at a time by the alignment policy; 0 = 1 for MHA, 16 for GQA

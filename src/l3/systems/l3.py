@@ -42,8 +42,7 @@ class L3System(AttentionOffloadSystem):
         # A partial: the unnormalised output (FP32, it is not bounded by |v|) and a running max and sum per
         # query head (FP32); a whole output: FP16 per query head.
         self._partial_bytes = m.n_heads * (m.head_dim + 2) * 4
-        cpu = get_cpu(sysspec.pim.host_cpu)
-        self._host_flops = cpu.cores * cpu.clock_ghz * 1e9 * cpu.fp32_flops_per_cycle / dep.dp
+        self._host_flops = get_cpu(sysspec.pim.host_cpu).peak_flops / dep.dp  # this replica's share
 
     def _shard(self, n_hc: int) -> int:
         """Channels a request-layer's heads are split over: the largest divisor S of the channels such that
@@ -87,6 +86,12 @@ class L3System(AttentionOffloadSystem):
         channels = (slot // R)[..., None] * S + np.arange(S)
         return channels * R + ((slot % R + residue) % R)[..., None]
 
+    @property
+    def _stripe_positions(self) -> int:
+        """D: the slots a striped request-layer's chunks rotate over."""
+        groups = self.channels // self.shard
+        return groups if self.coord.stripe_over == "rankset" else groups * self.ranksets
+
     def spread(self, placement: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Where requests' tokens lie: (request index, slot, tokens) per (request, slot) holding any. Request i
         at slot placement[i] = g0 * R + o0 (channel group g0 of the G = C / S groups, offset o0) with tokens[i]
@@ -98,8 +103,8 @@ class L3System(AttentionOffloadSystem):
         if not self.striped:
             return super().spread(placement, tokens)
         placement, tokens = np.asarray(placement, np.int64), np.asarray(tokens, np.int64)
-        G, R, K = self.channels // self.shard, self.ranksets, self.coord.chunk_tokens
-        D = G if self.coord.stripe_over == "rankset" else G * R
+        K, D = self.coord.chunk_tokens, self._stripe_positions
+        G, R = self.channels // self.shard, self.ranksets
         full, rem = np.divmod(tokens, K)
         j = np.arange(D)
         held = K * (full[:, None] // D + (j < full[:, None] % D)) + rem[:, None] * (j == full[:, None] % D)
@@ -157,7 +162,9 @@ class L3System(AttentionOffloadSystem):
         out = super().outputs(ctx, placement, offsets)
         if not self.striped or not len(ctx):
             return out
-        parts = np.array([len(self.spread(placement, ctx + j)[0]) for j in offsets], float)
+        # a request holds min(D, its chunks) positions: that many partials
+        chunks = -(-(np.asarray(ctx, float)[None, :] + np.asarray(offsets)[:, None]) // self.coord.chunk_tokens)
+        parts = np.minimum(chunks, self._stripe_positions).sum(axis=1)
         n, m = len(ctx), self.dep.model
         if self.coord.partial_merge == "gpu":
             out["down_bytes"] = parts * self._partial_bytes

@@ -10,10 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import make_workload
+from l3.errors import SpecError
+from l3.sim.plan import Plan
 from l3.sim.simulator import Simulator
 from l3.specs.model import ModelSpec
 from l3.specs.system import SystemSpec
 from l3.systems.l3 import L3System
+from l3.systems.offload import deal
 
 TINY = ModelSpec(name="tiny", n_layers=4, d_model=512, n_heads=4, n_kv_heads=4, head_dim=128, ffn_dim=1024,
                  ffn_kind="gated", vocab_size=1000)  # fmt: skip
@@ -100,3 +103,82 @@ def test_l3_plus_serves_every_request(over, merge):
     t = res.table
     assert (t.generated == t.output).all() and not t.reject_reason
     assert res.schedulers[0].kv.used_blocks == 0
+
+
+# --- one DIMM pool for every DP replica (pim.shared) ---------------------------------------------------------
+def shared_spec(shared=True, gpus=2):
+    base = spec(over="replica", merge="host").model_dump()
+    return SystemSpec.build(base | {"gpu": {"preset": "a100-80gb", "count": gpus},
+                                    "parallelism": {"tiny": {"tp": 1, "dp": gpus}},
+                                    "pim": base["pim"] | {"shared": shared}})  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None)
+@given(chunks=st.lists(st.integers(1, 2048), max_size=6), n_decode=st.integers(0, 300), groups=st.integers(1, 8))
+def test_deal_places_every_request_once_and_levels_the_groups(chunks, n_decode, groups):
+    plan = Plan(decode_ids=np.arange(n_decode) + 100, prefill_ids=np.arange(len(chunks)),
+                prefill_chunks=np.array(chunks, np.int64), prefill_prefix=np.zeros(len(chunks), np.int64),
+                prefill_completes=np.ones(len(chunks), bool))  # fmt: skip
+    parts = deal(plan, groups)
+    assert len(parts) == groups
+    for field in ("decode_ids", "prefill_ids"):
+        got = np.sort(np.concatenate([getattr(p, field) for p in parts]))
+        np.testing.assert_array_equal(got, np.sort(getattr(plan, field)))
+    tokens = np.array([p.prefill_chunks.sum() + len(p.decode_ids) for p in parts])
+    # the decodes fill the lowest groups first: groups differ by at most one token, or by the prefill spread
+    # where the decodes cannot fill it
+    with_decodes = np.array([len(p.decode_ids) > 0 for p in parts])
+    if with_decodes.any():
+        assert tokens[with_decodes].max() - tokens.min() <= 1
+    assert tokens.max() - tokens.min() <= max(max(chunks, default=0), 1)
+
+
+def test_a_shared_rank_serves_the_groups_one_after_another():
+    """Two decodes on the same ranks, dealt to the two GPU groups: each rank streams both requests' KV in one
+    command stream (no faster than its banks' peak over both), and the recorded intervals of a rank never
+    overlap."""
+    s = L3System(shared_spec().deploy(TINY))
+    assert (s.groups, s.replicas, s.channels) == (2, 1, 4)
+    ctx, place = np.array([3000.0, 5000.0]), np.array([0, 0])
+
+    def work(ids):
+        return s.pim_layer_work(np.arange(len(ids)), ctx[ids], place[ids], np.empty(0, int), np.empty(0),
+                                np.empty(0, int), np.array([0]))[0]  # fmt: skip
+
+    both = work([0, 1])
+    assert (both > np.maximum(work([0]), work([1]))).all()
+    _, slot, held = s.spread(place, ctx)
+    tokens = np.bincount(slot, weights=held, minlength=s.slots)[0]  # slot 0's tokens, on each rank of it
+    streaming = tokens * s.pim.model.kv_bytes_per_token_layer / (s.pim.peak_attention_bw / s.n_ranks)
+    assert both[0, s.ranks_of(np.array(0), 0)].min() >= streaming
+    rng = np.random.default_rng(5)
+    wl = make_workload(np.zeros(30), rng.integers(16, 300, 30), rng.integers(200, 2000, 30), mode="offline")
+    res = Simulator(shared_spec().deploy(TINY), wl, timeline_limit=50_000).run()
+    by_rank: dict[str, list] = {}
+    for _, _, dev, t0, t1, _ in res.metrics.timeline:
+        if "/rank" in dev:
+            by_rank.setdefault(dev, []).append((t0, t1))
+    assert by_rank
+    for spans in by_rank.values():
+        spans.sort()
+        starts, ends = np.array(spans).T
+        assert (starts[1:] >= ends[:-1] - 1e-12).all()
+
+
+def test_a_shared_pool_is_one_replica_over_all_channels_and_serves_everything():
+    rng = np.random.default_rng(4)
+    wl = make_workload(np.zeros(60), rng.integers(16, 400, 60), rng.integers(1, 1500, 60), mode="offline")
+    split, shared = (Simulator(shared_spec(sh, gpus=4).deploy(TINY), wl) for sh in (False, True))
+    assert len(split.schedulers) == 4 and len(shared.schedulers) == 1
+    assert shared.system.kv_capacity_tokens == 4 * split.system.kv_capacity_tokens
+    assert shared.system.attention_bw == pytest.approx(4 * split.system.attention_bw)
+    res = shared.run()
+    t = res.table
+    assert (t.generated == t.output).all() and not t.reject_reason
+    assert res.schedulers[0].kv.used_blocks == 0
+
+
+def test_shared_pool_rejects_the_hbm_tier():
+    base = shared_spec().model_dump()
+    with pytest.raises(SpecError, match=r"pim\.shared"):
+        SystemSpec.build(base | {"coordination": base["coordination"] | {"asymmetric": True}})

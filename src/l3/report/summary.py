@@ -43,7 +43,7 @@ def summarize(res: SimResult) -> dict:
     ttft = (t.first_token_s - t.arrival)[done]
     e2e = (t.finish_s - t.arrival)[done]
     reasons = Counter(t.reject_code.values())
-    replica_time = sim_t * dep.dp
+    replica_time = sim_t * res.system.replicas
     t50, t90 = m.output_times([0.5, 0.9])
     return {
         "system": dep.system.name,
@@ -70,8 +70,8 @@ def summarize(res: SimResult) -> dict:
         "iterations": m.steps,
         "preemptions": int(t.preemptions.sum()),
         "kv_capacity_tokens_per_replica": int(res.system.kv_capacity_tokens),
-        "kv_capacity_bytes": int(res.system.kv_capacity_tokens) * dep.model.kv_bytes_per_token * dep.dp,
-        "attention_peak_bw_bytes_per_s": res.system.attention_bw * dep.dp,
+        "kv_capacity_bytes": int(res.system.kv_capacity_tokens) * dep.model.kv_bytes_per_token * res.system.replicas,
+        "attention_peak_bw_bytes_per_s": res.system.attention_bw * res.system.replicas,
         "tbt_histogram": {"log10_lo": m.tbt.LO, "bins_per_decade": m.tbt.PER_DECADE,
                           "counts": sparse_counts(m.tbt.counts)},
         "ttft_p50_s": _pct(ttft, 50),
@@ -102,7 +102,7 @@ def bound_summary(res: SimResult, out_tokens: int) -> dict:
     the replicas' total time (replicas x makespan) spent at the bound, lost to each cause in systems.base.LOSSES,
     and idle (`replica_idle`: waiting for arrivals, or done before the last replica); they sum to 1.
     """
-    m, dp, sim_t = res.metrics, res.deployment.dp, res.simulated_time_s
+    m, dp, sim_t = res.metrics, res.system.replicas, res.simulated_time_s
     replica_time = sim_t * dp
     if m.bound_s <= 0 or replica_time <= 0:
         return {"bound_tok_s": None, "bound_fraction": None, "steady_bound_fraction": None, "time_breakdown": {}}

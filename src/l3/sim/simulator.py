@@ -49,13 +49,17 @@ class Simulator:
         self.system = build_system(dep)
         self.table = RequestTable(workload.arrival_s, workload.prompt_len, workload.output_len)
         self.queue = WaitingQueue(self.table)
-        self.schedulers = [self._scheduler(r) for r in range(dep.dp)]
+        self.schedulers = [self._scheduler(r) for r in range(self.system.replicas)]
         self.metrics = Metrics(self.system.devices, timeline_limit)
         self.completed = 0  # requests finished so far (for progress reports)
         self._reject_oversized()
 
     def _scheduler(self, r: int) -> ContinuousBatchingScheduler:
         spec = self.dep.system.scheduler
+        if self.system.groups > 1:  # one replica feeds several GPU groups: each group's token and batch budget
+            g = self.system.groups
+            spec = spec.model_copy(update={"max_batched_tokens": spec.max_batched_tokens * g,
+                                           "max_batch_size": spec.max_batch_size * g})  # fmt: skip
         kv = KvPool(self.system.kv_tiers, spec.block_size)
         if isinstance(self.system, AttentionOffloadSystem):
             return SubBatchScheduler(spec, kv, self.table, self.queue, r, self.dep.system.coordination,
@@ -74,7 +78,7 @@ class Simulator:
 
     def run(self, progress: Callable[[int], None] | None = None) -> SimResult:
         wall0 = time.perf_counter()
-        clocks = [(0.0, r) for r in range(self.dep.dp)]
+        clocks = [(0.0, r) for r in range(len(self.schedulers))]
         heapq.heapify(clocks)
         end = 0.0
         done_before = 0

@@ -92,6 +92,10 @@ class PimMemorySpec(SpecModel):
     org_overrides: dict[str, int] = Field(default_factory=dict)  # e.g. {channels = 8} for a capacity sweep
     pu: PimSpec = PimSpec()
     host_cpu: str = "epyc-7742-x2"  # the host's CPUs (the DGX-A100's): they merge partials when told to
+    # One pool for every DP replica (l3-plus): every channel serves every replica's requests, and a request is
+    # bound to no GPU group (its KV lives in the pool, the weights in every group), so each iteration's work
+    # is dealt over the DP groups. False: each replica owns 1/dp of the channels (the paper's partition).
+    shared: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> PimMemorySpec:
@@ -212,6 +216,9 @@ class SystemSpec(SpecModel):
             raise ValueError("attention: a pooled-attention system needs an [attention] section")
         kv_on_gpus = self.kind == "gpu-only" or (self.kind == "pooled-attention"
                                                  and self.attention.capacity_bytes == "hbm")  # fmt: skip
+        if self.pim is not None and self.pim.shared and self.coordination.asymmetric:
+            raise ValueError("pim.shared: a shared DIMM pool deals each iteration's requests over the DP groups, "
+                             "but coordination.asymmetric keeps some KV in one group's HBM; set one of them false")
         if self.coordination.asymmetric and kv_on_gpus:
             raise ValueError("coordination.asymmetric: needs a memory-side device whose KV lives off the GPUs "
                              "(l3, or pooled-attention with its own capacity)")
@@ -254,7 +261,7 @@ class SystemSpec(SpecModel):
             return f"{where}: tp = {par.tp} must divide the model's n_heads = {model.n_heads}"
         if par.tp % model.n_kv_heads and model.n_kv_heads % par.tp:
             return f"{where}: tp = {par.tp} and n_kv_heads = {model.n_kv_heads}: one must divide the other"
-        if self.pim is not None and self.pim.dram().org.channels % par.dp:
+        if self.pim is not None and not self.pim.shared and self.pim.dram().org.channels % par.dp:
             return (f"{where}: dp = {par.dp} must divide pim channels = {self.pim.dram().org.channels} "
                     "(each replica owns a share of the channels)")  # fmt: skip
         usable = self.usable_hbm_bytes(par.tp)

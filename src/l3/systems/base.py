@@ -58,10 +58,20 @@ LOSSES = {
 
 
 class SystemModel(ABC):
-    """Timing of one replica of a deployment. Implementations must be pure functions of their inputs."""
+    """Timing of one replica of a deployment. Implementations must be pure functions of their inputs.
+
+    A replica is what the executor schedules on its own: usually one DP group of GPUs (`replicas` = dp). A
+    system whose memory side is one pool for every DP group (l3 with `pim.shared`) is one replica whose
+    iterations are dealt over `groups` GPU groups."""
 
     devices: tuple[str, ...]
     attention_model = "mechanism"  # "ideal" where decode attention runs at a device's peak (the paper's baselines)
+    groups = 1  # TP groups of GPUs one replica deals its iterations over
+
+    @property
+    def replicas(self) -> int:
+        """Replicas the executor runs: the deployment's DP groups divided into groups per replica."""
+        return self.dep.dp // self.groups
 
     @property
     @abstractmethod

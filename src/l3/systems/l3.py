@@ -10,7 +10,8 @@ share ranks in every layer. With `placement = "striped"` (l3-plus, docs/l3-plus.
 where it starts: its tokens are cut into chunks of `chunk_tokens` rotating over the slots (`spread`), and every
 slot holding some of them returns a partial attention that the GPU or the host merges. A write into a rank
 blocks that rank's compute (`rankset_overlap`); without rankset overlap it blocks every rank of its channel. DP
-replicas each own an equal share of the channels.
+replicas each own an equal share of the channels; with `pim.shared` (l3-plus) the pool is one, every channel
+serves every request, and each iteration's work is dealt over the DP groups of GPUs (`groups`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ class L3System(AttentionOffloadSystem):
     def __init__(self, dep: Deployment):
         m, sysspec = dep.model, dep.system
         full = sysspec.pim.dram()
-        channels = full.org.channels // dep.dp  # this replica's share of the host's channels
+        self.groups = dep.dp if sysspec.pim.shared else 1
+        channels = full.org.channels // (dep.dp // self.groups)  # this replica's share of the host's channels
         self.dram = DramSpec(timing=full.timing, org=full.org.model_copy(update={"channels": channels}))
         super().__init__(dep, self.dram.org.ranks_per_channel, channels)
         self.shard = self._shard(PimDevice(self.dram, sysspec.pim.pu, m).n_hc)
@@ -42,7 +44,7 @@ class L3System(AttentionOffloadSystem):
         # A partial: the unnormalised output (FP32, it is not bounded by |v|) and a running max and sum per
         # query head (FP32); a whole output: FP16 per query head.
         self._partial_bytes = m.n_heads * (m.head_dim + 2) * 4
-        self._host_flops = get_cpu(sysspec.pim.host_cpu).peak_flops / dep.dp  # this replica's share
+        self._host_flops = get_cpu(sysspec.pim.host_cpu).peak_flops / self.replicas  # this replica's share
 
     def _shard(self, n_hc: int) -> int:
         """Channels a request-layer's heads are split over: the largest divisor S of the channels such that

@@ -94,31 +94,53 @@ class AttentionOffloadSystem(SystemModel):
             if sb.empty:
                 continue
             ctx = table.context(sb.decode_ids).astype(float)
-            shape = BatchShape.of(sb, ctx)
             on_gpu = self._on_gpu(table, sb.decode_ids)
             dev, pre = sb.decode_ids[~on_gpu], ~self._on_gpu(table, sb.prefill_ids)
             pre_ids, pre_chunks = sb.prefill_ids[pre], sb.prefill_chunks[pre]
+            # The memory side serves the whole sub-batch, whichever GPU group each request is dealt to.
             work = self.pim_layer_work(dev, ctx[~on_gpu], table.placement[dev], pre_ids, pre_chunks,
                                        table.placement[pre_ids], offsets,
                                        pre_prefix=sb.prefill_prefix[pre])  # fmt: skip
-            outs = {k: interpolate_steps(v, offsets, steps)
-                    for k, v in self.outputs(ctx[~on_gpu], table.placement[dev], offsets).items()}  # fmt: skip
-            parts = self._gpu_parts(shape.n_tokens, len(dev), int(pre_chunks.sum()), shape.prefill_pairs,
-                                    shape.prefill_kv_tokens, shape.n_sampled)  # fmt: skip
+            shape = BatchShape.of(sb, ctx)
             gpu_ctx = ctx[on_gpu].sum() + on_gpu.sum() * grow
-            if on_gpu.any():  # asymmetric pipelining: these requests' attention runs on the GPU, KV in HBM
-                parts = parts | {"pattn": parts["pattn"] + self.gpu.decode_attention(on_gpu.sum(), gpu_ctx)}
             flops, nbytes = self.gpu.attention_work(shape.prefill_pairs + gpu_ctx, shape.prefill_kv_tokens + gpu_ctx)
             whole["tokens"] += shape.n_tokens
             whole["sampled"] += shape.n_sampled
             whole["flops"] += flops
             whole["bytes"] += nbytes
             whole["device_ctx"] += ctx[~on_gpu].sum() + len(dev) * grow
-            parts = parts | {"down": self.pcie(outs["down_bytes"]) if "down_bytes" in outs else parts["down"],
-                             "merge": outs.get("merge_gpu_s", 0.0), "host_merge": outs.get("merge_host_s", 0.0)}
-            subs.append({"s": s, "n_dec": len(dev), "work": interpolate_steps(work, offsets, steps), **parts})
+            per_group = [self._group_parts(g, table, offsets, steps, grow) for g in deal(sb, self.groups)]
+            # The groups run each layer in step (every group's attention of the sub-batch returns together):
+            # a part takes its slowest group's time; devices are busy for the groups' mean. The host merges
+            # every group's partials.
+            parts, mean = per_group[0], per_group[0]
+            if len(per_group) > 1:
+                parts = {k: functools.reduce(np.maximum, [p[k] for p in per_group]) for k in mean}
+                parts["host_merge"] = sum(p["host_merge"] for p in per_group)
+                mean = {k: sum(p[k] for p in per_group) / len(per_group) for k in mean}
+            subs.append({"s": s, "n_dec": len(dev), "work": interpolate_steps(work, offsets, steps), **parts,
+                         "mean": mean})  # fmt: skip
         timing = self._schedule(subs, L, steps, record)
         return self._with_bound(timing, subs, whole)
+
+    def _group_parts(self, sb: Plan, table: RequestTable, offsets: np.ndarray, steps: int, grow: np.ndarray) -> dict:
+        """Per-layer seconds of one GPU group's share `sb` of a sub-batch: its dense work, its prefill (and, under
+        asymmetric pipelining, HBM-tier decode) attention, its host-link transfers and the merging of its
+        requests' partial outputs."""
+        ctx = table.context(sb.decode_ids).astype(float)
+        shape = BatchShape.of(sb, ctx)
+        on_gpu = self._on_gpu(table, sb.decode_ids)
+        dev = sb.decode_ids[~on_gpu]
+        pre_tokens = int(sb.prefill_chunks[~self._on_gpu(table, sb.prefill_ids)].sum())
+        parts = self._gpu_parts(shape.n_tokens, len(dev), pre_tokens, shape.prefill_pairs, shape.prefill_kv_tokens,
+                                shape.n_sampled)  # fmt: skip
+        if on_gpu.any():  # asymmetric pipelining: these requests' attention runs on the GPU, KV in HBM
+            gpu_ctx = ctx[on_gpu].sum() + on_gpu.sum() * grow
+            parts = parts | {"pattn": parts["pattn"] + self.gpu.decode_attention(on_gpu.sum(), gpu_ctx)}
+        outs = {k: interpolate_steps(v, offsets, steps)
+                for k, v in self.outputs(ctx[~on_gpu], table.placement[dev], offsets).items()}  # fmt: skip
+        return parts | {"down": self.pcie(outs["down_bytes"]) if "down_bytes" in outs else parts["down"],
+                        "merge": outs.get("merge_gpu_s", 0.0), "host_merge": outs.get("merge_host_s", 0.0)}
 
     def _on_gpu(self, table: RequestTable, ids: np.ndarray) -> np.ndarray:
         """Which of these requests keep their KV in GPU HBM (only under asymmetric pipelining)."""
@@ -243,11 +265,11 @@ class AttentionOffloadSystem(SystemModel):
         busy = {d: np.zeros(steps) for d in self.devices}
         imb_sum, imb_n = np.zeros(steps), 0
         for x in subs:
-            g = L * (x["pre"] + x["pattn"] + x["post"] + x["merge"]) + x["head"]
-            gpu_sub[:, x["s"]] = g
-            busy["gpu"] += g
-            busy["pcie_up"] += L * (x["up"] + x["up_bg"])
-            busy["pcie_down"] += L * x["down"]
+            gpu_sub[:, x["s"]] = L * (x["pre"] + x["pattn"] + x["post"] + x["merge"]) + x["head"]
+            mean = x["mean"]  # over the GPU groups the sub-batch is dealt to (one, but for a shared pool)
+            busy["gpu"] += L * (mean["pre"] + mean["pattn"] + mean["post"] + mean["merge"]) + mean["head"]
+            busy["pcie_up"] += L * (mean["up"] + mean["up_bg"])
+            busy["pcie_down"] += L * mean["down"]
             # The sub-batch's own PIM time: each layer's slowest rank (what the scheduler balances against
             # the other sub-batch's GPU time). Busy time of `pim` and of each rankset: the mean over their
             # ranks of the time each rank computed (a rank is a serial resource, so this is <= elapsed time).
@@ -271,13 +293,12 @@ class AttentionOffloadSystem(SystemModel):
         }
         return IterationTiming(durations, busy, gpu_sub, mem_sub, stats, intervals)
 
-
-
     def _with_bound(self, timing: IterationTiming, subs: list[dict], whole: dict) -> IterationTiming:
         """`timing` with its bound and the causes of the time beyond it (systems.base.LOSSES), per step."""
         L = self.dep.model.n_layers
         reps = np.bincount(np.arange(L) % self.ranksets, minlength=self.ranksets)  # layers per residue
-        g_bound = self.gpu.roofline(whole["tokens"], whole["sampled"], whole["flops"], whole["bytes"])
+        G = self.groups  # at the bound a dealt batch splits evenly over the GPU groups
+        g_bound = self.gpu.roofline(whole["tokens"] / G, whole["sampled"] / G, whole["flops"] / G, whole["bytes"] / G)
         m_bound = whole["device_ctx"] * L * self._kv_layer / self.attention_bw
         steps = len(timing.durations)
         per_unit, chain = np.zeros((steps, self.n_ranks)), 0.0
@@ -287,7 +308,7 @@ class AttentionOffloadSystem(SystemModel):
         working = (per_unit > 0).sum(axis=1)
         m_all, m_max = per_unit.mean(axis=1), per_unit.max(axis=1)
         m_act = np.where(working > 0, per_unit.sum(axis=1) / np.maximum(working, 1), 0.0)
-        d, gpu = timing.durations, timing.busy["gpu"]
+        d, gpu = timing.durations, timing.sub_gpu_s.sum(axis=1)  # the slowest GPU group's time
         gpu_side = g_bound >= m_bound
         beyond = gpu - g_bound
         rereads = np.clip((len(subs) - 1) * self.gpu.weight_read_s()[0], 0.0, np.maximum(beyond, 0.0))
@@ -302,6 +323,39 @@ class AttentionOffloadSystem(SystemModel):
                   "imbalance": on(~gpu_side, m_max - m_act), "transfers": transfers,
                   "serialisation": wait - transfers}  # fmt: skip
         return dataclasses.replace(timing, bound=np.maximum(g_bound, m_bound), losses=losses)
+
+
+def deal(plan: Plan, groups: int) -> list[Plan]:
+    """`plan` dealt over `groups` GPU groups (each holds the weights; every request's KV is in a pool they share):
+    prefill chunks largest first, each to the group with the fewest tokens so far, then the decodes (one token
+    each, in order) to even out the groups' tokens. One group: the plan itself."""
+    if groups == 1:
+        return [plan]
+    load = np.zeros(groups, np.int64)
+    pre_group = np.zeros(len(plan.prefill_ids), np.int64)
+    for i in np.argsort(-plan.prefill_chunks, kind="stable"):
+        g = int(np.argmin(load))
+        pre_group[i] = g
+        load[g] += int(plan.prefill_chunks[i])
+    # Water-fill n decodes: the lowest level h with sum(max(h - load, 0)) >= n; groups below h - 1 fill to it.
+    n = len(plan.decode_ids)
+    lo, hi = int(load.min()), int(load.min()) + n
+    while lo < hi:
+        h = (lo + hi) // 2
+        if np.maximum(h - load, 0).sum() >= n:
+            hi = h
+        else:
+            lo = h + 1
+    take = np.maximum(lo - 1 - load, 0)
+    extra = n - int(take.sum())  # the rest go one each to groups that reach level lo
+    take[np.flatnonzero(load <= lo - 1)[:extra]] += 1
+    dec_group = np.repeat(np.arange(groups), take)
+    out = []
+    for g in range(groups):
+        d, p = dec_group == g, pre_group == g
+        out.append(Plan(plan.decode_ids[d], plan.prefill_ids[p], plan.prefill_chunks[p], plan.prefill_prefix[p],
+                        plan.prefill_completes[p], steps=plan.steps))  # fmt: skip
+    return out
 
 
 def interpolate_steps(values: np.ndarray, offsets: np.ndarray, steps: int) -> np.ndarray:

@@ -11,10 +11,11 @@ from hypothesis import strategies as st
 
 from conftest import make_workload
 from l3.errors import SpecError
+from l3.sim.kv import HBM_TIER
 from l3.sim.plan import Plan
 from l3.sim.simulator import Simulator
-from l3.specs.model import ModelSpec
-from l3.specs.system import SystemSpec
+from l3.specs.model import ModelSpec, get_model
+from l3.specs.system import ParallelSpec, SystemSpec, get_system, with_overrides
 from l3.systems.l3 import L3System
 from l3.systems.offload import deal
 
@@ -182,3 +183,21 @@ def test_shared_pool_rejects_the_hbm_tier():
     base = shared_spec().model_dump()
     with pytest.raises(SpecError, match=r"pim\.shared"):
         SystemSpec.build(base | {"coordination": base["coordination"] | {"asymmetric": True}})
+
+
+# --- the HBM KV tier ---------------------------------------------------------------------------------------
+def test_with_the_pim_unused_l3_plus_runs_gpu_only_iterations():
+    """Every request fits the HBM tier, so the PIM gets none: L3+ with its HBM tier then runs exactly the
+    iterations GPU-only runs at the same parallelism (same plans, same durations, same finish times)."""
+    model, par = get_model("llama-3-8b"), ParallelSpec(tp=4, dp=2)
+    rng = np.random.default_rng(1)
+    wl = make_workload(np.zeros(20), rng.integers(50, 3000, 20), rng.integers(1, 600, 20), mode="offline")
+    plus = with_overrides(get_system("l3-plus"), {"coordination": {"asymmetric": True}}).deploy(model, par)
+    a, b = (Simulator(d, wl, bulk=False).run() for d in (plus, get_system("gpu-only").deploy(model, par)))
+    assert (a.table.kv_tier == HBM_TIER).all()
+    sa, sb = a.metrics.series(), b.metrics.series()
+    for r in (0, 1):
+        ra, rb = sa[sa[:, 0] == r], sb[sb[:, 0] == r]
+        np.testing.assert_array_equal(ra[:, 3:6], rb[:, 3:6])  # steps, batch, tokens of every plan
+        np.testing.assert_allclose(ra[:, 2] - ra[:, 1], rb[:, 2] - rb[:, 1], rtol=1e-9)
+    np.testing.assert_allclose(a.table.finish_s, b.table.finish_s, rtol=1e-9)

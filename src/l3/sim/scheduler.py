@@ -117,7 +117,7 @@ class ContinuousBatchingScheduler:
             run, in_decode = self._fit_decodes()
         decode_ids = run[in_decode]
         prefill_ids = run[~in_decode]
-        budget = self.prefill_budget(len(decode_ids))
+        budget = self.prefill_budget(decode_ids)
         remaining = t.prefill_target[prefill_ids] - t.prefilled[prefill_ids]
         before = np.cumsum(remaining) - remaining
         chunks = np.clip(budget - before, 0, remaining).astype(np.int64)
@@ -146,9 +146,9 @@ class ContinuousBatchingScheduler:
         """Admit while the prefill work already admitted is below this many tokens."""
         return self.spec.max_batched_tokens
 
-    def prefill_budget(self, n_decode: int) -> float:
+    def prefill_budget(self, decode_ids: np.ndarray) -> float:
         """Prefill tokens this iteration: what the token budget leaves after one token per decode."""
-        return max(self.spec.max_batched_tokens - n_decode, 0)
+        return max(self.spec.max_batched_tokens - len(decode_ids), 0)
 
     def choose_tier(self, rid: int) -> int | None:
         """The KV tier to admit request `rid` to (the first with room), or None to keep it waiting."""

@@ -13,8 +13,9 @@ say two sub-batches would be slower (small batches, where the second sub-batch m
 With `coordination.asymmetric` (NEO-style, two KV tiers: GPU HBM and the device) the split follows the KV:
 sub-batch 0 holds every prefill and the requests whose KV is in HBM (attention on the GPU), sub-batch 1 those
 whose KV is in the device. New requests go to HBM while it has room; under `alignment` they join the device
-only while the predicted attention time of sub-batch 1 stays within sub-batch 0's measured GPU time (the
-device's attention then hides behind the GPU's work; beyond it each added request slows every other's tokens).
+only while the predicted attention time of sub-batch 1, its contexts grown by as many tokens as each request has
+generated so far, stays within sub-batch 0's predicted GPU time in a decode iteration (the device's attention
+then hides behind the GPU's work; beyond it each added request slows every other's tokens).
 Predictors learn from the times the executor reports (`observe`), never from cost models.
 """
 
@@ -60,12 +61,13 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         self.pim_err, self.gpu_err = ErrorLog(), ErrorLog()
         self._last: tuple[np.ndarray, np.ndarray] | None = None  # predictions for the plan just made
         self.chunked = 0  # prefill chunks shortened to close a PIM bubble
-        self._gpu0_s: float | None = None  # last measured GPU seconds of sub-batch 0
         self.single_batch = 0  # iterations run as one batch because splitting would not pay
         self._one = False  # the plan just made runs as one batch
         self._step_cost: list[float | None] = [None, None]  # last measured s per request-step: one batch, split
         self._same_way = 0  # consecutive iterations run the same way (one batch or split)
         self._last_way = -1
+        self._shed = False  # the last iteration's device attention outlasted all its GPU work
+        self.shed = 0  # device-tier requests preempted to relieve the device (asymmetric pipelining)
 
     @property
     def learning(self) -> bool:
@@ -75,13 +77,25 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
     def warm(self) -> bool:
         return self.learning and self.gpu_pred.seen >= self.coord.warmup_iterations and self.pim_pred.w is not None
 
+    def schedule(self, now: float) -> Plan:
+        if self._shed:  # the device is the bottleneck: give up its youngest request (least work to redo)
+            self._shed = False
+            if (self.table.kv_tier[self.running] == DEVICE_TIER).any():
+                self._preempt_last(DEVICE_TIER)
+                self.shed += 1
+        return super().schedule(now)
+
     # --- admission and placement --------------------------------------------------------------------
     def admission_budget(self) -> float:
         return np.inf if self.coord.policy == "fill-capacity" else self.spec.max_batched_tokens
 
-    def prefill_budget(self, n_decode: int) -> float:
-        # Decode tokens do not eat the prefill budget: their attention runs on the memory side.
-        return np.inf if self.coord.policy == "fill-capacity" else self.spec.max_batched_tokens
+    def prefill_budget(self, decode_ids: np.ndarray) -> float:
+        # Decode tokens whose attention runs on the memory side do not eat the prefill budget; those whose KV
+        # is in the GPUs' HBM (asymmetric pipelining) do, as on a GPU-only system.
+        if self.coord.policy == "fill-capacity":
+            return np.inf
+        on_gpu = int((self.table.kv_tier[decode_ids] == HBM_TIER).sum()) if self.coord.asymmetric else 0
+        return max(self.spec.max_batched_tokens - on_gpu, 0)
 
     def choose_tier(self, rid: int) -> int | None:
         if not self.coord.asymmetric:
@@ -91,15 +105,24 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         if not self._fits(rid, DEVICE_TIER):
             return None
         t = self.table
-        dev = self.running[t.kv_tier[self.running] == DEVICE_TIER]  # decoding or about to (prefilling)
-        if self.coord.policy != "alignment" or not len(dev):
-            return DEVICE_TIER  # fill by memory; and the device always serves at least one request
-        if not self.warm or self._gpu0_s is None:
+        run = self.running
+        dev = run[t.kv_tier[run] == DEVICE_TIER]  # decoding or about to (prefilling)
+        if self.coord.policy != "alignment" or not len(run):
+            return DEVICE_TIER  # fill by memory; and a replica with nothing to run serves the head on the device
+        if not len(dev) and self.pim_pred.w is None:
+            return DEVICE_TIER  # the device's time is measured once on a request of its own
+        if not self.warm:
             return None
+        # The device's attention of sub-batch 1 must hide behind sub-batch 0's GPU work in decode iterations
+        # (prefill bursts come and go). Device contexts keep growing after admission, and output lengths are
+        # unknown: each request is assumed to generate as many tokens again as it has so far.
         ids = np.append(dev, rid)
-        place = np.append(t.placement[dev], 0)  # not placed yet; a pooled device has one slot
-        pim = self.pim_pred.predict(self.pim_features(ids, ids[:0], np.empty(0), place=place)[None, :])[0]
-        return DEVICE_TIER if pim <= self._gpu0_s else None
+        place = np.append(t.placement[dev], 0)  # not placed yet: the least-loaded slot, or a pooled device's one
+        grown = self.pim_features(ids, ids[:0], np.empty(0), grow=t.generated[ids], place=place)
+        hbm = run[t.kv_tier[run] == HBM_TIER]
+        empty = np.empty(0, np.int64)
+        gpu0 = self.gpu_pred.predict(self.gpu_features(empty, empty, hbm)[None, :])[0]
+        return DEVICE_TIER if self.pim_pred.predict(grown[None, :])[0] <= gpu0 else None
 
     def on_admit(self, ids: np.ndarray) -> None:
         """Place each new request on the least-loaded slot, by tokens held now (output lengths are unknown)."""
@@ -269,6 +292,10 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
             self._last_way = way
             self._step_cost[way] = float(timing.durations[-1]) / plan.batch_size
         warm = self.warm
+        if warm and self.coord.asymmetric:
+            # Device contexts grow after admission: when sub-batch 1's attention outlasts both sub-batches'
+            # GPU work, the GPU idles every step, and one device request is shed before the next iteration.
+            self._shed = bool(timing.sub_mem_s[-1, 1] > timing.sub_gpu_s[-1].sum())
         for x in (0, 1):
             sb = plan.sub_batch(x)
             if sb.empty:
@@ -281,8 +308,6 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
                     self.pim_err.add(float(self._last[1][x]), float(timing.sub_mem_s[0, x]))
             self.gpu_pred.add(self.gpu_features(sb.prefill_chunks, sb.prefill_prefix, sb.decode_ids),
                               timing.sub_gpu_s[0, x])  # fmt: skip
-            if x == 0:
-                self._gpu0_s = float(timing.sub_gpu_s[-1, 0])
             if on_device:
                 feats = self.pim_features(sb.decode_ids, sb.prefill_ids, sb.prefill_chunks)
                 self.pim_pred.add(feats, timing.sub_mem_s[0, x])
@@ -293,4 +318,4 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
     def report(self) -> dict:
         return {"policy": self.coord.policy, "pim_predictor_error": self.pim_err.summary(),
                 "gpu_predictor_error": self.gpu_err.summary(), "prefill_chunks_shortened": self.chunked,
-                "single_batch_iterations": self.single_batch}
+                "single_batch_iterations": self.single_batch, "device_requests_shed": self.shed}

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from conftest import make_workload
 from l3.errors import SpecError
+from l3.report.summary import summarize
 from l3.sim.kv import HBM_TIER
 from l3.sim.plan import Plan
 from l3.sim.simulator import Simulator
@@ -201,3 +202,21 @@ def test_with_the_pim_unused_l3_plus_runs_gpu_only_iterations():
         np.testing.assert_array_equal(ra[:, 3:6], rb[:, 3:6])  # steps, batch, tokens of every plan
         np.testing.assert_allclose(ra[:, 2] - ra[:, 1], rb[:, 2] - rb[:, 1], rtol=1e-9)
     np.testing.assert_allclose(a.table.finish_s, b.table.finish_s, rtol=1e-9)
+
+
+# --- reporting -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("placement", ["rank", "striped"])
+def test_summary_reports_idle_ranks_merge_cost_and_tier_occupancy(placement):
+    """One long request: on one rank per layer, 15 of the 16 ranks idle; striped over the replica, none do and the
+    host merges its partials. KV occupancy is a share of capacity."""
+    wl = make_workload([0.0], [16], [64 * 256], mode="offline")
+    s = summarize(Simulator(spec(placement=placement, over="replica", merge="host").deploy(TINY), wl).run())
+    n_ranks = system(placement=placement, over="replica", merge="host").n_ranks
+    if placement == "rank":
+        assert s["idle_rank_fraction"] == pytest.approx(1 - 1 / n_ranks)
+        assert s["partial_merge_s"]["host"] == 0.0
+    else:
+        assert s["idle_rank_fraction"] < 0.05
+        assert s["partial_merge_s"]["host"] > 0.0 and s["partial_merge_s"]["gpu"] == 0.0
+    (used,) = s["kv_tiers"]["mean_used_fraction"]
+    assert 0.0 < used < 1.0 and s["kv_tiers"]["names"] == ["kv"]

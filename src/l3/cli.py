@@ -150,7 +150,7 @@ def simulate(
 
 @app.command("compare")
 def compare_cmd(
-    systems: Annotated[str, typer.Option(help="comma-separated system names or .toml files")] = "gpu-only,l3",
+    systems: Annotated[str, typer.Option(help="comma-separated system names or .toml files")] = "gpu-only,l3,l3-plus",
     model: Annotated[str, typer.Option(help="model preset or a Hugging Face config.json")] = "opt-66b",
     workload: Annotated[str, typer.Option(help="workload name or trace file")] = "default",
     requests: Annotated[int | None, typer.Option(help="number of requests (default: all / 1000 synthetic)")] = None,

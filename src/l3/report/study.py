@@ -31,8 +31,8 @@ from l3.workload import load_workload
 
 PAPER_MODELS = ("opt-66b", "qwen-72b", "gpt-175b")
 PAPER_WORKLOADS = ("openr1", "dolphin-r1", "openthoughts", "dolphin-short")
-PAPER_SYSTEMS = ("gpu-only", "hbm-pim", "hbm-pim-ext", "r-pim", "cpu-offload", "l3")
-MECH_SYSTEMS = ("gpu-only", "hbm-pim-mech", "hbm-pim-ext-mech", "r-pim-mech", "cpu-offload-mech", "l3")
+PAPER_SYSTEMS = ("gpu-only", "hbm-pim", "hbm-pim-ext", "r-pim", "cpu-offload", "l3", "l3-plus")
+MECH_SYSTEMS = ("gpu-only", "hbm-pim-mech", "hbm-pim-ext-mech", "r-pim-mech", "cpu-offload-mech", "l3", "l3-plus")
 ABLATIONS = {
     "L3 (all on)": {},
     "rankset overlap off": {"coordination": {"rankset_overlap": False}},
@@ -43,6 +43,14 @@ ABLATIONS = {
     "in-flight re-layout off": {"pim": {"pu": {"features": {"inflight_relayout": False}}}},
     "KV mapping off": {"pim": {"pu": {"features": {"kv_mapping": False}}}},
     "bubble-free fusion off": {"pim": {"pu": {"features": {"bubble_free": False}}}},
+}
+# L3+'s extensions (docs/l3-plus.md), each taken away from (or, off by default, added to) `l3-plus`.
+PAPER_ROW = "L3 (l3, the paper's design)"
+PLUS_ABLATIONS = {
+    "L3+ (l3-plus)": {},
+    "striping off": {"coordination": {"placement": "rankset"}},
+    "HBM tier off": {"coordination": {"asymmetric": False}},
+    "HBM tier off, shared pool on": {"coordination": {"asymmetric": False}, "pim": {"shared": True}},
 }
 
 
@@ -229,22 +237,39 @@ def main_study(n: int, systems: tuple[str, ...] = PAPER_SYSTEMS) -> tuple[list[R
 
 def ablation_study(n: int) -> tuple[list[Run], Callable]:
     cases = (("opt-66b", "openr1"), ("qwen-72b", "dolphin-r1"))
+    plus_cases = (("qwen-72b", "openr1"), ("opt-66b", "openr1"))
     runs = [Run(name, "l3", m, w, n, ov) for m, w in cases for name, ov in ABLATIONS.items()]
+    runs += [Run(PAPER_ROW, "l3", m, w, n) for m, w in plus_cases]
+    runs += [Run(name, "l3-plus", m, w, n, ov) for m, w in plus_cases for name, ov in PLUS_ABLATIONS.items()]
+
+    def table(rows: list[dict], base: dict, against: str, extra: bool) -> list[str]:
+        head = (f"| variant | total tok/s | steady tok/s | vs {against}: steady / total | bound reached | TBT p50 (s) "
+                "| mean batch | rank imbalance |" + (" PIM busy | HBM-tier share |" if extra else ""))
+        lines = [head, "|---" * (head.count("|") - 1) + "|"]
+        for r in rows:
+            line = (f"| {r['label']} | {r['throughput_tok_s']:.1f} | {r[LEAD]:.1f} | {ratio_cell(r, base)} | "
+                    f"{r['bound_fraction']:.0%} | {r['tbt_p50_s']:.3f} | {r['mean_batch_size']:.1f} | "
+                    f"{r['rank_load_imbalance']:.2f} |")  # fmt: skip
+            if extra:
+                line += f" {r['busy_fraction']['pim']:.0%} | {_pct(r['kv_tiers'].get('hbm_request_share'))} |"
+            lines.append(line)
+        return [*lines, ""]
 
     def report(res: list[dict], out: Path) -> str:
         lines = []
         for m, w in cases:
-            rows = [r for r in res if r["model"] == m and r["workload"] == w]
-            lines += [f"### {m}, {w}", "", "| variant | total tok/s | steady tok/s | vs L3: steady / total | bound "
-                      "reached "
-                      "| TBT p50 (s) | mean batch | rank imbalance |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-            lines += [f"| {r['label']} | {r['throughput_tok_s']:.1f} | {r[LEAD]:.1f} | {ratio_cell(r, rows[0])} | "
-                      f"{r['bound_fraction']:.0%} | {r['tbt_p50_s']:.3f} | {r['mean_batch_size']:.1f} | "
-                      f"{r['rank_load_imbalance']:.2f} |" for r in rows]  # fmt: skip
-            lines.append("")
+            rows = [r for r in res if r["model"] == m and r["workload"] == w and r["label"] in ABLATIONS]
+            lines += [f"### {m}, {w}", "", *table(rows, rows[0], "L3", False)]
+        plus = ["## L3+ extensions", "", "Each row takes one extension away from `l3-plus` (or adds the shared "
+                "pool, off by default), at the paper's TP x DP; mechanisms and figures in docs/l3-plus.md. "
+                "HBM-tier share: of the requests served, those whose KV stayed in the GPUs' HBM.", ""]  # fmt: skip
+        for m, w in plus_cases:
+            rows = [r for r in res if r["model"] == m and r["workload"] == w
+                    and (r["system"] == "l3-plus" or r["label"] == PAPER_ROW)]  # fmt: skip
+            plus += [f"### {m}, {w}", "", *table(rows, rows[1], "L3+", True)]
         fig, ax = plt.subplots(figsize=(9, 4))
         for k, (m, w) in enumerate(cases):
-            rows = [r for r in res if r["model"] == m and r["workload"] == w]
+            rows = [r for r in res if r["model"] == m and r["workload"] == w and r["label"] in ABLATIONS]
             ax.barh(np.arange(len(rows)) + 0.4 * k, [r[LEAD] / rows[0][LEAD] for r in rows], height=0.4,
                     label=f"{m}, {w}")  # fmt: skip
         ax.set_yticks(np.arange(len(ABLATIONS)) + 0.2, list(ABLATIONS))
@@ -255,7 +280,7 @@ def ablation_study(n: int) -> tuple[list[Run], Callable]:
         plt.close(fig)
         return "\n".join(["Each variant changes one switch of `l3.toml` and runs at the paper's TP x DP; mechanisms in "
                           "docs/l3-system.md.", "",
-                          *lines, "![ablation](ablation.png)"])  # fmt: skip
+                          *lines, "![ablation](ablation.png)", "", *plus])  # fmt: skip
 
     return runs, report
 
@@ -388,10 +413,12 @@ def long_context_study(n: int) -> tuple[list[Run], Callable]:
     """Real long-context traces online, and a context sweep to 128K tokens (fixed lengths); every system at its
     best parallelism."""
     sweep = (8192, 32768, 65536, 131072)
+    systems = ("gpu-only", "l3", "l3-plus")
     runs = [Run(f"{s} {w}", s, "qwen-72b", w, n, parallel="auto") for w in ("mooncake-conversation", "azure-conv")
-            for s in ("gpu-only", "l3")]  # fmt: skip
+            for s in systems]  # fmt: skip
+    traces = len(runs)
     runs += [Run(f"{s} {c // 1024}K", s, "opt-66b", f"fixed:{c - 512}:512", n, parallel="auto") for c in sweep
-             for s in ("gpu-only", "l3")]  # fmt: skip
+             for s in systems]  # fmt: skip
 
     def tput(r: dict, key: str) -> str:
         return f"OOM ({r['requests_rejected']} rejected)" if r["requests_rejected"] else f"{r[key]:.1f}"
@@ -405,17 +432,17 @@ def long_context_study(n: int) -> tuple[list[Run], Callable]:
                  "|---|---|---|---|---|---|"]  # fmt: skip
         lines += [f"| {r['label']} | {par(r)} | {r['requests_completed']} / {r['requests_rejected']} | "
                   f"{tput(r, 'throughput_tok_s')} | {r['ttft_p50_s'] or float('nan'):.2f} | {r['tbt_p50_s']:.3f} / "
-                  f"{r['tbt_p99_s']:.3f} |" for r in res[:4]]  # fmt: skip
+                  f"{r['tbt_p99_s']:.3f} |" for r in res[:traces]]  # fmt: skip
         lines += ["", "### Context sweep (OPT-66B, contexts of the given length = prompt + 512 output, offline)", "",
                   "| run | TP x DP | completed / rejected | steady tok/s | total tok/s | mean batch | TBT p50 (s) |",
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
         lines += [f"| {r['label']} | {par(r)} | {r['requests_completed']} / {r['requests_rejected']} | "
                   f"{tput(r, LEAD)} | {tput(r, 'throughput_tok_s')} | {r['mean_batch_size']:.1f} | "
                   f"{r['tbt_p50_s']:.3f} |"
-                  for r in res[4:]]  # fmt: skip
+                  for r in res[traces:]]  # fmt: skip
         line_plot(out / "long_context.png", [c // 1024 for c in sweep],
-                  {s: [np.nan if r["requests_rejected"] else r[LEAD] for r in res[4:] if r["system"] == s]
-                   for s in ("gpu-only", "l3")},
+                  {s: [np.nan if r["requests_rejected"] else r[LEAD] for r in res[traces:] if r["system"] == s]
+                   for s in systems},
                   "context length (K tokens)", "steady-state output tokens / s (gaps: OOM)")  # fmt: skip
         return "\n".join(["Every system at its best parallelism (auto). OOM: the system rejected requests it can "
                           "never hold, so its throughput would cover fewer requests.", "", *lines, "",

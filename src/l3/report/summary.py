@@ -7,6 +7,7 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 
+from l3.sim.kv import HBM_TIER
 from l3.sim.predictors import ErrorLog
 from l3.sim.requests import Status
 from l3.sim.simulator import SimResult
@@ -82,6 +83,7 @@ def summarize(res: SimResult) -> dict:
         "e2e_p50_s": _pct(e2e, 50),
         "e2e_p99_s": _pct(e2e, 99),
         "busy_fraction": {d: (b / replica_time if replica_time > 0 else 0.0) for d, b in m.busy.items()},
+        "kv_tiers": kv_tier_summary(res),
         "simulated_time_s": sim_t,
         "wall_time_s": res.wall_time_s,
         **coordination_summary(res),
@@ -117,6 +119,22 @@ def bound_summary(res: SimResult, out_tokens: int) -> dict:
     }
 
 
+def kv_tier_summary(res: SimResult) -> dict:
+    """KV memory per tier (one, or HBM and the attention device's under asymmetric pipelining): capacity per
+    replica, mean share held over the run, and the share of completed requests whose KV ended in HBM."""
+    kv, t = res.schedulers[0].kv, res.table
+    names = ["hbm", "device"] if kv.tiers == 2 else ["kv"]
+    replica_time = res.simulated_time_s * len(res.schedulers)
+    held = res.metrics.kv_block_s
+    out = {"names": names, "capacity_tokens_per_replica": (kv.tier_capacity * kv.block_size).tolist(),
+           "mean_used_fraction": (held / (kv.tier_capacity * replica_time)).tolist()
+           if held is not None and replica_time > 0 else None}  # fmt: skip
+    done = t.status == Status.DONE
+    if kv.tiers == 2 and done.any():
+        out["hbm_request_share"] = float((t.kv_tier[done] == HBM_TIER).mean())
+    return out
+
+
 def sparse_counts(counts: np.ndarray) -> dict[str, float]:
     """Non-zero histogram bins as {bin index: count} (JSON-friendly, small)."""
     idx = np.flatnonzero(counts)
@@ -132,10 +150,17 @@ def coordination_summary(res: SimResult) -> dict:
     out = {
         "policy": reports[0].get("policy"),
         "rank_load_imbalance": m.stats["imbalance"] / m.steps,
+        # over the layers whose attention ran on the memory side: the mean fraction of its units with nothing
+        "idle_rank_fraction": m.stats["idle_unit_layers"] / m.stats["device_layers"] if m.stats["device_layers"]
+        else None,
+        # seconds merging striped requests' partial attentions (l3-plus): on the GPUs (per GPU group, in the
+        # GPU's busy time) and on the host CPUs
+        "partial_merge_s": {"gpu": m.stats["merge_gpu_s"], "host": m.stats["merge_host_s"]},
         "gpu_waited_fraction": m.stats["gpu_waited"] / m.steps,
         "pim_waited_fraction": m.stats["pim_waited"] / m.steps,
         "prefill_chunks_shortened": sum(r.get("prefill_chunks_shortened", 0) for r in reports),
         "single_batch_iterations": sum(r.get("single_batch_iterations", 0) for r in reports),
+        "device_requests_shed": sum(r.get("device_requests_shed", 0) for r in reports),
     }
     learners = [s for s in res.schedulers if isinstance(s, SubBatchScheduler)]
     out["pim_predictor_error"] = ErrorLog.merged([s.pim_err for s in learners]).summary()

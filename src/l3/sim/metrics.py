@@ -46,6 +46,7 @@ class Metrics:
         self.stats: dict[str, float] = {}  # sums over steps of system-specific quantities
         self.bound_s = 0.0  # sum over replicas' steps of the hardware's lower bound on each step's duration
         self.losses: dict[str, float] = {}  # sums over steps of duration - bound, by cause (systems.base.LOSSES)
+        self.kv_block_s: np.ndarray | None = None  # per KV tier: blocks held x seconds, summed over replicas
         self.timeline_limit = timeline_limit
         # (replica, plan index, device, start, end, label): device intervals of recorded plans
         self.timeline: list[tuple[int, int, str, float, float, str]] = []
@@ -76,6 +77,11 @@ class Metrics:
             plan_no = len(self._series) - 1
             self.timeline.extend((replica, plan_no, iv.device, t0 + iv.start, t0 + iv.end, iv.label)
                                  for iv in timing.intervals)  # fmt: skip
+
+    def hold(self, used_blocks: np.ndarray, seconds: float) -> None:
+        """A replica held `used_blocks` KV blocks per tier for `seconds` (after the plan it just ran)."""
+        held = np.asarray(used_blocks, float) * seconds
+        self.kv_block_s = held if self.kv_block_s is None else self.kv_block_s + held
 
     @property
     def mean_batch_size(self) -> float:

@@ -120,6 +120,7 @@ class Simulator:
         plan.steps = steps
         duration = timing.duration
         self.metrics.record(r, now, plan, timing)
+        self.metrics.hold(sched.kv.tier_used, duration)  # held during the plan: what it needed at its start
         sched.observe(plan, timing)
         self.completed += len(sched.commit(plan, now + duration))
         return now + duration

@@ -231,7 +231,7 @@ class AttentionOffloadSystem(SystemModel):
         dense_end = start + (x["merge"] + x["post"] if layer else 0.0) + x["pre"]
         free["gpu"] = dense_end + x["pattn"]
         note("gpu", start, dense_end, f"{name} dense", layer)
-        note("gpu", dense_end, free["gpu"], f"{name} prefill attn", layer)
+        note("gpu", dense_end, free["gpu"], f"{name} attn on GPU (prefill, HBM tier)", layer)
         barrier(free["gpu"])
         up_start = np.maximum(dense_end if not seq else free["gpu"], free["up"])
         up_end = up_start + x["up"]
@@ -263,13 +263,14 @@ class AttentionOffloadSystem(SystemModel):
         reps = np.bincount(np.arange(L) % R, minlength=R)  # layers per residue
         gpu_sub, mem_sub = np.zeros((steps, 2)), np.zeros((steps, 2))
         busy = {d: np.zeros(steps) for d in self.devices}
-        imb_sum, imb_n = np.zeros(steps), 0
+        imb_sum, idle_sum, imb_n = np.zeros(steps), np.zeros(steps), 0
+        merge = {"merge_gpu_s": np.zeros(steps), "merge_host_s": np.zeros(steps)}
         for x in subs:
             gpu_sub[:, x["s"]] = L * (x["pre"] + x["pattn"] + x["post"] + x["merge"]) + x["head"]
-            mean = x["mean"]  # over the GPU groups the sub-batch is dealt to (one, but for a shared pool)
-            busy["gpu"] += L * (mean["pre"] + mean["pattn"] + mean["post"] + mean["merge"]) + mean["head"]
-            busy["pcie_up"] += L * (mean["up"] + mean["up_bg"])
-            busy["pcie_down"] += L * mean["down"]
+            avg = x["mean"]  # over the GPU groups the sub-batch is dealt to (one, but for a shared pool)
+            busy["gpu"] += L * (avg["pre"] + avg["pattn"] + avg["post"] + avg["merge"]) + avg["head"]
+            busy["pcie_up"] += L * (avg["up"] + avg["up_bg"])
+            busy["pcie_down"] += L * avg["down"]
             # The sub-batch's own PIM time: each layer's slowest rank (what the scheduler balances against
             # the other sub-batch's GPU time). Busy time of `pim` and of each rankset: the mean over their
             # ranks of the time each rank computed (a rank is a serial resource, so this is <= elapsed time).
@@ -284,9 +285,14 @@ class AttentionOffloadSystem(SystemModel):
                 mean = w.mean(axis=2)
                 ratio = np.where(mean > 0, w.max(axis=2) / np.where(mean > 0, mean, 1.0), 1.0)
                 imb_sum += ratio @ reps
+                idle_sum += (w == 0).mean(axis=2) @ reps
                 imb_n += L
+            merge["merge_gpu_s"] += L * avg["merge"]
+            merge["merge_host_s"] += L * x["host_merge"]
         stats = {
             "imbalance": imb_sum / imb_n if imb_n else np.ones(steps),
+            # per step: layers whose attention ran on the units, and the fraction of units idle in each, summed
+            "device_layers": np.full(steps, float(imb_n)), "idle_unit_layers": idle_sum, **merge,
             "gpu_waited": (durations - busy["gpu"] > WAIT_THRESHOLD * durations).astype(float),
             "pim_waited": ((durations - mem_sub.sum(axis=1) > WAIT_THRESHOLD * durations)
                            & (mem_sub.sum(axis=1) > 0)).astype(float),

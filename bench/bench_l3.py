@@ -12,6 +12,7 @@ import time
 
 from l3.report.study import ABLATIONS, ratio_cell
 from l3.report.summary import summarize
+from l3.run import deploy
 from l3.sim.simulator import Simulator
 from l3.specs.model import get_model
 from l3.specs.system import get_system, with_overrides
@@ -26,7 +27,7 @@ def one(job: tuple) -> dict:
     spec = with_overrides(get_system(system), overrides) if overrides else get_system(system)
     t0 = time.perf_counter()
     wl = load_workload(workload, n_requests=n, seed=0, mode=mode)
-    s = summarize(Simulator(spec.deploy(get_model(model), "paper"), wl).run())
+    s = summarize(Simulator(deploy(spec, get_model(model), wl, 0, "paper"), wl).run())
     s["total_wall_s"] = time.perf_counter() - t0
     return s
 

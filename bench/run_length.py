@@ -13,6 +13,7 @@ import multiprocessing as mp
 import time
 
 from l3.report.summary import summarize
+from l3.run import deploy
 from l3.sim.simulator import Simulator
 from l3.specs.model import get_model
 from l3.specs.system import get_system
@@ -23,7 +24,7 @@ def one(job: tuple[str, str, str, int]) -> dict:
     system, model, workload, n = job
     t0 = time.perf_counter()
     wl = load_workload(workload, n_requests=n, seed=0)
-    s = summarize(Simulator(get_system(system).deploy(get_model(model), "paper"), wl).run())
+    s = summarize(Simulator(deploy(get_system(system), get_model(model), wl, 0, "paper"), wl).run())
     s["total_wall_s"] = time.perf_counter() - t0
     return s
 

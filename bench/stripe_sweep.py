@@ -26,8 +26,8 @@ from l3.workload import load_workload
 def one(job: tuple[str, str, int, dict]) -> dict:
     model, workload, n, coord = job
     spec = get_system("l3-plus" if coord else "l3")
-    if coord:
-        spec = with_overrides(spec, {"coordination": coord}, name="l3-plus[sweep]")
+    if coord:  # striping alone: the HBM tier off, as when the sweep chose the striping defaults
+        spec = with_overrides(spec, {"coordination": coord | {"asymmetric": False}}, name="l3-plus[sweep]")
     t0 = time.perf_counter()
     wl = load_workload(workload, n_requests=n, seed=0)
     s = summarize(Simulator(spec.deploy(get_model(model), "paper"), wl).run())

@@ -7,9 +7,11 @@ import json
 import pytest
 
 from l3.errors import SpecError
+from l3.run import deploy
 from l3.specs.dram import DramSpec, get_org, get_timing
 from l3.specs.model import MODEL_PRESETS, ModelSpec, get_model
-from l3.specs.system import SystemSpec, builtin_system_names, get_system, with_overrides
+from l3.specs.system import ParallelSpec, SystemSpec, builtin_system_names, get_system, with_overrides
+from l3.workload import load_workload
 
 PAPER_MODELS = {"opt-66b": (64, 72, 72, 9216), "qwen-72b": (80, 64, 8, 8192), "gpt-175b": (96, 96, 96, 12288)}
 
@@ -76,12 +78,12 @@ def test_hf_config_llama_and_opt(tmp_path):
 
 def test_all_builtin_systems_deploy_paper_models_at_the_papers_parallelism():
     for name in builtin_system_names():
-        s = get_system(name)
-        for m in PAPER_MODELS:
-            assert s.parallelism_for(get_model(m))[0] == "auto"  # shipped files choose by probe
-            dep = s.deploy(get_model(m), "paper")
-            assert (dep.tp, dep.dp, dep.rule) == (*{"opt-66b": (2, 4), "qwen-72b": (4, 2), "gpt-175b": (8, 1)}[m],
-                                                  "paper")  # fmt: skip
+        for s in get_system(name).tier_variants():
+            for m in PAPER_MODELS:
+                assert s.parallelism_for(get_model(m))[0] == "auto"  # shipped files choose by probe
+                dep = s.deploy(get_model(m), "paper")
+                assert (dep.tp, dep.dp, dep.rule) == (*{"opt-66b": (2, 4), "qwen-72b": (4, 2), "gpt-175b": (8, 1)}[m],
+                                                      "paper")  # fmt: skip
 
 
 def test_parallelism_rules(tmp_path):
@@ -158,3 +160,18 @@ def test_baseline_devices_fail_naming_the_field(tmp_path, system, old, new, fiel
     path.write_text(text.replace(old, new, 1))
     with pytest.raises(SpecError, match=field):
         get_system(str(path))
+
+
+def test_a_tier_left_to_the_probe_is_chosen_by_it():
+    """l3-plus leaves its HBM KV tier to the probe: deploying the file itself is refused with the reason, its two
+    variants deploy, and `l3.run.deploy` probes both at a fixed parallelism and records the choice."""
+    spec = get_system("l3-plus")
+    with pytest.raises(SpecError, match='asymmetric = "auto" is chosen by probing'):
+        spec.deploy(get_model("llama-3-8b"), ParallelSpec(tp=4, dp=2))
+    assert [v.coordination.asymmetric for v in spec.tier_variants()] == [True, False]
+    wl = load_workload("openr1", n_requests=40, seed=0)
+    dep = deploy(spec, get_model("llama-3-8b"), wl, parallel=ParallelSpec(tp=4, dp=2))
+    rows = dep.selection["candidates"]
+    assert sorted(r["asymmetric"] for r in rows) == [False, True]
+    assert all(r["probe_steady_tok_s"] is not None for r in rows)
+    assert dep.system.coordination.asymmetric == dep.selection["asymmetric"] in (True, False)

@@ -36,12 +36,14 @@ def _ratio(x: float | None) -> str:
 def _parallel_note(s: dict) -> str:
     """How TP/DP were chosen, with the probe's figures of an automatic choice."""
     p = s["parallelism"]
+    tier = "" if "asymmetric" not in p else f"; HBM KV tier {'on' if p['asymmetric'] else 'off'} (probed)"
     if p["rule"] != "auto" or not p.get("probe_requests"):
         return {"paper": "the paper's", "fixed": "fixed in the system file", "given": "given"}.get(
-            p["rule"], "auto: the only candidate")
+            p["rule"], "auto: the only candidate") + tier
     probed = [c for c in s["parallelism_candidates"] if c["probe_steady_tok_s"] is not None]
-    figs = ", ".join(f"TP{c['tp']} {c['probe_steady_tok_s']:.0f}" for c in probed)
-    return f"auto, probe of {p['probe_requests']} requests, steady tok/s: {figs}"
+    figs = ", ".join(f"TP{c['tp']}{'' if 'asymmetric' not in c else ('+HBM' if c['asymmetric'] else '')} "
+                     f"{c['probe_steady_tok_s']:.0f}" for c in probed)  # fmt: skip
+    return f"auto, probe of {p['probe_requests']} requests, steady tok/s: {figs}{tier}"
 
 
 def _losses(breakdown: dict) -> str:

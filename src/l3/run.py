@@ -7,6 +7,8 @@ remaining candidate serves a probe: `PROBE_REQUESTS` requests drawn from the wor
 (seeded), all at t = 0; the one with the highest steady-state throughput (output tokens between the times 10%
 and 90% of the probe's output was out, over that interval) is run. Ties go to the smaller TP. One surviving
 candidate is taken without a probe. The same rule serves every system, so comparisons are at each one's best.
+A file whose `coordination.asymmetric` is "auto" (l3-plus: its HBM KV tier) doubles the candidates, with and
+without the tier, at every TP x DP (or at the fixed one) and the probe chooses among them too.
 """
 
 from __future__ import annotations
@@ -44,17 +46,29 @@ def rejected_by(dep: Deployment, workload: Workload) -> int:
 
 def choose_parallelism(spec: SystemSpec, model: ModelSpec, workload: Workload, seed: int = 0,
                        probe_requests: int = PROBE_REQUESTS) -> Deployment:  # fmt: skip
-    """The best TP x DP for `model` on `spec` by the rule above; its `selection` records every candidate."""
+    """The best TP x DP for `model` on `spec` by the rule above (and the HBM tier's setting where the file leaves
+    it to a probe); its `selection` records every candidate."""
+    cands = [(v, par, problem) for v in spec.tier_variants() for par, problem in v.parallel_candidates(model)]
+    return _best(spec, model, workload, seed, probe_requests, cands, "auto")
+
+
+def _best(spec: SystemSpec, model: ModelSpec, workload: Workload, seed: int, probe_requests: int,
+          cands: list[tuple[SystemSpec, ParallelSpec | Literal["paper"] | None, str | None]], rule: str) -> Deployment:
+    """Deploy each (concrete system, parallelism, why it cannot serve or None) candidate, drop those that do not fit
+    or reject more requests than the best, probe the rest and return the best (ties: smaller TP, then the first)."""
+    tiers = len(spec.tier_variants()) > 1
     rows, deps = [], []
-    for par, problem in spec.parallel_candidates(model):
-        row = {"tp": par.tp, "dp": par.dp, "status": "", "rejected": None, "probe_steady_tok_s": None,
+    for variant, par, problem in cands:
+        row = {"tp": None, "dp": None, "status": "", "rejected": None, "probe_steady_tok_s": None,
                "probe_throughput_tok_s": None}  # fmt: skip
+        if tiers:
+            row["asymmetric"] = variant.coordination.asymmetric
         rows.append(row)
         if problem is not None:
-            row["status"] = f"does not fit: {problem.split(': ', 1)[-1]}"
+            row |= {"tp": par.tp, "dp": par.dp, "status": f"does not fit: {problem.split(': ', 1)[-1]}"}
             continue
-        dep = spec.deploy(model, par, rule="auto")
-        row["rejected"] = rejected_by(dep, workload)
+        dep = variant.deploy(model, par, rule=rule) if rule == "auto" else variant.deploy(model, par)
+        row |= {"tp": dep.tp, "dp": dep.dp, "rejected": rejected_by(dep, workload)}
         deps.append((row, dep))
     if not deps:
         reasons = "; ".join(f"TP{r['tp']} x DP{r['dp']}: {r['status']}" for r in rows)
@@ -76,6 +90,8 @@ def choose_parallelism(spec: SystemSpec, model: ModelSpec, workload: Workload, s
     best_row["status"] = "chosen" if len(deps) > 1 else "chosen (the only candidate left)"
     best.selection |= {"probe_requests": len(probe) if len(deps) > 1 else 0,
                        "probe_metric": "steady_throughput_tok_s", "candidates": rows}  # fmt: skip
+    if tiers:
+        best.selection["asymmetric"] = best.system.coordination.asymmetric
     return best
 
 
@@ -85,7 +101,11 @@ def deploy(spec: SystemSpec, model: ModelSpec, workload: Workload, seed: int = 0
     rule = parallel if parallel is not None else spec.parallelism_for(model)[0]
     if rule == "auto":
         return choose_parallelism(spec, model, workload, seed)
-    return spec.deploy(model, None if parallel is None else rule)
+    fixed = None if parallel is None else rule
+    if len(spec.tier_variants()) > 1:  # the parallelism is fixed; the probe chooses the HBM tier's setting
+        return _best(spec, model, workload, seed, PROBE_REQUESTS, [(v, fixed, None) for v in spec.tier_variants()],
+                     "fixed")  # fmt: skip
+    return spec.deploy(model, fixed)
 
 
 def simulate(spec: SystemSpec, model: ModelSpec, workload: Workload, seed: int = 0,

@@ -80,8 +80,11 @@ def choose(run: Run) -> dict:
 def execute(job: tuple[Run, dict]) -> dict:
     run, selection = job
     wl = load_workload(run.workload, n_requests=run.requests, seed=0)
-    dep = run.spec().deploy(get_model(run.model), ParallelSpec(tp=selection["tp"], dp=selection["dp"]),
-                            rule=selection["rule"])  # fmt: skip
+    spec = run.spec()
+    if "asymmetric" in selection:  # the probe chose the HBM tier's setting
+        spec = with_overrides(spec, {"coordination": {"asymmetric": selection["asymmetric"]}})
+    dep = spec.deploy(get_model(run.model), ParallelSpec(tp=selection["tp"], dp=selection["dp"]),
+                      rule=selection["rule"])  # fmt: skip
     return summarize(Simulator(dep, wl).run())
 
 
@@ -104,15 +107,16 @@ def execute_all(runs: list[Run], jobs: int) -> list[dict]:
     for r in runs:  # fail early, in this process, on a bad spec
         spec = r.spec()
         if r.parallel != "auto" and spec.parallelism_for(get_model(r.model))[0] != "auto":
-            spec.deploy(get_model(r.model), r.parallel)
+            for variant in spec.tier_variants():
+                variant.deploy(get_model(r.model), r.parallel)
     with mp.get_context("spawn").Pool(jobs) if jobs > 1 else contextlib.nullcontext() as pool:
         mapper = pool.map if pool is not None else lambda f, xs, chunksize=1: [f(x) for x in xs]
         order = _longest_first(runs, range(len(runs)))
         selections = [None] * len(runs)
         for i, sel in zip(order, mapper(choose, [runs[i] for i in order], chunksize=1), strict=True):
             selections[i] = sel
-        key = [(r.system, json.dumps(r.overrides, sort_keys=True), r.model, r.workload, r.requests, s["tp"], s["dp"])
-               for r, s in zip(runs, selections, strict=True)]  # fmt: skip
+        key = [(r.system, json.dumps(r.overrides, sort_keys=True), r.model, r.workload, r.requests, s["tp"], s["dp"],
+                s.get("asymmetric")) for r, s in zip(runs, selections, strict=True)]  # fmt: skip
         first = {k: i for i, k in reversed(list(enumerate(key)))}
         unique = _longest_first(runs, set(first.values()))
         done = dict(zip(unique, mapper(execute, [(runs[i], selections[i]) for i in unique], chunksize=1),
@@ -375,7 +379,8 @@ def tbt_study(n: int) -> tuple[list[Run], Callable]:
     def report(res: list[dict], out: Path) -> str:
         lines, fig_data = [], {}
         for name in PAPER_SYSTEMS:
-            system = build_system(get_system(name).deploy(get_model("opt-66b"), "paper"))
+            # a file that leaves the HBM tier to a probe is timed with it (its first variant)
+            system = build_system(get_system(name).tier_variants()[0].deploy(get_model("opt-66b"), "paper"))
             grid = {(b, c): step_time(system, b, c) for b in batches for c in contexts}
             fig_data[name] = grid
         for c in contexts:

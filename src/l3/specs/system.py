@@ -189,7 +189,8 @@ class CoordinationSpec(SpecModel):
     # NEO-style asymmetric pipelining (systems whose KV lives off the GPUs: l3, pooled-attention): requests whose
     # KV fits the GPUs' spare HBM stay there and run attention on the GPU, in sub-batch 0 with all prefills;
     # the rest keep KV in the device and form sub-batch 1, whose attention overlaps sub-batch 0's GPU work.
-    asymmetric: bool = False
+    # "auto": both settings are probed on the workload, as parallelism "auto" is, and the better one runs.
+    asymmetric: bool | Literal["auto"] = False
     warmup_iterations: int = 16  # observations before the predictors drive decisions
     predictor_window: int = 512  # most recent observations the predictors train on
 
@@ -223,6 +224,13 @@ class SystemSpec(SpecModel):
             raise ValueError("coordination.asymmetric: needs a memory-side device whose KV lives off the GPUs "
                              "(l3, or pooled-attention with its own capacity)")
         return self
+
+    def tier_variants(self) -> list[SystemSpec]:
+        """The concrete systems this file stands for: with and without the HBM tier where
+        `coordination.asymmetric = "auto"` (a probe chooses, as for parallelism), else the file itself."""
+        if self.coordination.asymmetric != "auto":
+            return [self]
+        return [with_overrides(self, {"coordination": {"asymmetric": v}}) for v in (True, False)]
 
     def parallelism_for(self, model: ModelSpec) -> tuple[ParallelSpec | Literal["auto"], str, str]:
         """What this file gives `model` (a TP/DP, or "auto"), the field it came from, and the rule's name
@@ -275,6 +283,9 @@ class SystemSpec(SpecModel):
         """Place `model` with the file's TP/DP, or with `parallel` ("paper": the paper's TP/DP), and check that it
         fits; raises SpecError naming the field. A model whose rule is "auto" needs `parallel` (the caller
         chooses it by probing a workload: `l3.run.choose_parallelism`)."""
+        if self.coordination.asymmetric == "auto":
+            raise SpecError(f"{self.name}: coordination.asymmetric = \"auto\" is chosen by probing a workload (l3 "
+                            "simulate does this); deploy one of `tier_variants()`")
         if parallel == "paper":
             if model.name not in PAPER_PARALLELISM:
                 raise SpecError(f"{self.name}: the paper gives TP/DP only for {', '.join(PAPER_PARALLELISM)}, "

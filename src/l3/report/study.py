@@ -269,7 +269,7 @@ def ablation_study(n: int) -> tuple[list[Run], Callable]:
                 "HBM-tier share: of the requests served, those whose KV stayed in the GPUs' HBM.", ""]  # fmt: skip
         for m, w in plus_cases:
             rows = [r for r in res if r["model"] == m and r["workload"] == w
-                    and (r["system"] == "l3-plus" or r["label"] == PAPER_ROW)]  # fmt: skip
+                    and r["label"] in (PAPER_ROW, *PLUS_ABLATIONS)]  # fmt: skip
             plus += [f"### {m}, {w}", "", *table(rows, rows[1], "L3+", True)]
         fig, ax = plt.subplots(figsize=(9, 4))
         for k, (m, w) in enumerate(cases):

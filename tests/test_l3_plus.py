@@ -121,7 +121,7 @@ def test_deal_places_every_request_once_and_levels_the_groups(chunks, n_decode, 
     plan = Plan(decode_ids=np.arange(n_decode) + 100, prefill_ids=np.arange(len(chunks)),
                 prefill_chunks=np.array(chunks, np.int64), prefill_prefix=np.zeros(len(chunks), np.int64),
                 prefill_completes=np.ones(len(chunks), bool))  # fmt: skip
-    parts = deal(plan, groups)
+    parts = [part for part, _, _ in deal(plan, groups)]
     assert len(parts) == groups
     for field in ("decode_ids", "prefill_ids"):
         got = np.sort(np.concatenate([getattr(p, field) for p in parts]))

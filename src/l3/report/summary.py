@@ -104,17 +104,17 @@ def bound_summary(res: SimResult, out_tokens: int) -> dict:
     the replicas' total time (replicas x makespan) spent at the bound, lost to each cause in systems.base.LOSSES,
     and idle (`replica_idle`: waiting for arrivals, or done before the last replica); they sum to 1.
     """
-    m, dp, sim_t = res.metrics, res.system.replicas, res.simulated_time_s
-    replica_time = sim_t * dp
+    m, replicas, sim_t = res.metrics, res.system.replicas, res.simulated_time_s
+    replica_time = sim_t * replicas
     if m.bound_s <= 0 or replica_time <= 0:
         return {"bound_tok_s": None, "bound_fraction": None, "steady_bound_fraction": None, "time_breakdown": {}}
     breakdown = {"bound": m.bound_s, **m.losses, "replica_idle": replica_time - m.busy_s}
     t10, t90 = m.output_times([0.1, 0.9])
     steady_bound = m.steady_bound_s()
     return {
-        "bound_tok_s": out_tokens * dp / m.bound_s,
+        "bound_tok_s": out_tokens * replicas / m.bound_s,
         "bound_fraction": m.bound_s / replica_time,
-        "steady_bound_fraction": steady_bound / (dp * (t90 - t10)) if steady_bound is not None else None,
+        "steady_bound_fraction": steady_bound / (replicas * (t90 - t10)) if steady_bound is not None else None,
         "time_breakdown": {k: v / replica_time for k, v in breakdown.items()},
     }
 
@@ -124,7 +124,7 @@ def kv_tier_summary(res: SimResult) -> dict:
     replica, mean share held over the run, and the share of completed requests whose KV ended in HBM."""
     kv, t = res.schedulers[0].kv, res.table
     names = ["hbm", "device"] if kv.tiers == 2 else ["kv"]
-    replica_time = res.simulated_time_s * len(res.schedulers)
+    replica_time = res.simulated_time_s * res.system.replicas
     held = res.metrics.kv_block_s
     out = {"names": names, "capacity_tokens_per_replica": (kv.tier_capacity * kv.block_size).tolist(),
            "mean_used_fraction": (held / (kv.tier_capacity * replica_time)).tolist()

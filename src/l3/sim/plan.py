@@ -34,8 +34,13 @@ class Plan:
 
     def sub_batch(self, s: int) -> Plan:
         """The part of this plan in sub-batch `s`."""
-        d, p = self.decode_sub == s, self.prefill_sub == s
-        return Plan(self.decode_ids[d], self.prefill_ids[p], self.prefill_chunks[p], self.prefill_prefix[p],
+        return self.select(self.decode_sub == s, self.prefill_sub == s)
+
+    def select(self, decodes: np.ndarray, prefills: np.ndarray) -> Plan:
+        """The part of this plan with the decode and prefill requests that `decodes` and `prefills` pick (masks or
+        indices), as one sub-batch."""
+        p = prefills
+        return Plan(self.decode_ids[decodes], self.prefill_ids[p], self.prefill_chunks[p], self.prefill_prefix[p],
                     self.prefill_completes[p], steps=self.steps)  # fmt: skip
 
     @property

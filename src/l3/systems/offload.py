@@ -109,7 +109,9 @@ class AttentionOffloadSystem(SystemModel):
             whole["flops"] += flops
             whole["bytes"] += nbytes
             whole["device_ctx"] += ctx[~on_gpu].sum() + len(dev) * grow
-            per_group = [self._group_parts(g, table, offsets, steps, grow) for g in deal(sb, self.groups)]
+            shares = [(sb, ctx, on_gpu, pre, shape)] if self.groups == 1 else [
+                (g, ctx[d], on_gpu[d], pre[p], BatchShape.of(g, ctx[d])) for g, d, p in deal(sb, self.groups)]
+            per_group = [self._group_parts(*share, table.placement, offsets, steps, grow) for share in shares]
             # The groups run each layer in step (every group's attention of the sub-batch returns together):
             # a part takes its slowest group's time; devices are busy for the groups' mean. The host merges
             # every group's partials.
@@ -123,22 +125,19 @@ class AttentionOffloadSystem(SystemModel):
         timing = self._schedule(subs, L, steps, record)
         return self._with_bound(timing, subs, whole)
 
-    def _group_parts(self, sb: Plan, table: RequestTable, offsets: np.ndarray, steps: int, grow: np.ndarray) -> dict:
+    def _group_parts(self, sb: Plan, ctx: np.ndarray, on_gpu: np.ndarray, pre_dev: np.ndarray, shape: BatchShape,
+                     placement: np.ndarray, offsets: np.ndarray, steps: int, grow: np.ndarray) -> dict:  # fmt: skip
         """Per-layer seconds of one GPU group's share `sb` of a sub-batch: its dense work, its prefill (and, under
         asymmetric pipelining, HBM-tier decode) attention, its host-link transfers and the merging of its
-        requests' partial outputs."""
-        ctx = table.context(sb.decode_ids).astype(float)
-        shape = BatchShape.of(sb, ctx)
-        on_gpu = self._on_gpu(table, sb.decode_ids)
+        requests' partial outputs. ctx, on_gpu: per decode request; pre_dev: per prefill, KV on the device."""
         dev = sb.decode_ids[~on_gpu]
-        pre_tokens = int(sb.prefill_chunks[~self._on_gpu(table, sb.prefill_ids)].sum())
-        parts = self._gpu_parts(shape.n_tokens, len(dev), pre_tokens, shape.prefill_pairs, shape.prefill_kv_tokens,
-                                shape.n_sampled)  # fmt: skip
+        parts = self._gpu_parts(shape.n_tokens, len(dev), int(sb.prefill_chunks[pre_dev].sum()), shape.prefill_pairs,
+                                shape.prefill_kv_tokens, shape.n_sampled)  # fmt: skip
         if on_gpu.any():  # asymmetric pipelining: these requests' attention runs on the GPU, KV in HBM
             gpu_ctx = ctx[on_gpu].sum() + on_gpu.sum() * grow
             parts = parts | {"pattn": parts["pattn"] + self.gpu.decode_attention(on_gpu.sum(), gpu_ctx)}
         outs = {k: interpolate_steps(v, offsets, steps)
-                for k, v in self.outputs(ctx[~on_gpu], table.placement[dev], offsets).items()}  # fmt: skip
+                for k, v in self.outputs(ctx[~on_gpu], placement[dev], offsets).items()}  # fmt: skip
         return parts | {"down": self.pcie(outs["down_bytes"]) if "down_bytes" in outs else parts["down"],
                         "merge": outs.get("merge_gpu_s", 0.0), "host_merge": outs.get("merge_host_s", 0.0)}
 
@@ -331,12 +330,11 @@ class AttentionOffloadSystem(SystemModel):
         return dataclasses.replace(timing, bound=np.maximum(g_bound, m_bound), losses=losses)
 
 
-def deal(plan: Plan, groups: int) -> list[Plan]:
+def deal(plan: Plan, groups: int) -> list[tuple[Plan, np.ndarray, np.ndarray]]:
     """`plan` dealt over `groups` GPU groups (each holds the weights; every request's KV is in a pool they share):
     prefill chunks largest first, each to the group with the fewest tokens so far, then the decodes (one token
-    each, in order) to even out the groups' tokens. One group: the plan itself."""
-    if groups == 1:
-        return [plan]
+    each, in order) to even out the groups' tokens. Per group: its plan and the indices of its decode and prefill
+    requests in `plan`."""
     load = np.zeros(groups, np.int64)
     pre_group = np.zeros(len(plan.prefill_ids), np.int64)
     for i in np.argsort(-plan.prefill_chunks, kind="stable"):
@@ -358,9 +356,8 @@ def deal(plan: Plan, groups: int) -> list[Plan]:
     dec_group = np.repeat(np.arange(groups), take)
     out = []
     for g in range(groups):
-        d, p = dec_group == g, pre_group == g
-        out.append(Plan(plan.decode_ids[d], plan.prefill_ids[p], plan.prefill_chunks[p], plan.prefill_prefix[p],
-                        plan.prefill_completes[p], steps=plan.steps))  # fmt: skip
+        d, p = np.flatnonzero(dec_group == g), np.flatnonzero(pre_group == g)
+        out.append((plan.select(d, p), d, p))
     return out
 
 

@@ -34,6 +34,14 @@ def make_workload(arrival, prompt, output, mode="online") -> Workload:
 
 
 @pytest.fixture
+def rng() -> tuple[np.random.Generator, int]:
+    """A freshly seeded generator and its seed (printed, so pytest shows it with any failure)."""
+    seed = int(np.random.SeedSequence().entropy % 2**63)
+    print(f"data seed {seed}")
+    return np.random.default_rng(seed), seed
+
+
+@pytest.fixture
 def llama7b():
     return get_model("llama-2-7b")
 

@@ -17,13 +17,6 @@ TOL = 1e-3
 FP32_PARTIALS = BankPuSpec(partial_bytes=4)  # accuracy suite: score partials leave the banks in FP32
 
 
-@pytest.fixture
-def rng():
-    seed = int(np.random.SeedSequence().entropy % 2**63)
-    print(f"data seed {seed}")  # shown by pytest on failure
-    return np.random.default_rng(seed), seed
-
-
 def dram(rows: int = 65536) -> DramSpec:
     org = DramOrg(name="test-2ch", channels=2, dimms_per_channel=1, ranks_per_dimm=2, chips_per_rank=8,
                   device_width_bits=8, bank_groups=4, banks_per_group=4, rows=rows, columns=1024)  # fmt: skip
@@ -45,9 +38,18 @@ def rel_errors(out: np.ndarray, ref: np.ndarray, gqa: int) -> np.ndarray:
     return np.linalg.norm((out - ref).reshape(shape), axis=1) / np.linalg.norm(ref.reshape(shape), axis=1)
 
 
+def logit_bound(q: np.ndarray, k: np.ndarray, gqa: int, scale: float) -> np.ndarray:
+    """Largest |logit| per KV head group (float64), q (heads, E), k (T, kv_heads, E)."""
+    x = np.einsum("he,the->ht", q.astype(np.float64), np.repeat(k.astype(np.float64), gqa, axis=1)) * scale
+    return np.abs(x).max(axis=1).reshape(-1, gqa).max(axis=1)
+
+
 def check_batch(
-    pim: FunctionalPim, lengths, gqa: int, rng, layer: int = 1, tol: float = TOL, q_std: float = 2
+    pim: FunctionalPim, lengths, gqa: int, rng, layer: int = 1, tol: float = TOL, q_std: float = 2,
+    logit_rounding: float = 0.0,
 ):
+    """Every request's attention within `tol` (relative, per KV head group) of float64, or within
+    `logit_rounding` x the group's largest |logit| where that is larger (the error FP16 score partials carry)."""
     gen, seed = rng
     lay = pim.layout
     kvs = {}
@@ -62,8 +64,12 @@ def check_batch(
     out = pim.attend(list(kvs), layer, q)
     scale = 1 / np.sqrt(lay.head_dim)
     for b, (k, v) in kvs.items():
-        err = rel_errors(out[b], reference(q[b], k, v, gqa, scale), gqa).max()
-        assert err <= tol, f"seed {seed}: request of {len(k)} tokens, N_hc={lay.n_hc}: rel. error {err:.2e}"
+        err = rel_errors(out[b], reference(q[b], k, v, gqa, scale), gqa)
+        bar = np.maximum(tol, logit_rounding * logit_bound(q[b], k, gqa, scale))
+        worst = int(np.argmax(err / bar))
+        assert err[worst] <= bar[worst], (
+            f"seed {seed}: request of {len(k)} tokens, N_hc={lay.n_hc}: rel. error {err[worst]:.2e} > {bar[worst]:.2e}"
+        )
     return kvs
 
 
@@ -111,12 +117,12 @@ def test_attend_32k_context(rng, gqa):
 
 @pytest.mark.parametrize("n_hc", [1, 8])
 def test_fp16_score_partials(rng, n_hc):
-    """FP16 partials (the default partial_bytes = 2) round each logit by about |x| * 2^-11: within the bar for
-    logits of unit spread, a few 1e-3 when the spread doubles."""
-    pim = FunctionalPim(dram(), PimSpec(features=PimFeatures(n_hc=n_hc)), 1, 8, 128, 8)
-    check_batch(pim, [1, 301, 4000], 8, rng, layer=0, q_std=1)
-    pim = FunctionalPim(dram(), PimSpec(features=PimFeatures(n_hc=n_hc)), 1, 8, 128, 8)
-    check_batch(pim, [1, 301, 4000], 8, rng, layer=0, tol=5e-3, q_std=2)
+    """FP16 partials (the default partial_bytes = 2) round each logit x by up to |x| * 2^-11 (half an FP16 ulp), so
+    a head group's output error follows its largest logit: the bar is max|x| * 2^-11 (errors measured at 0.1-0.45 of
+    it over 600 seeds with query spreads 1, 2 and 4) and never below 1e-3."""
+    for q_std in (1, 2, 4):
+        pim = FunctionalPim(dram(), PimSpec(features=PimFeatures(n_hc=n_hc)), 1, 8, 128, 8)
+        check_batch(pim, [1, 301, 4000], 8, rng, layer=0, q_std=q_std, logit_rounding=2.0**-11)
 
 
 def test_read_kv_round_trip_is_bit_exact(rng):

@@ -7,8 +7,8 @@ import numpy as np
 from l3.sim.predictors import ErrorLog, ForestPredictor, LinearPredictor
 
 
-def test_linear_predictor_recovers_a_linear_law():
-    rng = np.random.default_rng()
+def test_linear_predictor_recovers_a_linear_law(rng):
+    rng, _ = rng
     w = rng.uniform(0.1, 2.0, 4)
     p = LinearPredictor(window=256)
     assert np.isnan(p.predict(np.ones(4))).all()
@@ -19,8 +19,8 @@ def test_linear_predictor_recovers_a_linear_law():
     np.testing.assert_allclose(p.predict(x), x @ w + 3.0, rtol=1e-8)
 
 
-def test_forest_fast_path_matches_scikit_learn_and_learns_steps():
-    rng = np.random.default_rng()
+def test_forest_fast_path_matches_scikit_learn_and_learns_steps(rng):
+    rng, _ = rng
     p = ForestPredictor(window=512)
     f = lambda x: np.ceil(x[..., 0] / 128) * 1e-3 + 1e-5 * x[..., 2]  # noqa: E731 - a wave-quantised law
     for _ in range(300):

@@ -79,11 +79,11 @@ def test_asymmetric_needs_kv_off_the_gpus():
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.integers(5, 30), seed=st.integers(0, 10_000), policy=st.sampled_from(["alignment", "fill-capacity"]),
-       system=st.sampled_from(["cpu-offload", "l3-plus"]))  # fmt: skip
-def test_every_request_completes_and_tiers_stay_within_capacity(n, seed, policy, system):
+       system=st.sampled_from(["cpu-offload", "l3-plus"]), warmup=st.sampled_from([2, 16]))  # fmt: skip
+def test_every_request_completes_and_tiers_stay_within_capacity(n, seed, policy, system, warmup):
     rng = np.random.default_rng(seed)
     wl = make_workload(np.zeros(n), rng.integers(50, 4000, n), rng.integers(1, 3000, n), mode="offline")
-    sim = Simulator(offload_system(policy=policy, system=system), wl)
+    sim = Simulator(offload_system(policy=policy, system=system, warmup_iterations=warmup), wl)
     peak = np.zeros(2, np.int64)
     for sched in sim.schedulers:
         pool, alloc = sched.kv, sched.kv.allocate
@@ -130,3 +130,36 @@ def test_alignment_holds_requests_back_from_an_overloaded_cpu():
     res = sim.run()
     assert np.all(res.table.status == 3)
     assert held  # the alignment rule declined DRAM admissions that memory alone would have allowed
+
+
+def test_a_migration_charges_the_kv_to_the_host_links():
+    """A decode whose KV moves into HBM attends from the device this iteration; its KV crosses the links too."""
+    s = build_system(offload_system(system="l3-plus"))
+    table = RequestTable(np.zeros(2), np.array([3000, 5000]), np.array([100, 100]))
+    table.generated[:] = 1
+    table.kv_tier[:] = 1
+    plain = Plan(decode_ids=np.array([0, 1]), decode_sub=np.array([1, 1], np.int8))
+    moving = Plan(decode_ids=np.array([0, 1]), decode_sub=np.array([1, 1], np.int8), migrate_ids=np.array([1]))
+    a, b = s.run(plain, table, steps=1), s.run(moving, table, steps=1)
+    extra = MODEL.n_layers * s.pcie(5001 * MODEL.kv_bytes_per_token_layer)
+    assert b.busy["pcie_down"][0] - a.busy["pcie_down"][0] == pytest.approx(extra)
+    assert np.array_equal(a.sub_mem_s, b.sub_mem_s)  # it still attends on the device
+    assert b.durations[0] >= a.durations[0]
+
+
+def test_decodes_move_into_hbm_when_nothing_waits():
+    """l3-plus's rebalancing: once the queue is empty and HBM has room, the device tier's longest decodes move
+    into HBM (their KV reserved there before it moves, freed on the device after); all complete, pools empty."""
+    n = 60  # 12K-token prompts: the HBM tier (192K tokens per replica) holds about 15 of a replica's 30
+    wl = make_workload(np.zeros(n), np.full(n, 12000), np.linspace(100, 1500, n).astype(int), mode="offline")
+    runs = {}
+    for rebalance in (False, True):
+        sim = Simulator(offload_system(system="l3-plus", warmup_iterations=2, rebalance=rebalance), wl)
+        res = sim.run()
+        assert np.all(res.table.status == 3)
+        assert all(sc.kv.used_blocks == 0 and not sc._migrating for sc in sim.schedulers)
+        runs[rebalance] = res, sum(sc.promoted for sc in sim.schedulers)
+    (off, moved_off), (on, moved_on) = runs[False], runs[True]
+    assert moved_off == 0 and moved_on > 0
+    assert (on.table.kv_tier == 0).sum() == moved_on + (off.table.kv_tier == 0).sum()  # they finished in HBM
+    assert on.simulated_time_s < off.simulated_time_s  # the tail attends from HBM, no per-layer round trip

@@ -51,6 +51,7 @@ PLUS_ABLATIONS = {
     "striping off": {"coordination": {"placement": "rankset"}},
     "HBM tier off": {"coordination": {"asymmetric": False}},
     "HBM tier off, shared pool on": {"coordination": {"asymmetric": False}, "pim": {"shared": True}},
+    "rebalancing off": {"coordination": {"rebalance": False}},
 }
 
 

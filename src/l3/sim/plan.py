@@ -25,6 +25,9 @@ class Plan:
     decode_sub: np.ndarray | None = None  # sub-batch (0/1) of each decode request; None = all in sub-batch 0
     prefill_sub: np.ndarray | None = None  # sub-batch of each prefill request
     steps: int = 1
+    # Decode requests whose KV moves from the memory-side device into the GPUs' HBM during this (single-step)
+    # iteration: they attend from the device now and from HBM from the next iteration on (run-time rebalancing).
+    migrate_ids: np.ndarray = field(default_factory=lambda: _EMPTY)
 
     def __post_init__(self) -> None:
         if self.decode_sub is None:

@@ -28,8 +28,8 @@ import numpy as np
 from l3.sim.kv import DEVICE_TIER, HBM_TIER, KvPool
 from l3.sim.plan import Plan
 from l3.sim.predictors import ErrorLog, ForestPredictor, LinearPredictor
-from l3.sim.requests import RequestTable, WaitingQueue
-from l3.sim.scheduler import ContinuousBatchingScheduler
+from l3.sim.requests import RequestTable, Status, WaitingQueue
+from l3.sim.scheduler import ContinuousBatchingScheduler, RepeatLimit
 from l3.specs.model import ModelSpec
 from l3.specs.system import CoordinationSpec, SchedulerSpec
 from l3.systems.base import IterationTiming
@@ -45,6 +45,16 @@ def tokens_at_slot(placement: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarra
 
 
 CHUNK_FRACTIONS = np.array([1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0625])
+# Run-time rebalancing: iterations between checks, and the predicted shortening of a layer a move must promise
+# (our assumptions: a check costs a few predictor queries; the predictors' median error is a few per cent).
+REBALANCE_EVERY = 4
+REBALANCE_GAIN = 0.03
+
+
+def layer_time(g0: np.ndarray, g1: np.ndarray, p0: np.ndarray, p1: np.ndarray) -> np.ndarray:
+    """A pipelined layer's time from its sub-batches' GPU (g) and attention (p) times: at least both GPU parts,
+    both attention parts, and each sub-batch's GPU part followed by its own attention."""
+    return np.maximum(np.maximum(g0 + g1, p0 + p1), np.maximum(g0 + p0, g1 + p1))
 
 
 class SubBatchScheduler(ContinuousBatchingScheduler):
@@ -68,6 +78,9 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         self._last_way = -1
         self._shed = False  # the last iteration's device attention outlasted all its GPU work
         self.shed = 0  # device-tier requests preempted to relieve the device (asymmetric pipelining)
+        self._until_check = 0  # iterations to the next rebalancing check
+        self._migrating: dict[int, int] = {}  # request -> HBM blocks reserved for its KV moving in
+        self.moved = self.promoted = 0  # decodes moved between sub-batches; of them, KV moved into HBM
 
     @property
     def learning(self) -> bool:
@@ -153,14 +166,20 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         count = np.count_nonzero(slot == k)
         return np.array([tokens[k], count, written[k], ctx.sum()], float)
 
-    def gpu_features(self, chunks: np.ndarray, prefix: np.ndarray, decode_ids: np.ndarray) -> np.ndarray:
+    def _on_device(self, decode_ids: np.ndarray) -> np.ndarray:
+        """The decodes whose attention runs on the memory side (under asymmetric pipelining, not the HBM tier's)."""
+        return decode_ids[self.table.kv_tier[decode_ids] == DEVICE_TIER] if self.coord.asymmetric else decode_ids
+
+    def gpu_features(self, chunks: np.ndarray, prefix: np.ndarray, decode_ids: np.ndarray,
+                     on_gpu: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
         """[prefill chunk tokens, their prefix tokens, decode requests] and, under asymmetric pipelining, the
-        tokens the GPU attends for the decodes whose KV is in HBM."""
+        tokens the GPU attends for the decodes whose KV is in HBM (or for `on_gpu`, where given)."""
         base = [chunks.sum(), prefix.sum(), len(decode_ids)]
         if not self.coord.asymmetric:
             return np.array(base, float)
         t = self.table
-        return np.array([*base, t.context(decode_ids[t.kv_tier[decode_ids] == HBM_TIER]).sum()], float)
+        on_gpu = decode_ids[t.kv_tier[decode_ids] == HBM_TIER] if on_gpu is None else on_gpu
+        return np.array([*base, t.context(on_gpu).sum()], float)
 
     # --- the split ------------------------------------------------------------------------------------
     def split(self, plan: Plan) -> Plan:
@@ -169,6 +188,10 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
             plan.decode_sub = (t.kv_tier[plan.decode_ids] == DEVICE_TIER).astype(np.int8)
             plan.prefill_sub = np.zeros(len(plan.prefill_ids), np.int8)
             self._last = self._predict(plan) if self.learning else None
+            if (plan.decode_sub == 1).any():
+                if self.warm and self.coord.rebalance and not len(self.queue):
+                    self._rebalance(plan)
+                self._one_batch_if_it_pays(plan)
             return plan
         pre_sub = np.arange(len(plan.prefill_ids), dtype=np.int8) % 2  # one prefill per sub-batch, alternating
         d = plan.decode_ids
@@ -188,15 +211,22 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         # The plan's predictions, made once: the choices below read them, and they are kept for `observe`
         # unless a choice changes the plan.
         self._last = self._predict(plan) if self.learning else None
-        self._one = self.warm and self.coord.single_batch_fallback and self._choose_one_batch(plan)
-        if self._one:
-            plan.decode_sub, plan.prefill_sub = np.zeros_like(plan.decode_sub), np.zeros_like(pre_sub)
-            self.single_batch += 1
-            self._last = self._predict(plan)
-        elif self.warm and len(plan.prefill_ids) and len(self.queue) and not self._head_fits():
+        if self.warm and self.coord.rebalance:
+            self._rebalance(plan)
+        if not self._one_batch_if_it_pays(plan) and self.warm and len(plan.prefill_ids) and len(self.queue) \
+                and not self._head_fits():  # fmt: skip
             if self._chunk_to_align(plan):
                 self._last = self._predict(plan)
         return plan
+
+    def _one_batch_if_it_pays(self, plan: Plan) -> bool:
+        """Run `plan` as one batch (everything in sub-batch 0) where `_choose_one_batch` says so."""
+        self._one = self.warm and self.coord.single_batch_fallback and self._choose_one_batch(plan)
+        if self._one:
+            plan.decode_sub, plan.prefill_sub = np.zeros_like(plan.decode_sub), np.zeros_like(plan.prefill_sub)
+            self.single_batch += 1
+            self._last = self._predict(plan)
+        return self._one
 
     def _predict(self, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
         """(GPU, PIM) predicted seconds of both sub-batches of `plan` (NaN before the predictors are trained)."""
@@ -204,7 +234,7 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         for x in (0, 1):
             sb = plan.sub_batch(x)
             gx.append(self.gpu_features(sb.prefill_chunks, sb.prefill_prefix, sb.decode_ids))
-            px.append(self.pim_features(sb.decode_ids, sb.prefill_ids, sb.prefill_chunks))
+            px.append(self.pim_features(self._on_device(sb.decode_ids), sb.prefill_ids, sb.prefill_chunks))
         return self.gpu_pred.predict(np.array(gx)), self.pim_pred.predict(np.array(px))
 
     def _choose_one_batch(self, plan: Plan) -> bool:
@@ -282,6 +312,88 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
                 changed = True
         return changed
 
+    # --- run-time rebalancing ----------------------------------------------------------------------------
+    def _rebalance(self, plan: Plan) -> None:
+        """Every REBALANCE_EVERY iterations, in a decode-only iteration, move the k longest decodes of one
+        sub-batch to the other, for the k (1, 2, 4, ... up to half the sub-batch, or all of it into HBM) the
+        predictors say shortens a layer most, if by REBALANCE_GAIN. Without an HBM tier the source is the sub-batch
+        whose GPU part + own attention is the longer, when that chain sets the layer's time; with the tier it is
+        the device tier, and the moved requests' KV must fit HBM's free room (which the caller checks nobody
+        waits for): it crosses the host links during this iteration."""
+        if self._until_check > 0:
+            self._until_check -= 1
+            return
+        if len(plan.prefill_ids):
+            return  # prefill chunks come and go; a move is for the steady decode pipeline
+        self._until_check = REBALANCE_EVERY - 1
+        t = self.table
+        (g0, g1), (p0, p1) = self._last
+        src = 1 if self.coord.asymmetric else int(g1 + p1 > g0 + p0)
+        if not self.coord.asymmetric and max(g0 + p0, g1 + p1) <= (1 + REBALANCE_GAIN) * max(g0 + g1, p0 + p1):
+            return  # neither sub-batch's GPU part + own attention sets the layer's time: moves cannot shorten it
+        mine = np.flatnonzero(plan.decode_sub == src)
+        order = mine[np.argsort(-t.context(plan.decode_ids[mine]), kind="stable")]
+        if self.coord.asymmetric:
+            need = np.cumsum(self.kv.blocks(t.context(plan.decode_ids[order])))
+            room = self.kv.free_in(HBM_TIER) - int(self._watermark_blocks[HBM_TIER])
+            most = int(np.searchsorted(need, room, side="right"))
+        else:
+            most = len(order) // 2
+        if most < 1:
+            return
+        ks = np.unique(np.append(2 ** np.arange(int(np.log2(most)) + 1), most))
+        gpu_rows, pim_rows, empty = [], [], []
+        for k in ks:
+            sub = plan.decode_sub.copy()
+            sub[order[:k]] = 1 - src
+            for x in (0, 1):
+                dec, pre = plan.decode_ids[sub == x], plan.prefill_sub == x
+                gpu_on = np.concatenate([plan.decode_ids[(plan.decode_sub == 0) & (sub == 0)],
+                                         plan.decode_ids[order[:k]]]) if self.coord.asymmetric and x == 0 else None
+                gpu_rows.append(self.gpu_features(plan.prefill_chunks[pre], plan.prefill_prefix[pre], dec, gpu_on))
+                dev = dec[t.kv_tier[dec] == DEVICE_TIER] if self.coord.asymmetric else dec
+                if self.coord.asymmetric and x == 0:
+                    dev = np.setdiff1d(dev, plan.decode_ids[order[:k]])
+                pim_rows.append(self.pim_features(dev, plan.prefill_ids[pre], plan.prefill_chunks[pre]))
+                empty.append(not len(dec) and not pre.any())
+        keep = ~np.array(empty)
+        g = np.where(keep, self.gpu_pred.predict(np.array(gpu_rows)), 0.0).reshape(-1, 2)
+        p = np.where(keep, self.pim_pred.predict(np.array(pim_rows)), 0.0).reshape(-1, 2)
+        after = layer_time(g[:, 0], g[:, 1], p[:, 0], p[:, 1])
+        best = int(np.argmin(after))
+        if not after[best] < (1 - REBALANCE_GAIN) * float(layer_time(g0, g1, p0, p1)):
+            return
+        moved = order[: ks[best]]
+        self.moved += len(moved)
+        if self.coord.asymmetric:  # the KV moves during this iteration; the requests attend from HBM after it
+            for rid in plan.decode_ids[moved]:
+                blocks = int(self.kv.blocks(t.context(np.array([rid])))[0])
+                self.kv.allocate(blocks, HBM_TIER)
+                self._migrating[int(rid)] = blocks
+            plan.migrate_ids = plan.decode_ids[moved]
+            self.promoted += len(moved)
+        else:
+            plan.decode_sub[moved] = 1 - src
+            t.sub_batch[plan.decode_ids[moved]] = 1 - src
+            self._last = self._predict(plan)
+
+    def repeat_limit(self, plan: Plan) -> RepeatLimit:
+        if len(plan.migrate_ids):
+            return RepeatLimit(1, False)  # KV on the move: the next iteration attends it from HBM
+        return super().repeat_limit(plan)
+
+    def commit(self, plan: Plan, end_s: float) -> np.ndarray:
+        finished = super().commit(plan, end_s)
+        t = self.table
+        for rid in plan.migrate_ids:
+            blocks = self._migrating.pop(int(rid))
+            if t.status[rid] == Status.DONE:  # finished while its KV moved: the room in HBM is not needed
+                self.kv.free(blocks, HBM_TIER)
+                continue
+            self.kv.free(int(t.kv_blocks[rid]), DEVICE_TIER)
+            t.kv_tier[rid] = HBM_TIER
+        return finished
+
     # --- learning ------------------------------------------------------------------------------------
     def observe(self, plan: Plan, timing: IterationTiming) -> None:
         if not self.learning or timing.sub_gpu_s is None:
@@ -300,8 +412,8 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
             sb = plan.sub_batch(x)
             if sb.empty:
                 continue
-            # Under asymmetric pipelining sub-batch 0's decodes attend on the GPU: nothing for the PIM predictor.
-            on_device = len(sb.decode_ids) > 0 and not (self.coord.asymmetric and x == 0)
+            dec = self._on_device(sb.decode_ids)
+            on_device = len(dec) > 0
             if warm and self._last is not None:
                 self.gpu_err.add(float(self._last[0][x]), float(timing.sub_gpu_s[0, x]))
                 if on_device:
@@ -309,13 +421,14 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
             self.gpu_pred.add(self.gpu_features(sb.prefill_chunks, sb.prefill_prefix, sb.decode_ids),
                               timing.sub_gpu_s[0, x])  # fmt: skip
             if on_device:
-                feats = self.pim_features(sb.decode_ids, sb.prefill_ids, sb.prefill_chunks)
+                feats = self.pim_features(dec, sb.prefill_ids, sb.prefill_chunks)
                 self.pim_pred.add(feats, timing.sub_mem_s[0, x])
                 if plan.steps > 1:
-                    last = self.pim_features(sb.decode_ids, sb.prefill_ids, sb.prefill_chunks, plan.steps - 1)
+                    last = self.pim_features(dec, sb.prefill_ids, sb.prefill_chunks, plan.steps - 1)
                     self.pim_pred.add(last, timing.sub_mem_s[-1, x])
 
     def report(self) -> dict:
         return {"policy": self.coord.policy, "pim_predictor_error": self.pim_err.summary(),
                 "gpu_predictor_error": self.gpu_err.summary(), "prefill_chunks_shortened": self.chunked,
-                "single_batch_iterations": self.single_batch, "device_requests_shed": self.shed}
+                "single_batch_iterations": self.single_batch, "device_requests_shed": self.shed,
+                "decodes_moved": self.moved, "decodes_moved_into_hbm": self.promoted}

@@ -191,6 +191,11 @@ class CoordinationSpec(SpecModel):
     # the rest keep KV in the device and form sub-batch 1, whose attention overlaps sub-batch 0's GPU work.
     # "auto": both settings are probed on the workload, as parallelism "auto" is, and the better one runs.
     asymmetric: bool | Literal["auto"] = False
+    # Run-time rebalancing (l3-plus; docs/l3-plus.md): after warm-up, every few iterations (REBALANCE_EVERY in
+    # sim/subbatch.py), decodes move between sub-batches where the predictors say a layer gets shorter: from the
+    # sub-batch whose GPU part + own attention is the longer to the other; under asymmetric pipelining, from the
+    # device tier into HBM when nothing waits for the room (the KV crosses the host links during one iteration).
+    rebalance: bool = False
     warmup_iterations: int = 16  # observations before the predictors drive decisions
     predictor_window: int = 512  # most recent observations the predictors train on
 

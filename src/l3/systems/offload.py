@@ -95,6 +95,8 @@ class AttentionOffloadSystem(SystemModel):
                 continue
             ctx = table.context(sb.decode_ids).astype(float)
             on_gpu = self._on_gpu(table, sb.decode_ids)
+            # KV moving into HBM crosses the host links behind this sub-batch's outputs, every layer.
+            migrating = ctx[np.isin(sb.decode_ids, plan.migrate_ids)].sum()
             dev, pre = sb.decode_ids[~on_gpu], ~self._on_gpu(table, sb.prefill_ids)
             pre_ids, pre_chunks = sb.prefill_ids[pre], sb.prefill_chunks[pre]
             # The memory side serves the whole sub-batch, whichever GPU group each request is dealt to.
@@ -120,8 +122,9 @@ class AttentionOffloadSystem(SystemModel):
                 parts = {k: functools.reduce(np.maximum, [p[k] for p in per_group]) for k in mean}
                 parts["host_merge"] = sum(p["host_merge"] for p in per_group)
                 mean = {k: sum(p[k] for p in per_group) / len(per_group) for k in mean}
+            down_bg = self.pcie(migrating * self._kv_layer)
             subs.append({"s": s, "n_dec": len(dev), "work": interpolate_steps(work, offsets, steps), **parts,
-                         "mean": mean})  # fmt: skip
+                         "down_bg": down_bg, "mean": mean | {"down_bg": down_bg}})  # fmt: skip
         timing = self._schedule(subs, L, steps, record)
         return self._with_bound(timing, subs, whole)
 
@@ -253,8 +256,10 @@ class AttentionOffloadSystem(SystemModel):
                 note(f"rankset{r % R}/rank{r}", r_start[:, r], r_end[:, r], f"{name} attn", layer)
         barrier(pim_end)
         dn_start = np.maximum(pim_end + x["host_merge"], free["down"])
-        free[f"ret{s}"] = free["down"] = dn_start + x["down"]
-        note("pcie_down", dn_start, free["down"], f"{name} out", layer)
+        free[f"ret{s}"] = dn_start + x["down"]
+        free["down"] = free[f"ret{s}"] + x["down_bg"]
+        note("pcie_down", dn_start, free[f"ret{s}"], f"{name} out", layer)
+        note("pcie_down", free[f"ret{s}"], free["down"], f"{name} KV to HBM", layer)
         barrier(free["down"])
 
     def _timing(self, subs, L, steps, durations, intervals) -> IterationTiming:
@@ -269,7 +274,7 @@ class AttentionOffloadSystem(SystemModel):
             avg = x["mean"]  # over the GPU groups the sub-batch is dealt to (one, but for a shared pool)
             busy["gpu"] += L * (avg["pre"] + avg["pattn"] + avg["post"] + avg["merge"]) + avg["head"]
             busy["pcie_up"] += L * (avg["up"] + avg["up_bg"])
-            busy["pcie_down"] += L * avg["down"]
+            busy["pcie_down"] += L * (avg["down"] + avg["down_bg"])
             # The sub-batch's own PIM time: each layer's slowest rank (what the scheduler balances against
             # the other sub-batch's GPU time). Busy time of `pim` and of each rankset: the mean over their
             # ranks of the time each rank computed (a rank is a serial resource, so this is <= elapsed time).
@@ -309,7 +314,7 @@ class AttentionOffloadSystem(SystemModel):
         per_unit, chain = np.zeros((steps, self.n_ranks)), 0.0
         for x in subs:  # each unit's time over the whole iteration (a unit is a serial resource)
             per_unit += np.einsum("srn,r->sn", x["work"], reps)
-            chain += L * (x["up"] + x["down"] + x["host_merge"])
+            chain += L * (x["up"] + x["down"] + x["down_bg"] + x["host_merge"])
         working = (per_unit > 0).sum(axis=1)
         m_all, m_max = per_unit.mean(axis=1), per_unit.max(axis=1)
         m_act = np.where(working > 0, per_unit.sum(axis=1) / np.maximum(working, 1), 0.0)

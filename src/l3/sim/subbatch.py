@@ -70,6 +70,7 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         self.gpu_pred = ForestPredictor(coord.predictor_window, seed=replica)
         self.pim_err, self.gpu_err = ErrorLog(), ErrorLog()
         self._last: tuple[np.ndarray, np.ndarray] | None = None  # predictions for the plan just made
+        self._feats: tuple[np.ndarray, np.ndarray] | None = None  # and their (GPU, PIM) features
         self.chunked = 0  # prefill chunks shortened to close a PIM bubble
         self.single_batch = 0  # iterations run as one batch because splitting would not pay
         self._one = False  # the plan just made runs as one batch
@@ -235,7 +236,8 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
             sb = plan.sub_batch(x)
             gx.append(self.gpu_features(sb.prefill_chunks, sb.prefill_prefix, sb.decode_ids))
             px.append(self.pim_features(self._on_device(sb.decode_ids), sb.prefill_ids, sb.prefill_chunks))
-        return self.gpu_pred.predict(np.array(gx)), self.pim_pred.predict(np.array(px))
+        self._feats = np.array(gx), np.array(px)  # what `observe` learns from once the plan has run
+        return self.gpu_pred.predict(self._feats[0]), self.pim_pred.predict(self._feats[1])
 
     def _choose_one_batch(self, plan: Plan) -> bool:
         """One batch when the predictors favour it and measurements do not refute it. The forest cannot tell
@@ -418,10 +420,12 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
                 self.gpu_err.add(float(self._last[0][x]), float(timing.sub_gpu_s[0, x]))
                 if on_device:
                     self.pim_err.add(float(self._last[1][x]), float(timing.sub_mem_s[0, x]))
-            self.gpu_pred.add(self.gpu_features(sb.prefill_chunks, sb.prefill_prefix, sb.decode_ids),
-                              timing.sub_gpu_s[0, x])  # fmt: skip
+            # The plan's features as `_predict` made them (the table has not changed since), else anew.
+            gx, px = self._feats if self._last is not None else (None, None)
+            self.gpu_pred.add(gx[x] if gx is not None else self.gpu_features(sb.prefill_chunks, sb.prefill_prefix,
+                                                                              sb.decode_ids), timing.sub_gpu_s[0, x])
             if on_device:
-                feats = self.pim_features(dec, sb.prefill_ids, sb.prefill_chunks)
+                feats = px[x] if px is not None else self.pim_features(dec, sb.prefill_ids, sb.prefill_chunks)
                 self.pim_pred.add(feats, timing.sub_mem_s[0, x])
                 if plan.steps > 1:
                     last = self.pim_features(dec, sb.prefill_ids, sb.prefill_chunks, plan.steps - 1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -21,15 +23,18 @@ DRAM = DramSpec(timing=get_timing("ddr4-3200"), org=get_org("ddr4-l3-2tb"))
 T = DRAM.timing
 
 
+GANGED = PimSpec(all_bank_act="ganged")  # one all-bank ACT: the hand-computed rules below count from it
+
+
 def pim(**features) -> PimSpec:
     return PimSpec(features=PimFeatures(**features))
 
 
-def cycles(stream, spec: PimSpec | None = None, refresh: bool = False) -> int:
-    return RankEngine(DRAM, spec or PimSpec(), refresh=refresh).run(stream).cycles
+def cycles(stream, spec: PimSpec = GANGED, refresh: bool = False) -> int:
+    return RankEngine(DRAM, spec, refresh=refresh).run(stream).cycles
 
 
-# --- engine rules (hand-computed, refresh off; an ACT/PRE completes one cycle after issue) ---------------
+# --- engine rules (hand-computed, refresh off, ganged all-bank ACT; an ACT/PRE completes one cycle after issue) -
 def test_act_to_same_bank_waits_trc_and_trp():
     s = [Run(Cmd.ACT, bank=0, row=0), Run(Cmd.PRE, bank=0), Run(Cmd.ACT, bank=0, row=1)]
     # PRE waits tRAS (52) after ACT; ACT waits tRP (22) after PRE and tRC (74) after the first ACT.
@@ -39,9 +44,26 @@ def test_act_to_same_bank_waits_trc_and_trp():
 def test_mac_run_issues_every_tccd_l_after_trcd():
     n = 100
     s = [Run(Cmd.ACT_AB, row=0), Run(Cmd.PIM_MAC, n)]
-    assert cycles(s) == T.rcd + n * T.ccd_l
+    assert cycles(s) == T.rcd + n * T.ccd_l  # the MACs follow tRCD after the (one) ACT
+    assert cycles(s, PimSpec()) == T.rcd + n * T.ccd_l + 3 * T.faw + 3 * T.rrd_s  # after the 16th staggered ACT
     loads = [Run(Cmd.ACT_AB, row=0), Run(Cmd.PIM_LD_SB, 3), Run(Cmd.PIM_MAC, n)]
     assert cycles(loads) == T.rcd + (n + 3) * T.ccd_l
+
+
+def test_bank_group_data_path_spaces_all_bank_reads():
+    """Banks sharing their group's data path read one after another: an all-bank read every 4 tCCD_L (DDR4:
+    4 banks per group); a host read to one bank keeps tCCD_L; the device's peak bandwidth is a quarter."""
+    shared = PimSpec(all_bank_act="ganged", bank_pu=BankPuSpec(data_path="bank_group"))
+    n = 50
+    s = [Run(Cmd.ACT_AB, row=0), Run(Cmd.PIM_MAC, n)]
+    per_group = DRAM.org.banks_per_group
+    assert cycles(s, shared) == T.rcd + n * per_group * T.ccd_l
+    assert cycles([Run(Cmd.ACT, bank=0, row=0), Run(Cmd.RD, n, bank=0)], shared) == cycles(
+        [Run(Cmd.ACT, bank=0, row=0), Run(Cmd.RD, n, bank=0)])
+    own, common = (PimDevice(DRAM, spec, get_model("opt-66b")) for spec in (PimSpec(), shared))
+    assert common.peak_attention_bw == pytest.approx(own.peak_attention_bw / per_group)
+    ctx = np.array([4096] * 8)
+    assert common.step_attention_time(ctx)["max"] > 2 * own.step_attention_time(ctx)["max"]
 
 
 def test_trrd_and_tfaw_limit_activations():
@@ -56,7 +78,7 @@ def test_trrd_and_tfaw_limit_activations():
 def test_staggered_all_bank_act_obeys_tfaw():
     s = [Run(Cmd.ACT_AB, row=0), Run(Cmd.PIM_MAC)]
     ganged = cycles(s)
-    staggered = cycles(s, PimSpec(all_bank_act="staggered"))
+    staggered = cycles(s, PimSpec())  # the default: four activations per tFAW window, as DDR4 power allows
     assert ganged == T.rcd + T.ccd_l
     # 16 ACTs, four per tFAW window: the last at 3 tFAW + 3 tRRD_S
     assert staggered == 3 * T.faw + 3 * T.rrd_s + T.rcd + T.ccd_l
@@ -81,7 +103,7 @@ def test_precharge_waits_trtp_after_last_read():
 def test_refresh_every_trefi_costs_at_least_trfc():
     n = 3 * T.refi // T.ccd_l
     s = [Run(Cmd.ACT_AB, row=0), Run(Cmd.PIM_MAC, n)]
-    eng = RankEngine(DRAM, PimSpec())
+    eng = RankEngine(DRAM, GANGED)
     res = eng.run(s)
     base = T.rcd + n * T.ccd_l
     assert res.refreshes == 3  # due at tREFI/2, 3/2 tREFI, 5/2 tREFI (the run lasts about 3 tREFI)
@@ -94,6 +116,13 @@ def test_explicit_ref_precharges_then_blocks_for_trfc():
     assert cycles([Run(Cmd.REF)]) == T.rfc
     # PRE waits tRAS after the ACT, REF waits tRP after the PRE
     assert cycles([Run(Cmd.ACT_AB, row=0), Run(Cmd.REF)]) == T.ras + T.rp + T.rfc
+
+
+def test_precharge_after_refresh_keeps_trfc():
+    """A PRE to a bank a refresh left closed must not let the next ACT in before tRFC has passed."""
+    s = [Run(Cmd.REF), Run(Cmd.PRE, bank=0), Run(Cmd.ACT, bank=0, row=0)]
+    assert cycles(s) >= T.rfc + 1
+    assert cycles(s) == cycles([Run(Cmd.REF), Run(Cmd.ACT, bank=0, row=0)])
 
 
 def test_rank_link_moves_b_rk_over_the_chips():
@@ -246,7 +275,22 @@ def test_disabling_a_fix_never_makes_it_faster(model, context):
         assert r["mechanism"]
     by = {r["fix_disabled"]: r for r in rows}
     assert by["kv_mapping"]["slowdown"] > 2 and by["bubble_free"]["slowdown"] > 1
-    assert by["inflight_relayout"]["prefill_write_time_s"] == pytest.approx(3 * base["prefill_write_time_s"])
+    # three bus passes, and the host CPU's permutation at the channel's share of its throughput in between
+    cpu = DRAM.channel_peak_bw * DRAM.org.channels / PimSpec().host_relayout_bw
+    assert by["inflight_relayout"]["prefill_write_time_s"] == pytest.approx((3 + cpu) * base["prefill_write_time_s"])
+
+
+def test_host_relayout_costs_cpu_time():
+    """Without in-flight re-layout each new K/V token is read back, permuted by the host CPU (this rank's share
+    of its throughput) and rewritten: the rewrite waits for the CPU, so a slower CPU lengthens the step."""
+    shape = PimDevice(DRAM, pim(inflight_relayout=False), get_model("opt-66b")).shape
+    stream = list(rank_layer_stream(shape, [300, 700]))
+    cpu_runs = [r for r in stream if r.cmd == Cmd.HOST_CPU]
+    assert len(cpu_runs) == 2 * 2 * shape.rounds  # per request, round, K and V
+    fast, slow = (PimSpec(features=PimFeatures(inflight_relayout=False), host_relayout_bw=bw) for bw in (1e15, 1e11))
+    t_fast, t_slow = (RankEngine(DRAM, spec, refresh=False).run(stream).cycles for spec in (fast, slow))
+    per_run = cpu_runs[0].size / (1e11 / DRAM.org.ranks) / (T.tck_ns * 1e-9)  # cycles of one CPU run, slow CPU
+    assert t_slow - t_fast >= 0.9 * len(cpu_runs) * per_run
 
 
 # --- device figures -------------------------------------------------------------------------------
@@ -282,3 +326,33 @@ def test_too_small_buffers_are_spec_errors():
     small = PimSpec(bank_pu=BankPuSpec(result_buffer_bytes=1024))
     with pytest.raises(SpecError, match="result_buffer_bytes"):
         KernelShape.build(DRAM, small, get_model("qwen-72b"))
+
+
+@functools.cache
+def streaming_cycles_per_column(mode: str) -> float:
+    """The engine's own limit for one bank: rows of MACs back to back, with row switches and refresh."""
+    cols = DRAM.org.page_bytes // DRAM.burst_bytes_per_chip
+    s = [r for k in range(400) for r in (Run(Cmd.ACT_AB, row=k), Run(Cmd.PIM_MAC, cols), Run(Cmd.PRE_AB))]
+    return RankEngine(DRAM, PimSpec(all_bank_act=mode)).run(s).cycles / (400 * cols)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(model=st.sampled_from(["opt-66b", "qwen-72b"]), mode=st.sampled_from(["ganged", "staggered"]),
+       context=st.integers(1024, 1 << 19), n=st.integers(1, 4))  # fmt: skip
+@example(model="opt-66b", mode="ganged", context=65536, n=1)  # reported 0.4% faster than streaming before
+def test_surrogate_never_reads_faster_than_the_engine_streams(model, mode, context, n):
+    """No bandwidth the surrogate reports, at any context (measured range or extrapolated), beats one bank
+    streaming rows of MACs with row switches and refresh: its refresh cost grows with time, not from a sample."""
+    dev = PimDevice(DRAM, PimSpec(all_bank_act=mode), get_model(model))
+    sh = dev.shape
+    cycles = dev.surrogate.uniform_cycles(np.array([n]), np.array([context]))[0]
+    columns = n * sh.rounds * 2 * sh.passes * -(-context // sh.n_bk) * sh.cols_per_token  # per bank
+    assert cycles >= columns * streaming_cycles_per_column(mode)
+
+
+def test_pim_report_refuses_a_batch_beyond_capacity():
+    dev = PimDevice(DRAM, PimSpec(), get_model("opt-66b"))
+    fit = dev.kv_capacity_tokens // 65536
+    assert pim_report(DRAM, PimSpec(), get_model("opt-66b"), 65536, fit)["batch"] == fit
+    with pytest.raises(SpecError, match=f"at most {fit} requests fit"):
+        pim_report(DRAM, PimSpec(), get_model("opt-66b"), 65536, fit + 1)

@@ -257,8 +257,6 @@ def pim(
     t.add_row("peak attention read bandwidth", f"{rep['peak_attention_bw_bytes_per_s'] / 1e12:.2f} TB/s")
     t.add_row("effective attention bandwidth", f"{rep['effective_attention_bw_bytes_per_s'] / 1e12:.2f} TB/s")
     t.add_row("one step's attention (slowest rank)", f"{rep['step_attention_time_s'] * 1e3:.3f} ms")
-    if not rep["fits"]:
-        t.add_row("[yellow]note[/yellow]", "[yellow]this batch does not fit the capacity[/yellow]")
     console.print(t)
     b = Table(title="where the time goes (slowest rank, all layers)")
     for col in ("mechanism", "ms", "share", "what it is"):

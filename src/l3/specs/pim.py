@@ -25,6 +25,11 @@ class BankPuSpec(SpecModel):
     # Bytes of one score partial sent to the rank PU. 2 (FP16, the KV element width) is our reading of the
     # paper's bubble-free condition, which counts partials like KV elements; 4 halves the N_hc bound.
     partial_bytes: int = 2
+    # How a bank's column data reaches its PU. "per_bank" (our assumption, the PIM design's premise): every bank
+    # has its own path from its sense amplifiers to its PU, so all banks read a column each tCCD_L at once.
+    # "bank_group": the banks of a bank group share the group's data path (as DDR4's bank-group I/O does), so an
+    # all-bank column read takes banks-per-group x tCCD_L.
+    data_path: Literal["per_bank", "bank_group"] = "per_bank"
 
 
 class RankPuSpec(SpecModel):
@@ -57,10 +62,16 @@ class PimSpec(SpecModel):
     # Per chip (shared by its bank PUs): the broadcast operand, Q for scores and a double-buffered chunk of S
     # for context. Our assumption (4 KB, four rows' worth of one head slice).
     shared_buffer_bytes: int = 4096
-    # How an all-bank ACT meets the activation-power limits. "ganged": one command opens the row in every
-    # bank and counts as one activation for tRRD/tFAW (our assumption: PIM DIMMs provision power for it, as
-    # bank-level PIM designs do); "staggered": it is issued as N_bk single-bank ACTs under tRRD_S/L and tFAW.
-    all_bank_act: Literal["ganged", "staggered"] = "ganged"
+    # How an all-bank ACT meets the activation-power limits. "staggered" (default, physically conservative:
+    # DDR4's power delivery allows four ACTs per tFAW): it is issued as N_bk single-bank ACTs under tRRD_S/L
+    # and tFAW; "ganged": one command opens the row in every bank and counts as one activation for tRRD/tFAW
+    # (an assumption: a PIM DIMM with a power network built for it, as some bank-level PIM designs claim).
+    all_bank_act: Literal["ganged", "staggered"] = "staggered"
+    # Host CPU re-layout throughput, all cores together, bytes/s, used only without in-flight re-layout (the CPU
+    # reads freshly written KV back, permutes it and rewrites it); every rank gets an equal share. Our estimate
+    # for the DGX-A100 host (2 x EPYC 7742: 128 cores at 2.25 GHz): a 64-byte line's byte transpose takes about
+    # 8 AVX2 shuffle/blend micro-ops, one per cycle, so 8 B per core-cycle: 128 x 2.25e9 x 8 = 2.3 TB/s.
+    host_relayout_bw: float = 128 * 2.25e9 * 8
     features: PimFeatures = PimFeatures()
 
     @model_validator(mode="after")
@@ -69,6 +80,8 @@ class PimSpec(SpecModel):
             raise ValueError("bank_pu.gqa_reuse_max must be >= 1")
         if self.bank_pu.partial_bytes not in (2, 4):
             raise ValueError("bank_pu.partial_bytes must be 2 or 4")
+        if self.host_relayout_bw <= 0:
+            raise ValueError("host_relayout_bw must be > 0 bytes/s")
         if self.rank_pu.link_to_chips_multiple <= 0:
             raise ValueError("rank_pu.link_to_chips_multiple must be > 0")
         n = self.features.n_hc

@@ -9,6 +9,7 @@ Each command executes on one unit of the rank (see timing.py):
   WR to a bank, REF, PIM_WR_R, PIM_LD_SB, PIM_MAC;
 - the rank-PU link (rank PU <-> chips, B_rk): PIM_RD_RB, PIM_WR_SB, RD_AB;
 - the rank PU's adder and softmax units: RPU_SUM, RPU_SOFTMAX (internal to the rank PU, not bus commands);
+- the host CPU's share for this rank: HOST_CPU (re-layout without the rank PU's in-flight path);
 - the channel data bus: RD and WR addressed to the rank PU window (bank = PU).
 """
 
@@ -38,6 +39,7 @@ class Cmd(IntEnum):
     RD_AB = 12  # open rows of all banks streamed to the rank PU over the link (naive layout); size per chip
     RPU_SUM = 13  # rank-PU adder: size = values summed
     RPU_SOFTMAX = 14  # rank-PU softmax unit: size = values (exp, max/sum update, or rescale)
+    HOST_CPU = 15  # host CPU re-lays out bytes it read back (no in-flight re-layout): size = bytes
 
 
 BANK_CMDS = frozenset({Cmd.ACT, Cmd.PRE, Cmd.ACT_AB, Cmd.PRE_AB, Cmd.REF, Cmd.PIM_WR_R, Cmd.PIM_LD_SB,

@@ -121,10 +121,14 @@ class PimDevice:
     def kv_write_time(self, tokens: np.ndarray | int, layers: int | None = None) -> np.ndarray | float:
         """Seconds to write `tokens` tokens' K and V of `layers` layers (default: all) through one channel
         (a request's KV always sits behind one channel position) at the channel's peak bandwidth. In-flight
-        re-layout is free; without it the host CPU reads the bytes back and rewrites them (3 bus passes)."""
+        re-layout is free; without it the host CPU reads the bytes back and rewrites them (3 bus passes), and
+        permutes them in between at the channel's share of `host_relayout_bw`."""
         layers = self.model.n_layers if layers is None else layers
-        nbytes = np.asarray(tokens) * layers * self.model.kv_bytes_per_token_layer * self.shape.host_passes
-        return nbytes / self.dram.channel_peak_bw
+        kv = np.asarray(tokens) * layers * self.model.kv_bytes_per_token_layer
+        t = kv * self.shape.host_passes / self.dram.channel_peak_bw
+        if self.shape.host_passes > 1:
+            t = t + kv / (self.pim.host_relayout_bw / self.dram.org.channels)
+        return t
 
     def engine_layer_attention_time(self, contexts: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, list]:
         """The command-level engine's answer for `layer_attention_time`: (seconds per rank, per-rank

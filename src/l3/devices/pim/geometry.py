@@ -30,9 +30,21 @@ class PimGeometry:
         return self.dram.timing.ns(self.dram.timing.ccd_l) * 1e-9
 
     @property
+    def all_bank_interval_s(self) -> float:
+        """Time between all-bank column reads: tCCD_L, or banks-per-group x tCCD_L where the banks of a group
+        share one data path to their PUs (`bank_pu.data_path`), seconds."""
+        shared = self.dram.org.banks_per_group if self.pim.bank_pu.data_path == "bank_group" else 1
+        return shared * self.access_interval_s
+
+    @property
     def bank_bw(self) -> float:
-        """B_bk: one bank PU's peak read bandwidth, bytes/s."""
+        """B_bk: one bank PU's peak read bandwidth, bytes/s (the paper's unit for B_rk)."""
         return self.bytes_per_access / self.access_interval_s
+
+    @property
+    def bank_pu_bw(self) -> float:
+        """Read bandwidth of one bank PU while every bank of its chip reads (B_bk unless paths are shared)."""
+        return self.bytes_per_access / self.all_bank_interval_s
 
     @property
     def rank_link_bw(self) -> float:
@@ -42,7 +54,7 @@ class PimGeometry:
     @property
     def peak_attention_bw(self) -> float:
         """Aggregate bank-level read bandwidth over all banks, bytes/s (no refresh, no row switches)."""
-        return self.bank_bw * self.dram.org.banks
+        return self.bank_pu_bw * self.dram.org.banks
 
     @property
     def ranksets(self) -> int:
@@ -58,7 +70,7 @@ class PimGeometry:
         org = self.dram.org
         reuse = math.ceil(gqa_group / self.pim.bank_pu.gqa_reuse_max)
         return (2 * head_dim * self.rank_link_bw * reuse) / (
-            self.pim.bank_pu.partial_bytes * self.bank_bw * org.banks_per_chip * gqa_group * org.chips_per_rank
+            self.pim.bank_pu.partial_bytes * self.bank_pu_bw * org.banks_per_chip * gqa_group * org.chips_per_rank
         )
 
     def n_hc(self, head_dim: int, gqa_group: int) -> int:

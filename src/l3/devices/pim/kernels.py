@@ -158,9 +158,12 @@ def _host_writes(shape: KernelShape, i: int, ctx: int) -> Iterator[Run]:
         for kv in (0, 1):
             yield Run(Cmd.ACT, 1, bank, row=(1 << 40) + 2 * (i * shape.rounds + r) + kv, cat="host_write")
             yield Run(Cmd.WR, n, bank, cat="host_write")
-            if shape.host_passes == 3:  # host CPU re-layout: read the naive bytes back and rewrite them
-                yield Run(Cmd.RD, n, bank, cat="host_write")
-                yield Run(Cmd.WR, n, bank, cat="host_write")
+            if shape.host_passes == 3:  # host CPU re-layout: read the naive bytes back, permute, rewrite
+                tag = ("hr", i, r, kv)
+                yield Run(Cmd.RD, n, bank, tag=tag, cat="host_write")
+                yield Run(Cmd.HOST_CPU, size=n * shape.line_bytes, wait=(tag,), tag=("hc", i, r, kv),
+                          cat="host_write")  # fmt: skip
+                yield Run(Cmd.WR, n, bank, wait=(("hc", i, r, kv),), cat="host_write")
             yield Run(Cmd.PRE, 1, bank, cat="host_write")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from l3.devices.pim.device import PimDevice
+from l3.errors import SpecError
 from l3.specs.dram import DramSpec
 from l3.specs.model import ModelSpec
 from l3.specs.pim import PimSpec
@@ -27,7 +28,8 @@ MECHANISMS = {
 
 _FIXES = {
     "inflight_relayout": "Without in-flight re-layout the host CPU reads the bytes it wrote back over the "
-    "channel and rewrites them so each FP16 value lies in one chip: every KV write costs three bus passes.",
+    "channel, permutes them (its cores' share per rank) and rewrites them so each FP16 value lies in one chip: "
+    "every KV write costs three bus passes and the CPU's time in between.",
     "kv_mapping": "With the naive controller layout no bank holds whole FP16 values, so the bank PUs cannot "
     "compute: every K and V byte crosses the rank link (B_rk) and the rank PU does the arithmetic.",
     "bubble_free": "Without bubble-free fusion the buffers are single and the bank PUs wait while the rank PU "
@@ -37,8 +39,13 @@ _FIXES = {
 
 def pim_report(dram: DramSpec, pim: PimSpec, model: ModelSpec, context: int, batch: int) -> dict:
     """Device figures and one decode step's attention for `batch` requests of `context` tokens (default
-    placement). Times in s, bandwidths in bytes/s; `breakdown` sums to `step_attention_time_s`."""
+    placement). Times in s, bandwidths in bytes/s; `breakdown` sums to `step_attention_time_s`. A batch whose
+    KV exceeds the device's capacity is a SpecError."""
     dev = PimDevice(dram, pim, model)
+    if batch * context > dev.kv_capacity_tokens:
+        raise SpecError(f"{batch} requests x {context:,} tokens = {batch * context:,} tokens of {model.name} KV: the "
+                        f"device ({dram.timing.name} / {dram.org.name}) holds {dev.kv_capacity_tokens:,}; at this "
+                        f"context at most {dev.kv_capacity_tokens // context} requests fit")  # fmt: skip
     step = dev.step_attention_time(np.full(batch, context))
     kv_read = batch * context * model.kv_bytes_per_token
     return {
@@ -48,7 +55,6 @@ def pim_report(dram: DramSpec, pim: PimSpec, model: ModelSpec, context: int, bat
         "batch": batch,
         "capacity_bytes": dev.capacity_bytes,
         "kv_capacity_tokens": dev.kv_capacity_tokens,
-        "fits": batch * context <= dev.kv_capacity_tokens,
         "n_hc": dev.n_hc,
         "peak_attention_bw_bytes_per_s": dev.peak_attention_bw,
         "effective_attention_bw_bytes_per_s": kv_read / step["max"],

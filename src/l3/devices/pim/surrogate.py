@@ -16,7 +16,10 @@ them with numpy:
 - Refresh: N_ref = the refreshes falling due while the bank side is busy (first due tREFI / 2, then every
   tREFI, as in the engine), each costing c_ref(s) = the mean delay per refresh the engine shows on a stream of
   rounds of s slots (small where the bank side mostly waits for the rank link and refresh hides), and c_1(s)
-  for refreshes in a rank's first round, measured on a one-round stream.
+  for refreshes in a rank's first round, measured on a one-round stream. Past the measured range a round hides
+  the same delay behind its edges as the sample it extends, and its further refreshes cost c_long, the delay per
+  refresh inside one round long enough for eight (measured once): refresh grows with time, at the kernel's own
+  long-round cost, instead of repeating a short round's.
 
 Measured pieces are cached per slot count, so cost is paid once per distinct s (in the measured range).
 """
@@ -131,7 +134,13 @@ class PimSurrogate:
         b = row[:, :_NC] + q[:, None] * (row[:, :_NC] - self._tab[np.where(big, r - p, r), :_NC])
         if segments and self.shape.mapped:
             b = b + ((s - 1) // self.shape.segment)[:, None] * self._x
-        return b, row[:, _NC : 2 * _NC], row[:, -3], np.where(big, self._c1_long, row[:, -2]), row[:, -1]
+        # Past the measured range: a round hides the delay of its edge refreshes as the sample it extends does
+        # (h = (c_long - c_ref(r)) B(r) per round), and every further refresh costs c_long, the delay per refresh
+        # inside one long round of this kernel (measured): c_ref(s) = c_long - h / B(s).
+        c_ref = row[:, -1]
+        c_ref = np.where(big, self._c1_long - (self._c1_long - c_ref) * row[:, :_NC].sum(axis=1)
+                         / np.maximum(b.sum(axis=1), 1.0), c_ref)  # fmt: skip
+        return b, row[:, _NC : 2 * _NC], row[:, -3], np.where(big, self._c1_long, row[:, -2]), c_ref
 
     def _with_refresh(self, t: np.ndarray, tail: np.ndarray, first: np.ndarray, c_1: np.ndarray,
                       c_ref: np.ndarray) -> np.ndarray:  # fmt: skip

@@ -8,7 +8,8 @@ overlap; a run may `wait` for tagged runs of any unit):
   after ACT and tCCD_S/L after the previous column command (an all-bank command spans every bank group, so
   _L applies), reads wait tWTR_S/L after write data, host writes wait tRTW (CL + BL/2 + 2 - CWL) after a host
   read; PRE waits tRAS after ACT, tRTP after the last read and tWR after write data. An all-bank ACT is one
-  activation for tRRD/tFAW when `pim.all_bank_act` is "ganged", else N_bk single ACTs in bank-group order.
+  activation for tRRD/tFAW when `pim.all_bank_act` is "ganged", else N_bk single ACTs, the first-ready bank
+  first (ties in bank-group-interleaved order).
   PIM_MAC and PIM_LD_SB are all-bank column reads (one per tCCD_L). Host reads / writes put a burst on the
   channel data bus CL / CWL after the command.
 - refresh: when a bank command becomes ready at or after the next due time (first due tREFI / 2 after the
@@ -77,10 +78,13 @@ class RankEngine:
         self.lane_bytes_per_cycle = lane_bw * t.tck_ns * 1e-9
         self.rpu_cycles_per_cycle = pim.rank_pu.clock_ghz * t.tck_ns
         self.lanes = {Cmd.RPU_SUM: pim.rank_pu.adder_lanes, Cmd.RPU_SOFTMAX: pim.rank_pu.softmax_lanes}
+        self.cpu_bytes_per_cycle = pim.host_relayout_bw / org.ranks * t.tck_ns * 1e-9  # this rank's share
         self.staggered = pim.all_bank_act == "staggered"
         self.refresh = refresh
         self.rtw = t.cl + t.burst_cycles + 2 - t.cwl
         self.wr_gap = t.ccd_l_wr or t.ccd_l
+        # an all-bank column read holds a data path shared by a bank group for banks-per-group accesses
+        self.all_col = t.ccd_l * (org.banks_per_group if pim.bank_pu.data_path == "bank_group" else 1)
 
     # --- durations of non-bank commands --------------------------------------------------------
     def duration(self, r: Run) -> int:
@@ -89,6 +93,8 @@ class RankEngine:
             return max(1, math.ceil(r.size / self.lane_bytes_per_cycle - 1e-9))
         if r.cmd in self.lanes:
             return max(1, math.ceil(math.ceil(r.size / self.lanes[r.cmd]) / self.rpu_cycles_per_cycle - 1e-9))
+        if r.cmd == Cmd.HOST_CPU:
+            return max(1, math.ceil(r.size / self.cpu_bytes_per_cycle - 1e-9))
         return self.t.burst_cycles  # channel burst to / from the rank PU window
 
     # --- public entry ----------------------------------------------------------------------------
@@ -134,6 +140,7 @@ class RankEngine:
         self.faw: deque[int] = deque(maxlen=4)
         self.last_act, self.last_act_bg = _NEVER, -1
         self.last_col, self.last_col_bg, self.last_col_wr = _NEVER, -1, False
+        self.last_col_all = False  # the last column command was an all-bank read (it holds the paths all_col)
         self.last_rd = _NEVER  # last host read command (tRTW)
         self.last_wr_end, self.last_wr_bg = _NEVER, -1
         self.last_issue = -1
@@ -159,6 +166,8 @@ class RankEngine:
             return "adder"
         if r.cmd == Cmd.RPU_SOFTMAX:
             return "softmax"
+        if r.cmd == Cmd.HOST_CPU:
+            return "cpu"
         return "channel"
 
     def _note(self, first: int, step: int, count: int, cat: str) -> None:
@@ -209,7 +218,7 @@ class RankEngine:
         cands = [(self.last_issue + 1, r.cat), (dep_t, dep_cat)]
         cmd = r.cmd
         if cmd in (Cmd.ACT, Cmd.ACT_AB):
-            banks = (self.act_order[0],) if (cmd == Cmd.ACT_AB and self.staggered) else self._banks(r)
+            banks = self._stagger_order()[:1] if (cmd == Cmd.ACT_AB and self.staggered) else self._banks(r)
             cands += self._act_rules(banks, all_bank=cmd == Cmd.ACT_AB and not self.staggered)
         elif cmd in (Cmd.PRE, Cmd.PRE_AB):
             banks = [b for b in self._banks(r) if self.open_row[b] >= 0]
@@ -222,18 +231,25 @@ class RankEngine:
                 raise ValueError(f"{cmd.name} to a closed bank (stream must ACT first)")
             cands.append((max(self.t_act[b] for b in banks) + t.rcd, "row_switch"))
             same = r.bank == ALL or self.last_col_bg in (-1, self.bg[r.bank])
+            held = self.all_col if self.last_col_all else 0
             if cmd == Cmd.WR:
                 gap = (self.wr_gap if self.last_col_wr else t.ccd_l) if same else t.ccd_s
-                cands += [(self.last_col + gap, r.cat), (self.last_rd + self.rtw, "host_write"),
+                cands += [(self.last_col + max(gap, held), r.cat), (self.last_rd + self.rtw, "host_write"),
                           (self.chan_t - t.cwl, r.cat)]  # fmt: skip
             else:
-                cands.append((self.last_col + (t.ccd_l if same else t.ccd_s), r.cat))
+                cands.append((self.last_col + max(t.ccd_l if same else t.ccd_s, held), r.cat))
                 same_wr = r.bank == ALL or self.last_wr_bg in (-1, self.bg[r.bank])
                 cands.append((self.last_wr_end + (t.wtr_l if same_wr else t.wtr_s), "host_write"))
                 if cmd == Cmd.RD:
                     cands.append((self.chan_t - t.cl, r.cat))
         best = max(cands, key=lambda c: c[0])
         return best
+
+    def _stagger_order(self) -> list[int]:
+        """The banks of a staggered all-bank ACT, the first ready first (a bank's own tRP and tRC), ties in
+        bank-group-interleaved order."""
+        t = self.t
+        return sorted(self.act_order, key=lambda b: max(self.t_pre[b] + t.rp, self.t_act[b] + t.rc))
 
     def _act_rules(self, banks, all_bank: bool) -> list[tuple[int, str]]:
         t = self.t
@@ -258,7 +274,7 @@ class RankEngine:
             self.last_act, self.last_act_bg = at, (-1 if cmd == Cmd.ACT_AB else self.bg[r.bank])
             self.faw.append(at)
         elif cmd == Cmd.ACT_AB:  # staggered: N_bk single ACTs, the first at `at`
-            for b in self.act_order:
+            for b in self._stagger_order():
                 at = max([at, self.last_issue + 1] + [c[0] for c in self._act_rules((b,), False)])
                 self._commit_act(b, r.row, at)
                 self.last_act, self.last_act_bg, self.last_issue = at, self.bg[b], at
@@ -266,7 +282,9 @@ class RankEngine:
         elif cmd in (Cmd.PRE, Cmd.PRE_AB):
             for b in self._banks(r):
                 if self.open_row[b] >= 0 or cmd == Cmd.PRE:
-                    self.open_row[b], self.t_pre[b] = -1, at
+                    # A PRE to a closed bank is a no-op: it never shortens a block already set (a refresh's
+                    # tRFC is kept as a late t_pre).
+                    self.open_row[b], self.t_pre[b] = -1, max(self.t_pre[b], at)
         elif cmd in _COLUMN_READS or cmd == Cmd.WR:
             for b in self._banks(r):
                 if cmd == Cmd.WR:
@@ -274,6 +292,7 @@ class RankEngine:
                 else:
                     self.t_rd[b] = at
             self.last_col, self.last_col_wr = at, cmd == Cmd.WR
+            self.last_col_all = cmd != Cmd.WR and r.bank == ALL
             self.last_col_bg = -1 if r.bank == ALL else self.bg[r.bank]
             if cmd == Cmd.WR:
                 self.last_wr_end, self.last_wr_bg = at + t.cwl + t.burst_cycles, self.last_col_bg
@@ -286,7 +305,7 @@ class RankEngine:
     def _gap(self, r: Run) -> int:
         """Spacing of back-to-back commands of a column run (0: not a column command)."""
         if r.cmd in _COLUMN_READS:
-            return self.t.ccd_l
+            return self.all_col if r.bank == ALL else self.t.ccd_l
         return self.wr_gap if r.cmd == Cmd.WR else 0
 
     def _completion(self, r: Run, at: int) -> int:

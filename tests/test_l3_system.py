@@ -12,11 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import make_workload
+from l3.report.summary import summarize
 from l3.sim.plan import BatchShape, Plan
 from l3.sim.requests import RequestTable
 from l3.sim.simulator import Simulator
-from l3.specs.model import ModelSpec
-from l3.specs.system import SystemSpec
+from l3.specs.model import ModelSpec, get_model
+from l3.specs.system import ParallelSpec, SystemSpec, get_system, with_overrides
 from l3.systems.l3 import L3System
 
 TINY = ModelSpec(name="tiny", n_layers=3, d_model=512, n_heads=4, n_kv_heads=4, head_dim=128, ffn_dim=1024,
@@ -101,7 +102,7 @@ def test_without_pipeline_and_ranksets_time_is_the_plain_sum():
         shape = BatchShape.of(sb, ctx)
         layer = sysm.gpu.layer(shape.n_tokens, 0, 0.0, shape.prefill_pairs, shape.prefill_kv_tokens)
         total += L * float(layer.pre_attn + layer.prefill_attn + layer.post_attn)
-        total += float(sysm.gpu.lm_head(shape.n_sampled))
+        total += float(sysm.gpu.embed_and_head(shape.n_tokens, shape.n_sampled))
         total += L * sysm.pcie(shape.prefill_tokens * TINY.kv_bytes_per_token_layer)
         if len(sb.decode_ids):
             total += L * sysm.pcie(len(ctx) * (TINY.q_dim + 2 * TINY.kv_dim) * 2)  # Q, K, V up
@@ -172,3 +173,16 @@ def test_l3_every_request_ends_and_memory_is_returned(n, seed, policy):
     assert all(s.kv.used_blocks == 0 for s in sim.schedulers)
     done = res.table.status == 3
     assert np.array_equal(res.table.generated[done], res.table.output[done])
+
+
+def test_rankset_overlap_removes_transfer_stalls():
+    """Each rankset's time blocked by transfers is reported; without rankset overlap every write of a channel
+    blocks all its ranks, so the stall grows (issue: the overlap ablation must state what it removes)."""
+    wl = make_workload(np.zeros(12), np.full(12, 3000), np.full(12, 40), mode="offline")
+    stalls = {}
+    for overlap in (True, False):
+        spec = with_overrides(get_system("l3"), {"coordination": {"rankset_overlap": overlap}})
+        s = summarize(Simulator(spec.deploy(get_model("opt-66b"), ParallelSpec(tp=2, dp=4)), wl).run())
+        stalls[overlap] = s["transfer_stall_s"]
+        assert sorted(stalls[overlap]) == [f"rankset{q}" for q in range(4)]
+    assert all(0 < stalls[True][k] < stalls[False][k] for k in stalls[True])

@@ -120,9 +120,9 @@ def test_single_request_time_matches_hand_computation():
     cost = sysm.gpu
     L = LLAMA.n_layers
     # prefill: 300 tokens <= 512 budget: one iteration of 300 tokens, causal pairs 300*301/2, samples 1 token
-    pre = L * cost.layer(prompt, 0, 0.0, prompt * (prompt + 1) / 2, prompt).total + cost.lm_head(1)
+    pre = L * cost.layer(prompt, 0, 0.0, prompt * (prompt + 1) / 2, prompt).total + cost.embed_and_head(prompt, 1)
     ctx = prompt + np.arange(1, output)  # decode step g attends prompt + g tokens
-    dec = L * cost.layer(1, 1, ctx.astype(float), 0.0, 0.0).total + cost.lm_head(1)
+    dec = L * cost.layer(1, 1, ctx.astype(float), 0.0, 0.0).total + cost.embed_and_head(1, 1)
     expected = float(pre) + float(np.sum(dec))
     assert abs(res.simulated_time_s - expected) <= 1e-9 * expected
     assert abs(res.table.first_token_s[0] - float(pre)) <= 1e-12

@@ -1,14 +1,17 @@
-"""Analytic GPU cost model: per-operator roofline with wave quantisation and kernel overheads.
+"""Analytic GPU cost model: per-operator roofline with tile and wave quantisation and kernel latencies.
 
-Each operator's time is max(compute time, memory time) + a fixed kernel overhead, where
-- compute time of a GEMM counts the work of whole output tiles in whole waves over the SMs (a GEMM of M
-  tokens is padded to tiles of `tile_m x tile_n`; the tiles run in waves of `sm_count`), at `compute_util`
-  of the peak tensor-core rate;
-- memory time moves weights, activations in and out (and KV for attention) at `memory_util` of HBM bandwidth;
-- a tensor-parallel all-reduce is a ring over NVLink: 2 (t-1)/t of the message per GPU plus a fixed latency.
+- A GEMM runs as the fastest of several (output tile shape, split-K factor) candidates, as cuBLAS's heuristics
+  pick a kernel: whole tiles run in whole waves over the SMs at `compute_util` of the peak tensor-core rate, each
+  tile paying a fixed latency, against the memory time of weights, activations and split-K partials at
+  `memory_util` of HBM bandwidth.
+- Norms, rotary embedding, activation, residual add and embedding lookup are memory-bound kernels, each class with
+  its own one-token latency and achieved fraction of HBM bandwidth (derived from measured H100 kernel times).
+- A tensor-parallel all-reduce is a ring over NVLink: 2(t-1) steps of a link latency and 1/t of the message each,
+  never under a measured per-collective floor.
 
 All functions take token counts as scalars or numpy arrays (broadcast), so a run of decode steps can be
 evaluated at once. Times are seconds for one replica (one TP group); all GPUs of a group work in parallel.
+Sources and derivations of every parameter: docs/gpu-model.md (recomputed by bench/gpu_model_error.py).
 """
 
 from __future__ import annotations
@@ -21,29 +24,50 @@ from l3.specs.base import SpecModel
 from l3.specs.hardware import GpuSpec, LinkSpec
 from l3.specs.model import ModelSpec
 
+# Memory-bound operators (the names of the measured profiles) and their kernel class in GpuModelParams.
+MEMORY_OPS = {"emb": "emb", "input_layernorm": "norm", "attn_rope": "rope", "post_attention_layernorm": "norm",
+              "mlp_act": "act", "add": "add"}  # fmt: skip
+
+
+class MemoryKernel(SpecModel):
+    """A class of memory-bound kernels: time = max(latency_s, HBM bytes / (bw_fraction x peak HBM bandwidth))."""
+
+    latency_s: float  # seconds the kernel takes however little it moves (its one-token time)
+    bw_fraction: float  # achieved fraction of the GPU's peak HBM bandwidth once bandwidth-bound
+
 
 class GpuModelParams(SpecModel):
-    """Named parameters of the GPU model (sources in docs/gpu-model.md)."""
+    """Named parameters of the GPU model (sources and derivations in docs/gpu-model.md).
+
+    Values marked "derived" are recomputed from Vidur's measured H100 profiles by the functions of
+    l3.devices.gpu_profiles named beside them (bench/gpu_model_error.py prints them)."""
 
     compute_util: float = 0.8  # AttAcc's GPU model: 80% of peak FLOP/s
-    memory_util: float = 0.85  # AttAcc's GPU model: 85% of peak HBM bandwidth
-    tile_m: int = 128  # GEMM output tile (tokens), a common Hopper/Ampere tensor-core tile
-    tile_n: int = 256  # GEMM output tile (features)
-    min_tile_m: int = 16  # skinny GEMMs use tiles no taller than the next power of two >= M
-    min_split_k: int = 256  # split-K never cuts the reduction dimension below this many elements
-    gemm_overhead_s: float = 4e-6  # pipeline fill + tail of a tiled GEMM kernel (our assumption)
-    kernel_overhead_s: float = 1.5e-6  # fixed latency of a simple (elementwise/attention) kernel (assumption)
-    allreduce_latency_s: float = 10e-6  # NCCL small-message all-reduce latency on NVLink (our assumption)
+    memory_util: float = 0.85  # AttAcc's GPU model: 85% of peak HBM bandwidth (GEMM and attention traffic)
+    # GEMM output tiles (tokens x features): common CUTLASS tensor-core tiles on Ampere/Hopper (assumption)
+    gemm_tiles: tuple[tuple[int, int], ...] = ((64, 64), (64, 128), (128, 64), (128, 128), (128, 256), (256, 128))
+    min_split_k: int = 256  # split-K (powers of two) never cuts the reduction dimension below this (assumption)
+    tile_latency_s: float = 1.6e-6  # per tile: pipeline fill + epilogue; derived: fit_gemm_latencies
+    gemm_overhead_s: float = 5.2e-6  # per GEMM kernel: launch and tail; derived: fit_gemm_latencies
+    kernel_overhead_s: float = 1.5e-6  # fixed latency of the kernels the profiles lack: attention, merge (assumption)
+    # memory-bound kernel classes; derived: derive_memory_kernels
+    norm: MemoryKernel = MemoryKernel(latency_s=6e-6, bw_fraction=0.332)
+    rope: MemoryKernel = MemoryKernel(latency_s=3e-6, bw_fraction=0.463)
+    act: MemoryKernel = MemoryKernel(latency_s=3e-6, bw_fraction=0.566)
+    add: MemoryKernel = MemoryKernel(latency_s=1e-6, bw_fraction=0.985)
+    emb: MemoryKernel = MemoryKernel(latency_s=2e-6, bw_fraction=0.177)
+    allreduce_floor_s: float = 38e-6  # least time of one all-reduce; derived: derive_allreduce
+    allreduce_bw_fraction: float = 0.72  # achieved fraction of NVLink bandwidth in the ring; derived: derive_allreduce
 
 
 @dataclass(frozen=True)
 class LayerCost:
     """One decoder layer's time on one replica, split where L3 splits the work (seconds)."""
 
-    pre_attn: np.ndarray  # input norm + QKV projection + rotary embedding
+    pre_attn: np.ndarray  # input norm + QKV projection + rotary embedding (rope models)
     prefill_attn: np.ndarray  # causal attention of prefill chunks (GPU in every system)
     decode_attn: np.ndarray  # attention of decode tokens over their KV (GPU only in gpu-only)
-    post_attn: np.ndarray  # output projection + all-reduce + norm + FFN + all-reduce + residual adds
+    post_attn: np.ndarray  # output projection + all-reduce + norm + FFN + all-reduce + residual add
 
     @property
     def total(self) -> np.ndarray:
@@ -58,43 +82,55 @@ class GpuCostModel:
         self._flops = gpu.peak_flops * params.compute_util
         self._bw = gpu.hbm_bw * params.memory_util
         self._sm_flops = self._flops / gpu.sm_count
+        self._gemm_candidates: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
         # GEMM weight elements one GPU holds: per decoder layer, and of the vocabulary projection
         self._layer_weights = sum(n * k for n, k in self.gemm_shapes().values())
         self._vocab_weights = model.vocab_size // tp * model.d_model
 
     # --- operator primitives ----------------------------------------------------------------------
-    def gemm(self, m, n: int, k: int) -> np.ndarray:
-        """Time of an (m x k) @ (k x n) GEMM on one GPU; m may be an array (tokens).
+    def _candidates(self, n: int, k: int) -> tuple[np.ndarray, ...]:
+        """Kernel candidates of a GEMM with a k x n weight, one entry per (tile shape, split-K factor): tile rows
+        (tokens), tiles per tile row (n tiles x split), seconds per tile, and HBM bytes per token (activation in,
+        output and FP32 split-K partials written and read back). Cached per (n, k)."""
+        if (n, k) not in self._gemm_candidates:
+            splits = [s for s in (2**i for i in range(11)) if s == 1 or k // s >= self.p.min_split_k]
+            tm, tn, s = np.array([(a, b, s) for a, b in self.p.gemm_tiles for s in splits], dtype=float).T
+            tile_s = self.p.tile_latency_s + 2.0 * tm * tn * np.ceil(k / s) / self._sm_flops
+            row_bytes = (k + n) * self.model.dtype_bytes + np.where(s > 1, 2.0 * 4 * n * s, 0.0)
+            self._gemm_candidates[n, k] = (tm, np.ceil(n / tn) * s, tile_s, row_bytes)
+        return self._gemm_candidates[n, k]
 
-        Output tiles of `tile_m x tile_n` (tile_m shrinks to the next power of two >= m for skinny GEMMs) run
-        in whole waves over the SMs. When there are fewer tiles than SMs the reduction dimension is split
-        (split-K) to fill them, at the cost of writing and re-reading FP32 partial outputs.
+    def gemm(self, m, n: int, k: int) -> np.ndarray:
+        """Time of an (m x k) @ (k x n) GEMM on one GPU, seconds; m (tokens) may be an array.
+
+        Each candidate kernel cuts the output into tiles of one shape and the reduction into a split-K factor;
+        its tiles run in whole waves over the SMs, and it takes the longer of that compute time and its memory
+        time. The GEMM takes the fastest candidate, plus the kernel's fixed overhead.
         """
         m = np.asarray(m, dtype=float)
-        p, sms = self.p, self.gpu.sm_count
-        tm = np.clip(2.0 ** np.ceil(np.log2(np.maximum(m, 1))), p.min_tile_m, p.tile_m)
-        tiles = np.ceil(m / tm) * np.ceil(n / p.tile_n)
-        split = np.clip(np.floor(sms / np.maximum(tiles, 1)), 1, max(1, k // p.min_split_k))
-        waves = np.ceil(tiles * split / sms)
-        t_compute = waves * 2.0 * tm * p.tile_n * np.ceil(k / split) / self._sm_flops
-        partials = np.where(split > 1, 2.0 * m * n * split * 4, 0.0)  # FP32 partials written and read back
-        t_memory = ((k * n + m * k + m * n) * self.model.dtype_bytes + partials) / self._bw
-        return np.where(m > 0, np.maximum(t_compute, t_memory) + p.gemm_overhead_s, 0.0)
+        tm, cols, tile_s, row_bytes = self._candidates(n, k)
+        rows = m[..., None]
+        waves = np.ceil(np.ceil(rows / tm) * cols / self.gpu.sm_count)
+        memory = (k * n * self.model.dtype_bytes + rows * row_bytes) / self._bw
+        t = np.maximum(waves * tile_s, memory).min(axis=-1)
+        return np.where(m > 0, t + self.p.gemm_overhead_s, 0.0)
 
-    def elementwise(self, m, width: int, passes: float = 2.0) -> np.ndarray:
-        """Memory-bound kernel touching `passes` x (m x width) elements (read + write = 2)."""
-        m = np.asarray(m, dtype=float)
-        t = passes * m * width * self.model.dtype_bytes / self._bw
-        return np.where(m > 0, t + self.p.kernel_overhead_s, 0.0)
+    def memory_kernel(self, kind: str, nbytes) -> np.ndarray:
+        """Time of one memory-bound kernel of class `kind` (norm, rope, act, add, emb) moving `nbytes` bytes of HBM
+        traffic, seconds: its latency, or its traffic at the class's achieved bandwidth, whichever is longer."""
+        c: MemoryKernel = getattr(self.p, kind)
+        nbytes = np.asarray(nbytes, dtype=float)
+        return np.where(nbytes > 0, np.maximum(c.latency_s, nbytes / (c.bw_fraction * self.gpu.hbm_bw)), 0.0)
 
-    def allreduce(self, m) -> np.ndarray:
-        """Ring all-reduce of m tokens' hidden states over the TP group."""
-        m = np.asarray(m, dtype=float)
+    def allreduce(self, nbytes) -> np.ndarray:
+        """Ring all-reduce of `nbytes` bytes per GPU over the TP group of t GPUs, seconds: 2(t-1) steps, each a
+        link latency plus 1/t of the message at `allreduce_bw_fraction` of the NVLink bandwidth, and never less
+        than `allreduce_floor_s`."""
+        nbytes = np.asarray(nbytes, dtype=float)
         if self.tp == 1:
-            return np.zeros_like(m)
-        nbytes = m * self.model.d_model * self.model.dtype_bytes
-        t = 2.0 * (self.tp - 1) / self.tp * nbytes / self.nvlink.bw + self.p.allreduce_latency_s
-        return np.where(m > 0, t, 0.0)
+            return np.zeros_like(nbytes)
+        step = self.nvlink.latency_s + nbytes / self.tp / (self.p.allreduce_bw_fraction * self.nvlink.bw)
+        return np.where(nbytes > 0, np.maximum(self.p.allreduce_floor_s, 2.0 * (self.tp - 1) * step), 0.0)
 
     def merge_partials(self, read_bytes, write_bytes) -> np.ndarray:
         """Memory-bound kernel merging partial attention outputs (log-sum-exp rescale and sum): reads
@@ -117,23 +153,31 @@ class GpuCostModel:
                 "attn_post_proj": (md.d_model, md.q_dim // t), "mlp_up_proj": (up_n, md.d_model),
                 "mlp_down_proj": (md.d_model, ffn_shard)}  # fmt: skip
 
-    def op_times(self, m) -> dict[str, np.ndarray]:
-        """Dense per-layer operators for m tokens on one GPU of the TP group."""
+    def _hidden_bytes(self, m) -> np.ndarray:
+        """Bytes of m tokens' hidden states."""
+        return np.asarray(m, dtype=float) * self.model.d_model * self.model.dtype_bytes
+
+    def memory_op_bytes(self, m) -> dict[str, np.ndarray]:
+        """HBM bytes of each memory-bound operator the model has (MEMORY_OPS) for m tokens on one GPU: norms read
+        and write the hidden state; rotary embedding (rope models only) rewrites this GPU's Q and K; the activation
+        reads its input (two halves if gated) and writes the output; the residual add reads two hidden states and
+        writes one; the embedding lookup reads a table row per token and writes it."""
         md, t = self.model, self.tp
-        ffn_shard = md.ffn_dim // t
-        g = {name: self.gemm(m, n, k) for name, (n, k) in self.gemm_shapes().items()}
-        return {
-            "input_layernorm": self.elementwise(m, md.d_model),
-            "attn_pre_proj": g["attn_pre_proj"],
-            "attn_rope": self.elementwise(m, (md.q_dim + md.kv_dim) // t),
-            "attn_post_proj": g["attn_post_proj"],
-            "post_attention_layernorm": self.elementwise(m, md.d_model),
-            "mlp_up_proj": g["mlp_up_proj"],
-            "mlp_act": self.elementwise(m, ffn_shard, passes=3.0 if md.ffn_kind == "gated" else 2.0),
-            "mlp_down_proj": g["mlp_down_proj"],
-            "add": self.elementwise(m, md.d_model, passes=3.0),
-            "all_reduce": self.allreduce(m),
-        }
+        hidden = self._hidden_bytes(m)
+        ffn = np.asarray(m, dtype=float) * (md.ffn_dim // t) * md.dtype_bytes
+        out = {"emb": 2.0 * hidden, "input_layernorm": 2.0 * hidden, "post_attention_layernorm": 2.0 * hidden,
+               "mlp_act": (3.0 if md.ffn_kind == "gated" else 2.0) * ffn, "add": 3.0 * hidden}  # fmt: skip
+        if md.positional == "rope":
+            out["attn_rope"] = 2.0 * np.asarray(m, dtype=float) * ((md.q_dim + md.kv_dim) // t) * md.dtype_bytes
+        return out
+
+    def op_times(self, m) -> dict[str, np.ndarray]:
+        """Each profiled operator the model has, for m tokens on one GPU of the TP group, seconds: the per-layer
+        ones, and the token lookup `emb` (charged once per iteration, by `embedding`)."""
+        ops = {name: self.gemm(m, n, k) for name, (n, k) in self.gemm_shapes().items()}
+        ops |= {op: self.memory_kernel(MEMORY_OPS[op], b) for op, b in self.memory_op_bytes(m).items()}
+        ops["all_reduce"] = self.allreduce(self._hidden_bytes(m))
+        return ops
 
     def weight_read_s(self) -> tuple[float, float]:
         """Seconds to read one GPU's share of the decoder layers' GEMM weights, and of the vocabulary projection."""
@@ -164,7 +208,7 @@ class GpuCostModel:
         prefill_pairs: causal query-key pairs of the prefill chunks; prefill_kv_tokens: KV tokens read by them.
         """
         ops = self.op_times(n_tokens)
-        pre = ops["input_layernorm"] + ops["attn_pre_proj"] + ops["attn_rope"]
+        pre = ops["input_layernorm"] + ops["attn_pre_proj"] + ops.get("attn_rope", 0.0)
         post = (ops["attn_post_proj"] + ops["post_attention_layernorm"] + ops["mlp_up_proj"] + ops["mlp_act"]
                 + ops["mlp_down_proj"] + ops["add"] + 2.0 * ops["all_reduce"])  # fmt: skip
         prefill = self.prefill_attention(prefill_pairs, prefill_kv_tokens)
@@ -191,9 +235,19 @@ class GpuCostModel:
         return (4.0 * md.n_layers * np.asarray(pairs, float) * md.head_dim * md.n_heads,
                 md.n_layers * np.asarray(kv_tokens, float) * md.kv_bytes_per_token_layer)  # fmt: skip
 
-    def lm_head(self, n_sampled) -> np.ndarray:
-        """Final norm + vocabulary projection for the tokens that are sampled."""
+    def embedding(self, m) -> np.ndarray:
+        """Embedding of m tokens before the first layer, seconds: the token lookup; for learned absolute positions
+        a position lookup and an add; under TP an all-reduce of the hidden states (the token table is split over
+        the group by vocabulary: each GPU fills the rows it holds and zeros the others)."""
+        b = self.memory_op_bytes(m)
+        t = self.memory_kernel("emb", b["emb"]) + self.allreduce(self._hidden_bytes(m))
+        if self.model.positional == "learned":
+            t = t + self.memory_kernel("emb", b["emb"]) + self.memory_kernel("add", b["add"])
+        return t
+
+    def embed_and_head(self, n_tokens, n_sampled) -> np.ndarray:
+        """One iteration's work outside the decoder layers, seconds: the embedding of its `n_tokens` tokens and the
+        final norm and vocabulary projection of its `n_sampled` sampled tokens."""
         md = self.model
-        return self.elementwise(n_sampled, md.d_model) + self.gemm(
-            n_sampled, md.vocab_size // self.tp, md.d_model
-        )
+        final_norm = self.memory_kernel("norm", self.memory_op_bytes(n_sampled)["input_layernorm"])
+        return self.embedding(n_tokens) + final_norm + self.gemm(n_sampled, md.vocab_size // self.tp, md.d_model)

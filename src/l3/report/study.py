@@ -249,12 +249,13 @@ def ablation_study(n: int) -> tuple[list[Run], Callable]:
 
     def table(rows: list[dict], base: dict, against: str, extra: bool) -> list[str]:
         head = (f"| variant | total tok/s | steady tok/s | vs {against}: steady / total | bound reached | TBT p50 (s) "
-                "| mean batch | rank imbalance |" + (" PIM busy | HBM-tier share |" if extra else ""))
+                "| mean batch | rank imbalance | transfer stall (s per rankset) |"
+                + (" PIM busy | HBM-tier share |" if extra else ""))
         lines = [head, "|---" * (head.count("|") - 1) + "|"]
         for r in rows:
             line = (f"| {r['label']} | {r['throughput_tok_s']:.1f} | {r[LEAD]:.1f} | {ratio_cell(r, base)} | "
                     f"{r['bound_fraction']:.0%} | {r['tbt_p50_s']:.3f} | {r['mean_batch_size']:.1f} | "
-                    f"{r['rank_load_imbalance']:.2f} |")  # fmt: skip
+                    f"{r['rank_load_imbalance']:.2f} | {np.mean([*r['transfer_stall_s'].values()]):.1f} |")  # fmt: skip
             if extra:
                 line += f" {r['busy_fraction']['pim']:.0%} | {_pct(r['kv_tiers'].get('hbm_request_share'))} |"
             lines.append(line)
@@ -284,7 +285,9 @@ def ablation_study(n: int) -> tuple[list[Run], Callable]:
         fig.savefig(out / "ablation.png", dpi=110)
         plt.close(fig)
         return "\n".join(["Each variant changes one switch of `l3.toml` and runs at the paper's TP x DP; mechanisms in "
-                          "docs/l3-system.md.", "",
+                          "docs/l3-system.md. Transfer stall: the seconds a rankset's ranks spent (mean over them, "
+                          "summed over the run and the replicas) blocked by transfers into and out of the DIMMs, "
+                          "every write of their channel when rankset overlap is off.", "",
                           *lines, "![ablation](ablation.png)", "", *plus])  # fmt: skip
 
     return runs, report

@@ -161,6 +161,12 @@ def coordination_summary(res: SimResult) -> dict:
         "prefill_chunks_shortened": sum(r.get("prefill_chunks_shortened", 0) for r in reports),
         "single_batch_iterations": sum(r.get("single_batch_iterations", 0) for r in reports),
         "device_requests_shed": sum(r.get("device_requests_shed", 0) for r in reports),
+        "decodes_moved": sum(r.get("decodes_moved", 0) for r in reports),
+        "decodes_moved_into_hbm": sum(r.get("decodes_moved_into_hbm", 0) for r in reports),
+        # per rankset, summed over the run (replicas summed): its ranks' mean seconds blocked by transfers into
+        # and out of the DIMMs (writes, output reads; without rankset overlap, every write of the rank's channel)
+        "transfer_stall_s": {k.removeprefix("transfer_stall_"): v for k, v in m.stats.items()
+                             if k.startswith("transfer_stall_")},
     }
     learners = [s for s in res.schedulers if isinstance(s, SubBatchScheduler)]
     out["pim_predictor_error"] = ErrorLog.merged([s.pim_err for s in learners]).summary()

@@ -25,6 +25,9 @@ class ModelSpec(SpecModel):
     head_dim: int
     ffn_dim: int
     ffn_kind: Literal["gated", "plain"]  # gated: SwiGLU (up, gate, down); plain: up, act, down (OPT/GPT)
+    # rope: rotary embedding of Q and K in every layer (Llama, Qwen, Mistral); learned: a learned absolute position
+    # embedding added to the token embedding once, before the first layer (OPT, GPT-3)
+    positional: Literal["rope", "learned"] = "rope"
     vocab_size: int
     dtype_bytes: int = 2
     tied_embeddings: bool = False
@@ -101,11 +104,12 @@ class ModelSpec(SpecModel):
         return self.n_layers * self.kv_bytes_per_token_layer
 
 
-def _m(name, layers, d, heads, kv, ffn, kind, vocab, source, head_dim=None, tied=False, max_ctx=131072):
+def _m(name, layers, d, heads, kv, ffn, kind, vocab, source, head_dim=None, tied=False, max_ctx=131072,
+       positional="rope"):  # fmt: skip
     return ModelSpec(
         name=name, n_layers=layers, d_model=d, n_heads=heads, n_kv_heads=kv,
         head_dim=head_dim or d // heads, ffn_dim=ffn, ffn_kind=kind, vocab_size=vocab,
-        tied_embeddings=tied, max_context=max_ctx, source=source,
+        tied_embeddings=tied, max_context=max_ctx, source=source, positional=positional,
     )  # fmt: skip
 
 
@@ -122,6 +126,7 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
             "plain",
             50272,
             "facebook/opt-66b config.json; L3 paper Sec. 4",
+            positional="learned",
         ),
         _m(
             "qwen-72b",
@@ -135,7 +140,8 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
             "L3 paper's GQA-8 variant of Qwen-72B (80 layers, 64 query / 8 KV heads, d 8192); "
             "FFN 24576 gated and vocab 152064 from Qwen/Qwen-72B config.json",
         ),
-        _m("gpt-175b", 96, 12288, 96, 96, 49152, "plain", 50257, "Brown et al. 2020 (GPT-3 175B); L3 paper"),
+        _m("gpt-175b", 96, 12288, 96, 96, 49152, "plain", 50257, "Brown et al. 2020 (GPT-3 175B); L3 paper",
+           positional="learned"),
         _m("llama-2-7b", 32, 4096, 32, 32, 11008, "gated", 32000, "meta-llama/Llama-2-7b-hf config.json"),
         _m("llama-2-13b", 40, 5120, 40, 40, 13824, "gated", 32000, "meta-llama/Llama-2-13b-hf config.json"),
         _m("llama-2-70b", 80, 8192, 64, 8, 28672, "gated", 32000, "meta-llama/Llama-2-70b-hf config.json"),
@@ -180,7 +186,7 @@ def model_from_hf_config(path: Path) -> ModelSpec:
         data = dict(
             name=str(name), n_layers=need("num_hidden_layers"), d_model=need("hidden_size"), n_heads=heads,
             n_kv_heads=heads, head_dim=need("hidden_size") // heads, ffn_dim=need("ffn_dim"), ffn_kind="plain",
-            vocab_size=need("vocab_size"), dtype_bytes=dtype_bytes,
+            vocab_size=need("vocab_size"), dtype_bytes=dtype_bytes, positional="learned",
             tied_embeddings=bool(cfg.get("tie_word_embeddings", True)),
             max_context=cfg.get("max_position_embeddings", 2048), source=str(path),
         )  # fmt: skip

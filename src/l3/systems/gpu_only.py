@@ -32,7 +32,7 @@ class GpuOnlySystem(SystemModel):
         """Seconds of one iteration of `shape` (vectorised over `shape.decode_ctx`)."""
         layer = self.gpu.layer(shape.n_tokens, shape.n_decode, shape.decode_ctx, shape.prefill_pairs,
                                shape.prefill_kv_tokens)  # fmt: skip
-        return self.dep.model.n_layers * layer.total + self.gpu.lm_head(shape.n_sampled)
+        return self.dep.model.n_layers * layer.total + self.gpu.embed_and_head(shape.n_tokens, shape.n_sampled)
 
     def run(self, plan: Plan, table: RequestTable, steps: int, record: bool = False) -> IterationTiming:
         shape = BatchShape.of(plan, table.context(plan.decode_ids))

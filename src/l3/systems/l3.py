@@ -124,6 +124,12 @@ class L3System(AttentionOffloadSystem):
         `pre_tokens` tokens of KV per layer (after their `pre_prefix` tokens) into the ranks that hold them.
         With rankset overlap a write blocks only the rank written; without it, every rank of its channel.
         """
+        return self.pim_layer_work_split(ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets, pre_prefix)[0]
+
+    def pim_layer_work_split(self, ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets,
+                             pre_prefix=None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """`pim_layer_work` and the part of it each rank is blocked by transfers into and out of the DIMMs (Q,
+        K/V and prefill writes, output reads; without rankset overlap, every write of the rank's channel)."""
         R, C, n, k = self.ranksets, self.channels, self.n_ranks, self.slots
         # Requests sharing a slot share their ranks in every layer, and each of the slot's S ranks holds the
         # same share of their heads; layer residue rho only moves a slot to other ranks of the same channels.
@@ -135,6 +141,7 @@ class L3System(AttentionOffloadSystem):
             tokens = np.bincount(slot_b, weights=held_b, minlength=k) - np.bincount(slot_a, held_a, minlength=k)
             pre_w = np.asarray(self.pim.kv_write_time(tokens, layers=1), float)
         work = np.zeros((len(offsets), R, n))
+        stalled = np.zeros_like(work)
         for si, j in enumerate(offsets):
             comp, host = np.zeros(k), np.zeros(k)
             if len(ids):
@@ -149,10 +156,13 @@ class L3System(AttentionOffloadSystem):
                 pre_r[ranks] = pre_w[:, None]
                 if self.coord.rankset_overlap:
                     work[si, rho] = comp_r + pre_r
+                    stalled[si, rho] = host_r + pre_r
                 else:  # every write blocks all ranks of its channel
                     channel_writes = np.repeat((host_r + pre_r).reshape(C, R).sum(axis=1), R)
-                    work[si, rho] = np.where(comp_r + pre_r > 0, comp_r - host_r + channel_writes, 0.0)
-        return work
+                    active = comp_r + pre_r > 0
+                    work[si, rho] = np.where(active, comp_r - host_r + channel_writes, 0.0)
+                    stalled[si, rho] = np.where(active, channel_writes, 0.0)
+        return work, stalled
 
     # --- attention outputs ----------------------------------------------------------------------------
     def outputs(self, ctx: np.ndarray, placement: np.ndarray, offsets: np.ndarray) -> dict[str, np.ndarray]:

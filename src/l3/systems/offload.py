@@ -43,7 +43,7 @@ class AttentionOffloadSystem(SystemModel):
         self.n_ranks = ranksets * channels
         self._gpu_parts = functools.lru_cache(maxsize=4096)(self._gpu_parts_uncached)
         self._dense = functools.lru_cache(maxsize=4096)(self._dense_uncached)
-        self._head = functools.lru_cache(maxsize=1024)(lambda n: float(self.gpu.lm_head(n)))
+        self._head = functools.lru_cache(maxsize=1024)(lambda t, n: float(self.gpu.embed_and_head(t, n)))
         lanes = tuple(f"rankset{s}" for s in range(ranksets)) if ranksets > 1 else ()
         self.devices = ("gpu", self.memory_device, "pcie_up", "pcie_down", *lanes)
         # Bytes per token per layer crossing the link.
@@ -64,6 +64,13 @@ class AttentionOffloadSystem(SystemModel):
         ctx: tokens attended per decode request at step offset 0 (grows by one per step); `placement`: their
         slots. Prefill requests `pre_ids` at slots `pre_place` write `pre_tokens` tokens of KV per layer, after
         the `pre_prefix` they already hold (None: 0)."""
+
+    def pim_layer_work_split(self, ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets,
+                             pre_prefix=None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """`pim_layer_work` and the part of it each unit is blocked by transfers rather than attending (here:
+        not told apart, zero)."""
+        work = self.pim_layer_work(ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets, pre_prefix)
+        return work, np.zeros_like(work)
 
     def pcie(self, nbytes):
         """One transfer (or an array of them) split over the TP group's host links (one per GPU), seconds."""
@@ -100,9 +107,9 @@ class AttentionOffloadSystem(SystemModel):
             dev, pre = sb.decode_ids[~on_gpu], ~self._on_gpu(table, sb.prefill_ids)
             pre_ids, pre_chunks = sb.prefill_ids[pre], sb.prefill_chunks[pre]
             # The memory side serves the whole sub-batch, whichever GPU group each request is dealt to.
-            work = self.pim_layer_work(dev, ctx[~on_gpu], table.placement[dev], pre_ids, pre_chunks,
-                                       table.placement[pre_ids], offsets,
-                                       pre_prefix=sb.prefill_prefix[pre])  # fmt: skip
+            work, stalled = self.pim_layer_work_split(dev, ctx[~on_gpu], table.placement[dev], pre_ids, pre_chunks,
+                                                      table.placement[pre_ids], offsets,
+                                                      pre_prefix=sb.prefill_prefix[pre])  # fmt: skip
             shape = BatchShape.of(sb, ctx)
             gpu_ctx = ctx[on_gpu].sum() + on_gpu.sum() * grow
             flops, nbytes = self.gpu.attention_work(shape.prefill_pairs + gpu_ctx, shape.prefill_kv_tokens + gpu_ctx)
@@ -123,7 +130,8 @@ class AttentionOffloadSystem(SystemModel):
                 parts["host_merge"] = sum(p["host_merge"] for p in per_group)
                 mean = {k: sum(p[k] for p in per_group) / len(per_group) for k in mean}
             down_bg = self.pcie(migrating * self._kv_layer)
-            subs.append({"s": s, "n_dec": len(dev), "work": interpolate_steps(work, offsets, steps), **parts,
+            subs.append({"s": s, "n_dec": len(dev), "work": interpolate_steps(work, offsets, steps),
+                         "stalled": interpolate_steps(stalled, offsets, steps), **parts,
                          "down_bg": down_bg, "mean": mean | {"down_bg": down_bg}})  # fmt: skip
         timing = self._schedule(subs, L, steps, record)
         return self._with_bound(timing, subs, whole)
@@ -155,7 +163,7 @@ class AttentionOffloadSystem(SystemModel):
         prefill_tokens count only the requests whose KV lives on the memory side (what crosses the link)."""
         pre, post = self._dense(n_tokens)
         return {"pre": pre, "pattn": float(self.gpu.prefill_attention(pairs, kv_tokens)), "post": post,
-                "head": self._head(n_sampled), "up": self.pcie(n_decode * self._qkv_bytes),
+                "head": self._head(n_tokens, n_sampled), "up": self.pcie(n_decode * self._qkv_bytes),
                 "up_bg": self.pcie(prefill_tokens * self._kv_layer), "down": self.pcie(n_decode * self._out_bytes)}
 
     def _dense_uncached(self, n_tokens: int) -> tuple[float, float]:
@@ -269,7 +277,9 @@ class AttentionOffloadSystem(SystemModel):
         busy = {d: np.zeros(steps) for d in self.devices}
         imb_sum, idle_sum, imb_n = np.zeros(steps), np.zeros(steps), 0
         merge = {"merge_gpu_s": np.zeros(steps), "merge_host_s": np.zeros(steps)}
+        stall = np.zeros((steps, R))  # per rankset: its ranks' mean time blocked by transfers
         for x in subs:
+            stall += np.einsum("srcq,r->sq", x["stalled"].reshape(steps, R, C, R), reps) / C
             gpu_sub[:, x["s"]] = L * (x["pre"] + x["pattn"] + x["post"] + x["merge"]) + x["head"]
             avg = x["mean"]  # over the GPU groups the sub-batch is dealt to (one, but for a shared pool)
             busy["gpu"] += L * (avg["pre"] + avg["pattn"] + avg["post"] + avg["merge"]) + avg["head"]
@@ -297,6 +307,7 @@ class AttentionOffloadSystem(SystemModel):
             "imbalance": imb_sum / imb_n if imb_n else np.ones(steps),
             # per step: layers whose attention ran on the units, and the fraction of units idle in each, summed
             "device_layers": np.full(steps, float(imb_n)), "idle_unit_layers": idle_sum, **merge,
+            **{f"transfer_stall_rankset{q}": stall[:, q] for q in range(R)},
             "gpu_waited": (durations - busy["gpu"] > WAIT_THRESHOLD * durations).astype(float),
             "pim_waited": ((durations - mem_sub.sum(axis=1) > WAIT_THRESHOLD * durations)
                            & (mem_sub.sum(axis=1) > 0)).astype(float),

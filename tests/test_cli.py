@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +127,13 @@ def test_tbt_study_tables_every_system(tmp_path):
     for name in ("gpu-only", "hbm-pim", "hbm-pim-ext", "r-pim", "cpu-offload", "l3"):
         assert name in report
     assert report.count("### context") == 3 and (tmp_path / "tbt" / "tbt.png").exists()
+
+
+def test_out_is_checked_before_any_work(tmp_path):
+    """An --out that is a file or cannot be written is a one-line error (exit 2) before the run starts."""
+    a_file = tmp_path / "summary"
+    a_file.write_text("")
+    for cmd in (["simulate", "--requests", "3"], ["compare", "--requests", "3"], ["study", "tbt"]):
+        for out, expect in ((a_file, "expected a folder"), (Path("/proc/no/such/dir"), "cannot write there")):
+            proc = l3(*cmd, "--out", str(out), check=False)
+            assert proc.returncode == 2 and expect in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

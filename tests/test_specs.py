@@ -6,8 +6,11 @@ import json
 
 import pytest
 
+from conftest import make_workload
 from l3.errors import SpecError
 from l3.run import deploy
+from l3.sim.requests import Status
+from l3.sim.simulator import Simulator
 from l3.specs.dram import DramSpec, get_org, get_timing
 from l3.specs.model import MODEL_PRESETS, ModelSpec, get_model
 from l3.specs.system import ParallelSpec, SystemSpec, builtin_system_names, get_system, with_overrides
@@ -121,8 +124,10 @@ def test_impossible_systems_fail_naming_the_field(tmp_path):
         get_system(str(_edited(tmp_path, auto, auto + "\ngpt-175b = { tp = 5, dp = 1 }"))).deploy(get_model("gpt-175b"))
     with pytest.raises(SpecError, match="do not fit"):
         get_system(str(_edited(tmp_path, auto, auto + "\ngpt-175b = { tp = 2, dp = 4 }"))).deploy(get_model("gpt-175b"))
-    with pytest.raises(SpecError, match=r"exceeds gpu\.count"):
+    with pytest.raises(SpecError, match=r"= 16 GPUs, but gpu\.count = 8"):
         get_system(str(_edited(tmp_path, auto, auto + "\nopt-66b = { tp = 2, dp = 8 }"))).deploy(get_model("opt-66b"))
+    with pytest.raises(SpecError, match=r"= 6 GPUs, but gpu\.count = 8; expected a TP x DP that uses every GPU"):
+        get_system(str(_edited(tmp_path, auto, auto + "\nopt-66b = { tp = 3, dp = 2 }"))).deploy(get_model("opt-66b"))
     with pytest.raises(SpecError, match="parallelism"):
         get_system(str(_edited(tmp_path, auto, 'default = "best"')))
     with pytest.raises(SpecError, match="unknown GPU"):
@@ -175,3 +180,64 @@ def test_a_tier_left_to_the_probe_is_chosen_by_it():
     assert sorted(r["asymmetric"] for r in rows) == [False, True]
     assert all(r["probe_steady_tok_s"] is not None for r in rows)
     assert dep.system.coordination.asymmetric == dep.selection["asymmetric"] in (True, False)
+
+
+@pytest.mark.parametrize(("cfg", "match"), [
+    ({"model_type": "llama", "num_attention_heads": 0, "hidden_size": 4096}, "'num_attention_heads' is 0"),
+    ({"model_type": "llama", "num_attention_heads": 32, "hidden_size": "4096"}, "'hidden_size' is '4096'"),
+    ({"model_type": "llama", "num_attention_heads": 30, "hidden_size": 4096}, "not a multiple"),
+    ({"model_type": "llama", "num_attention_heads": 32, "hidden_size": 4096, "num_key_value_heads": 0,
+      "num_hidden_layers": 2, "intermediate_size": 8, "vocab_size": 8}, "'num_key_value_heads' is 0"),
+    ({"model_type": "llama", "num_attention_heads": 32, "hidden_size": 4096, "num_hidden_layers": True},
+     "'num_hidden_layers' is True"),
+    ({"model_type": "llama", "num_attention_heads": 32, "hidden_size": 4096, "torch_dtype": "int4"},
+     "'torch_dtype' is 'int4'"),
+])  # fmt: skip
+def test_bad_hf_configs_are_spec_errors_naming_the_field(tmp_path, cfg, match):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(SpecError, match=match) as exc:
+        get_model(str(path))
+    assert str(path) in str(exc.value)
+
+
+def test_a_config_whose_top_level_is_not_an_object_is_a_spec_error(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(SpecError, match="top level is a JSON list"):
+        get_model(str(path))
+
+
+def test_requests_beyond_the_context_window_are_rejected_with_a_reason(tmp_path):
+    cfg = {"model_type": "llama", "num_attention_heads": 8, "hidden_size": 1024, "num_hidden_layers": 2,
+           "intermediate_size": 2048, "vocab_size": 1000, "max_position_embeddings": 4096}  # fmt: skip
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    model = get_model(str(path))
+    assert model.max_context == 4096 and get_model("opt-66b").max_context is None
+    dep = get_system("gpu-only").deploy(model, ParallelSpec(tp=1, dp=8))
+    wl = make_workload([0.0, 0.0, 0.0], [100, 4000, 4096], [10, 96, 1], mode="offline")
+    res = Simulator(dep, wl).run()
+    t = res.table
+    assert list(t.status) == [Status.DONE, Status.DONE, Status.REJECTED]
+    assert t.reject_code[2] == "exceeds_context_window" and "at most 4096" in t.reject_reason[2]
+
+
+@pytest.mark.parametrize(("line", "match"), [
+    ("memory_util = -0.85", "memory_util: Input should be greater than 0"),
+    ("memory_util = 1.7", "memory_util: Input should be less than or equal to 1"),
+    ("compute_util = 0", "compute_util: Input should be greater than 0"),
+    ("tile_m = 0", "tile_m: Extra inputs are not permitted"),
+])  # fmt: skip
+def test_gpu_model_parameters_out_of_range_are_spec_errors(tmp_path, line, match):
+    from importlib import resources
+
+    key = line.split(" = ")[0]
+    src = (resources.files("l3.data.systems") / "gpu-only.toml").read_text().splitlines()
+    text = "\n".join(ln for ln in src if not ln.startswith(f"{key} ="))  # the file's own value out
+    text = text.replace("[gpu.model]", f"[gpu.model]\n{line}", 1)
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    with pytest.raises(SpecError, match=match) as exc:
+        get_system(str(f))
+    assert str(f) in str(exc.value)

@@ -11,6 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from l3.errors import WorkloadError
+from l3.report.summary import summarize
+from l3.sim.simulator import Simulator
+from l3.specs.model import get_model
+from l3.specs.system import ParallelSpec, get_system
 from l3.workload import WORKLOAD_NAMES, Workload, load_workload
 from l3.workload.registry import TRACE_FILES, find_data_dir
 from l3.workload.synthetic import SYNTHETIC
@@ -46,7 +50,7 @@ def _check_valid(w: Workload) -> None:
     assert len(w.arrival_s) == len(w.prompt_len) == len(w.output_len) == len(w)
     assert w.arrival_s[0] >= 0 and np.all(np.diff(w.arrival_s) >= 0)
     assert w.prompt_len.min() >= 1 and w.output_len.min() >= 1
-    assert sum(w.reject_reasons.values()) == w.rows_rejected
+    assert sum(w.refused_reasons.values()) == w.rows_refused
 
 
 def _write(tmp_path: Path, name: str, text: str) -> Path:
@@ -68,7 +72,7 @@ def test_every_name_is_listed() -> None:
 def test_named_trace_loads_with_readme_row_count(name: str) -> None:
     w = load_workload(name)
     _check_valid(w)
-    assert len(w) + w.rows_rejected == TRACE_ROWS[name]
+    assert len(w) + w.rows_refused == TRACE_ROWS[name]
     timestamped = name.startswith(("azure", "mooncake"))
     assert w.mode == ("online" if timestamped else "offline")
     assert (w.prefix_blocks is not None) == name.startswith("mooncake")
@@ -220,15 +224,35 @@ def test_impossible_rows_are_counted(tmp_path: Path) -> None:
     path = _write(tmp_path, "t.csv", "arrival_s,prompt_len,output_len\n" + "\n".join(rows) + "\n")
     w = load_workload(str(path))
     _check_valid(w)
-    assert len(w) + w.rows_rejected == len(rows)
-    assert w.reject_reasons == {"prompt_len < 1": 2, "output_len < 1": 1, "arrival_s < 0": 1}
-    assert w.arrival_s.tolist() == [0.0, 2.5] and w.describe()["rows_rejected"] == 4
+    assert len(w) + w.rows_refused == len(rows)
+    assert w.refused_reasons == {"prompt_len < 1": 2, "output_len < 1": 1, "arrival_s < 0": 1}
+    assert w.arrival_s.tolist() == [0.0, 2.5] and w.describe()["rows_refused"] == 4
+
+
+def test_refused_rows_survive_sampling_reach_the_summary_and_strict_refuses_them(tmp_path: Path) -> None:
+    rows = ["0,5,6", "1,0,6", "2,5,0", "-1,5,6", "2.5,7,8"]
+    path = _write(tmp_path, "t.csv", "arrival_s,prompt_len,output_len\n" + "\n".join(rows) + "\n")
+    w = load_workload(str(path), n_requests=1)  # a sample of the kept rows still says what the file lost
+    assert len(w) == 1 and w.rows_refused == 3
+    dep = get_system("gpu-only").deploy(get_model("llama-2-7b"), ParallelSpec(tp=1, dp=8))
+    s = summarize(Simulator(dep, load_workload(str(path))).run())
+    assert s["requests_total"] == 2
+    assert s["rows_refused"] == {"count": 3, "reasons": {"prompt_len < 1": 1, "output_len < 1": 1,
+                                                         "arrival_s < 0": 1}}  # fmt: skip
+    with pytest.raises(WorkloadError, match=r"3 rows refused as impossible .*strict"):
+        load_workload(str(path), strict=True)
+
+
+def test_a_length_beyond_2_to_53_is_an_error_not_a_cast(tmp_path: Path) -> None:
+    path = _write(tmp_path, "h.csv", "arrival_s,prompt_len,output_len\n0,1e20,5\n")
+    with pytest.raises(WorkloadError, match=r"h.csv line 2, column prompt_len: expected an integer below 2\^53"):
+        load_workload(str(path))
 
 
 def test_azure_zero_generated_tokens_counted(tmp_path: Path) -> None:
     path = _write(tmp_path, "z.csv", AZURE_HEADER + ROW + "2023-11-16 18:17:04.0,3180,0\n")
     w = load_workload(str(path))
-    assert len(w) == 1 and w.reject_reasons == {"output_len < 1": 1}
+    assert len(w) == 1 and w.refused_reasons == {"output_len < 1": 1}
 
 
 def test_out_of_order_timestamps_are_sorted(tmp_path: Path) -> None:
@@ -326,7 +350,7 @@ def test_simple_csv_round_trip(tmp_path_factory: pytest.TempPathFactory, rows: l
     assert w.arrival_s.tolist() == [r[0] for r in expected]
     assert w.prompt_len.tolist() == [r[1] for r in expected]
     assert w.output_len.tolist() == [r[2] for r in expected]
-    assert w.rows_rejected == 0 and w.mode == "online"
+    assert w.rows_refused == 0 and w.mode == "online"
 
 
 def test_fixed_length_workload_for_context_sweeps():

@@ -83,6 +83,10 @@ def print_summary(s: dict) -> None:
     ]  # fmt: skip
     if s["reject_reasons"]:
         rows.insert(2, ("rejection reasons", ", ".join(f"{k}: {v}" for k, v in s["reject_reasons"].items())))
+    refused = s["rows_refused"]
+    if refused["count"]:
+        rows.insert(2, ("trace rows refused", f"{refused['count']} ("
+                        + ", ".join(f"{k}: {v}" for k, v in refused["reasons"].items()) + ")"))
     if "policy" in s:  # systems with a memory-side attention device
 
         def err(e: dict) -> str:
@@ -98,6 +102,9 @@ def print_summary(s: dict) -> None:
     for k, v in rows:
         t.add_row(k, v)
     console.print(t)
+    if refused["count"]:
+        Console(stderr=True).print(f"[yellow]warning:[/yellow] {refused['count']} rows of the trace were refused as "
+                                   "impossible and are not in the run (--strict makes this an error)")  # fmt: skip
     console.print(f"[dim]workload: {s['workload_source']}[/dim]")
     console.print(f"[dim]{s['what_is_simulated']}[/dim]")
 
@@ -119,11 +126,12 @@ def simulate(
     parallelism: Annotated[str | None, typer.Option(
         help="auto (probe every TP x DP), paper (the paper's TP/DP) or TPxDP such as 4x2; default: the file's")
     ] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="a trace row refused as impossible is an error")] = False,
 ) -> None:
     """Serve a workload on a system and report throughput, latency and utilisation."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from l3.report.files import write_run
+    from l3.report.files import prepare_out, write_run
     from l3.report.summary import summarize
     from l3.run import deploy, parse_parallel
     from l3.sim.simulator import Simulator
@@ -131,9 +139,11 @@ def simulate(
     from l3.specs.system import get_system
     from l3.workload import load_workload
 
+    if out is not None:
+        prepare_out(out)
     par = parse_parallel(parallelism)
     wl = load_workload(workload, n_requests=requests, seed=seed, mode=mode, rate_scale=rate_scale,
-                       arrival_rate=arrival_rate, data_dir=data_dir)  # fmt: skip
+                       arrival_rate=arrival_rate, data_dir=data_dir, strict=strict)  # fmt: skip
     with console.status("choosing TP x DP"):
         dep = deploy(get_system(system), get_model(model), wl, seed, par)
     sim = Simulator(dep, wl)
@@ -166,8 +176,11 @@ def compare_cmd(
 ) -> None:
     """Run several systems on the same workload and compare them in one table."""
     from l3.report.compare import compare, write_compare
+    from l3.report.files import prepare_out
     from l3.run import parse_parallel
 
+    if out is not None:
+        prepare_out(out)
     par = parse_parallel(parallelism)
     names = [s.strip() for s in systems.split(",") if s.strip()]
     with console.status(f"simulating {len(names)} systems"):
@@ -213,9 +226,10 @@ def study(
     jobs: Annotated[int, typer.Option(min=1, help="parallel processes")] = 2,
 ) -> None:
     """Run one of the paper's studies and write a Markdown report with figures."""
+    from l3.report.files import prepare_out
     from l3.report.study import run_study
 
-    target = out / name
+    target = prepare_out(prepare_out(out) / name)
     with console.status(f"running study {name}"):
         path = run_study(name, target, requests, jobs)
     console.print(f"wrote {path}")

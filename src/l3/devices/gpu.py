@@ -17,8 +17,10 @@ Sources and derivations of every parameter: docs/gpu-model.md (recomputed by ben
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
+from pydantic import Field, PositiveInt
 
 from l3.specs.base import SpecModel
 from l3.specs.hardware import GpuSpec, LinkSpec
@@ -29,11 +31,15 @@ MEMORY_OPS = {"emb": "emb", "input_layernorm": "norm", "attn_rope": "rope", "pos
               "mlp_act": "act", "add": "add"}  # fmt: skip
 
 
+Fraction = Annotated[float, Field(gt=0, le=1)]  # a share of a peak rate: (0, 1]
+Seconds = Annotated[float, Field(ge=0)]
+
+
 class MemoryKernel(SpecModel):
     """A class of memory-bound kernels: time = max(latency_s, HBM bytes / (bw_fraction x peak HBM bandwidth))."""
 
-    latency_s: float  # seconds the kernel takes however little it moves (its one-token time)
-    bw_fraction: float  # achieved fraction of the GPU's peak HBM bandwidth once bandwidth-bound
+    latency_s: Seconds  # seconds the kernel takes however little it moves (its one-token time)
+    bw_fraction: Fraction  # achieved fraction of the GPU's peak HBM bandwidth once bandwidth-bound
 
 
 class GpuModelParams(SpecModel):
@@ -42,22 +48,23 @@ class GpuModelParams(SpecModel):
     Values marked "derived" are recomputed from Vidur's measured H100 profiles by the functions of
     l3.devices.gpu_profiles named beside them (bench/gpu_model_error.py prints them)."""
 
-    compute_util: float = 0.8  # AttAcc's GPU model: 80% of peak FLOP/s
-    memory_util: float = 0.85  # AttAcc's GPU model: 85% of peak HBM bandwidth (GEMM and attention traffic)
+    compute_util: Fraction = 0.8  # AttAcc's GPU model: 80% of peak FLOP/s
+    memory_util: Fraction = 0.85  # AttAcc's GPU model: 85% of peak HBM bandwidth (GEMM and attention traffic)
     # GEMM output tiles (tokens x features): common CUTLASS tensor-core tiles on Ampere/Hopper (assumption)
-    gemm_tiles: tuple[tuple[int, int], ...] = ((64, 64), (64, 128), (128, 64), (128, 128), (128, 256), (256, 128))
-    min_split_k: int = 256  # split-K (powers of two) never cuts the reduction dimension below this (assumption)
-    tile_latency_s: float = 1.6e-6  # per tile: pipeline fill + epilogue; derived: fit_gemm_latencies
-    gemm_overhead_s: float = 5.2e-6  # per GEMM kernel: launch and tail; derived: fit_gemm_latencies
-    kernel_overhead_s: float = 1.5e-6  # fixed latency of the kernels the profiles lack: attention, merge (assumption)
+    gemm_tiles: tuple[tuple[PositiveInt, PositiveInt], ...] = Field(
+        default=((64, 64), (64, 128), (128, 64), (128, 128), (128, 256), (256, 128)), min_length=1)
+    min_split_k: PositiveInt = 256  # split-K (powers of two) never cuts the reduction dimension below this (assumption)
+    tile_latency_s: Seconds = 1.6e-6  # per tile: pipeline fill + epilogue; derived: fit_gemm_latencies
+    gemm_overhead_s: Seconds = 5.2e-6  # per GEMM kernel: launch and tail; derived: fit_gemm_latencies
+    kernel_overhead_s: Seconds = 1.5e-6  # fixed latency of the kernels the profiles lack: attention, merge (assumption)
     # memory-bound kernel classes; derived: derive_memory_kernels
     norm: MemoryKernel = MemoryKernel(latency_s=6e-6, bw_fraction=0.332)
     rope: MemoryKernel = MemoryKernel(latency_s=3e-6, bw_fraction=0.463)
     act: MemoryKernel = MemoryKernel(latency_s=3e-6, bw_fraction=0.566)
     add: MemoryKernel = MemoryKernel(latency_s=1e-6, bw_fraction=0.985)
     emb: MemoryKernel = MemoryKernel(latency_s=2e-6, bw_fraction=0.177)
-    allreduce_floor_s: float = 38e-6  # least time of one all-reduce; derived: derive_allreduce
-    allreduce_bw_fraction: float = 0.72  # achieved fraction of NVLink bandwidth in the ring; derived: derive_allreduce
+    allreduce_floor_s: Seconds = 38e-6  # least time of one all-reduce; derived: derive_allreduce
+    allreduce_bw_fraction: Fraction = 0.72  # achieved share of NVLink bandwidth in the ring; derived: derive_allreduce
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,8 @@ def summarize(res: SimResult) -> dict:
         "attention_model": res.system.attention_model,
         "requests_total": int(t.n),
         "requests_completed": int(done.sum()),
+        # trace rows the loader refused as impossible (never in the request count), by reason
+        "rows_refused": {"count": res.workload.rows_refused, "reasons": dict(res.workload.refused_reasons)},
         "requests_rejected": int((t.status == Status.REJECTED).sum()),
         "reject_reasons": dict(reasons),
         "output_tokens": out_tokens,

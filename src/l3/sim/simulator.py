@@ -17,7 +17,7 @@ import numpy as np
 
 from l3.sim.kv import KvPool
 from l3.sim.metrics import Metrics
-from l3.sim.requests import RequestTable, WaitingQueue
+from l3.sim.requests import RequestTable, Status, WaitingQueue
 from l3.sim.scheduler import ContinuousBatchingScheduler
 from l3.sim.subbatch import SubBatchScheduler
 from l3.specs.system import Deployment
@@ -67,9 +67,17 @@ class Simulator:
         return ContinuousBatchingScheduler(spec, kv, self.table, self.queue, replica=r)
 
     def _reject_oversized(self) -> None:
+        """Reject, with a reason, the requests no replica can ever serve: beyond the model's context window, or
+        more KV than a replica holds."""
         t = self.table
+        window = self.dep.model.max_context
+        if window is not None:
+            for rid in np.flatnonzero(t.prompt + t.output > window):
+                need = t.prompt[rid] + t.output[rid]
+                t.reject(int(rid), "exceeds_context_window", f"needs {need} tokens; {self.dep.model.name} attends "
+                                                             f"at most {window}")  # fmt: skip
         limit = self.schedulers[0].max_request_tokens()
-        for rid in np.flatnonzero(t.prompt + t.output > limit):
+        for rid in np.flatnonzero((t.prompt + t.output > limit) & (t.status != Status.REJECTED)):
             t.reject(
                 int(rid),
                 "kv_exceeds_capacity",

@@ -10,13 +10,15 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import model_validator
+from pydantic import ConfigDict, model_validator
 
 from l3.errors import SpecError
 from l3.specs.base import SpecModel, lookup, require_positive
 
 
 class ModelSpec(SpecModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)  # "4096" or true is not a count
+
     name: str
     n_layers: int
     d_model: int
@@ -31,12 +33,16 @@ class ModelSpec(SpecModel):
     vocab_size: int
     dtype_bytes: int = 2
     tied_embeddings: bool = False
-    max_context: int = 131072
+    # Tokens a request may hold (prompt + output; Hugging Face's max_position_embeddings); None: no limit (the
+    # presets: the L3 paper runs its models at contexts beyond their trained windows, as a systems study).
+    max_context: int | None = None
     source: str = ""
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
         require_positive(self, ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size"))
+        if self.max_context is not None and self.max_context < 1:
+            raise ValueError("max_context must be >= 1 token, or None for no limit")
         if self.n_kv_heads > self.n_heads:
             raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must be <= n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads:
@@ -104,7 +110,7 @@ class ModelSpec(SpecModel):
         return self.n_layers * self.kv_bytes_per_token_layer
 
 
-def _m(name, layers, d, heads, kv, ffn, kind, vocab, source, head_dim=None, tied=False, max_ctx=131072,
+def _m(name, layers, d, heads, kv, ffn, kind, vocab, source, head_dim=None, tied=False, max_ctx=None,
        positional="rope"):  # fmt: skip
     return ModelSpec(
         name=name, n_layers=layers, d_model=d, n_heads=heads, n_kv_heads=kv,
@@ -151,49 +157,67 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
 }
 
 _HF_LLAMA_LIKE = {"llama", "qwen2", "mistral"}
-_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8": 1}
+_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8_e4m3fn": 1, "float8_e5m2": 1, "float8": 1}
 
 
 def model_from_hf_config(path: Path) -> ModelSpec:
-    """Build a ModelSpec from a Hugging Face config.json (Llama, Qwen2, Mistral or OPT)."""
+    """Build a ModelSpec from a Hugging Face config.json (Llama, Qwen2, Mistral or OPT). Every field it reads is
+    checked (a positive integer where a count is meant); anything else is a SpecError naming file and field."""
     try:
         cfg = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise SpecError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path}: cannot read: {exc}") from None
     except json.JSONDecodeError as exc:
         raise SpecError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    if not isinstance(cfg, dict):
+        raise SpecError(f"{path}: the top level is a JSON {type(cfg).__name__}; expected an object of config fields")
     mtype = str(cfg.get("model_type", "")).lower()
 
-    def need(key: str):
-        if key not in cfg:
-            raise SpecError(f"{path}: field {key!r} missing (required for model_type {mtype!r})")
-        return cfg[key]
+    def count(key: str, default: int | None = None) -> int:
+        """A positive integer field (required unless a default is given)."""
+        if key not in cfg or cfg[key] is None:
+            if default is None:
+                raise SpecError(f"{path}: field {key!r} missing (required for model_type {mtype!r})")
+            return default
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise SpecError(f"{path}: field {key!r} is {v!r}; expected a positive integer")
+        return v
 
-    dtype_bytes = _DTYPE_BYTES.get(str(cfg.get("torch_dtype", "float16")), 2)
+    dtype = cfg.get("torch_dtype", "float16")
+    if dtype not in _DTYPE_BYTES:
+        raise SpecError(f"{path}: field 'torch_dtype' is {dtype!r}; expected one of {', '.join(_DTYPE_BYTES)}")
     name = cfg.get("_name_or_path") or Path(path).parent.name or "hf-model"
-    if mtype in _HF_LLAMA_LIKE:
-        heads = need("num_attention_heads")
-        data = dict(
-            name=str(name), n_layers=need("num_hidden_layers"), d_model=need("hidden_size"), n_heads=heads,
-            n_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or need("hidden_size") // heads,
-            ffn_dim=need("intermediate_size"), ffn_kind="gated", vocab_size=need("vocab_size"),
-            dtype_bytes=dtype_bytes, tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            max_context=cfg.get("max_position_embeddings", 131072), source=str(path),
-        )  # fmt: skip
-    elif mtype == "opt":
-        heads = need("num_attention_heads")
-        data = dict(
-            name=str(name), n_layers=need("num_hidden_layers"), d_model=need("hidden_size"), n_heads=heads,
-            n_kv_heads=heads, head_dim=need("hidden_size") // heads, ffn_dim=need("ffn_dim"), ffn_kind="plain",
-            vocab_size=need("vocab_size"), dtype_bytes=dtype_bytes, positional="learned",
-            tied_embeddings=bool(cfg.get("tie_word_embeddings", True)),
-            max_context=cfg.get("max_position_embeddings", 2048), source=str(path),
-        )  # fmt: skip
-    else:
+    common = dict(name=str(name), dtype_bytes=_DTYPE_BYTES[dtype], source=str(path))
+    if mtype not in (*_HF_LLAMA_LIKE, "opt"):
         raise SpecError(
             f"{path}: field 'model_type' is {mtype!r}; expected one of llama, qwen2, mistral, opt"
         )
+    heads, d = count("num_attention_heads"), count("hidden_size")
+    if "head_dim" in cfg and mtype in _HF_LLAMA_LIKE:
+        head_dim = count("head_dim")
+    elif d % heads:
+        raise SpecError(f"{path}: field 'hidden_size' ({d}) is not a multiple of 'num_attention_heads' ({heads}); "
+                        f"expected a multiple, or a 'head_dim' field")  # fmt: skip
+    else:
+        head_dim = d // heads
+    if mtype in _HF_LLAMA_LIKE:
+        data = dict(
+            n_layers=count("num_hidden_layers"), d_model=d, n_heads=heads,
+            n_kv_heads=count("num_key_value_heads", heads), head_dim=head_dim,
+            ffn_dim=count("intermediate_size"), ffn_kind="gated", vocab_size=count("vocab_size"),
+            tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_context=count("max_position_embeddings", 131072), **common,
+        )  # fmt: skip
+    else:
+        data = dict(
+            n_layers=count("num_hidden_layers"), d_model=d, n_heads=heads, n_kv_heads=heads, head_dim=head_dim,
+            ffn_dim=count("ffn_dim"), ffn_kind="plain", vocab_size=count("vocab_size"), positional="learned",
+            tied_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+            max_context=count("max_position_embeddings", 2048), **common,
+        )  # fmt: skip
     return ModelSpec.build(data, where=str(path))
 
 

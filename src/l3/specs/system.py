@@ -268,12 +268,13 @@ class SystemSpec(SpecModel):
     def _problem(self, model: ModelSpec, par: ParallelSpec, where: str) -> str | None:
         """Why `par` cannot hold `model` on this machine (None if it can)."""
         gpu = get_gpu(self.gpu.preset)
-        if par.tp * par.dp > self.gpu.count:
-            return f"{where}: tp*dp = {par.tp * par.dp} exceeds gpu.count = {self.gpu.count}"
         if model.n_heads % par.tp:
             return f"{where}: tp = {par.tp} must divide the model's n_heads = {model.n_heads}"
         if par.tp % model.n_kv_heads and model.n_kv_heads % par.tp:
             return f"{where}: tp = {par.tp} and n_kv_heads = {model.n_kv_heads}: one must divide the other"
+        if par.tp * par.dp != self.gpu.count:
+            return (f"{where}: tp x dp = {par.tp} x {par.dp} = {par.tp * par.dp} GPUs, but gpu.count = "
+                    f"{self.gpu.count}; expected a TP x DP that uses every GPU (or set gpu.count)")  # fmt: skip
         if self.pim is not None and not self.pim.shared and self.pim.dram().org.channels % par.dp:
             return (f"{where}: dp = {par.dp} must divide pim channels = {self.pim.dram().org.channels} "
                     "(each replica owns a share of the channels)")  # fmt: skip

@@ -86,8 +86,11 @@ def load_workload(
     rate_scale: float = 1.0,
     arrival_rate: float | None = None,
     data_dir: Path | None = None,
+    strict: bool = False,
 ) -> Workload:
     """Load a named workload or a trace file and shape it for a run.
+
+    A trace's impossible rows are refused and counted (`Workload.rows_refused`); `strict` makes any an error.
 
     n_requests: first N requests in arrival order (length-only sets: a seeded sample in file order); more than
     the file holds tiles it (see `tile`); None = every row (synthetic sets: 1,000).
@@ -103,6 +106,10 @@ def load_workload(
         base = fixed_workload(name, n_requests or DEFAULT_N)
     else:
         base = load_trace(_resolve_file(name, data_dir), name=name)
+        if strict and base.rows_refused:
+            reasons = ", ".join(f"{k}: {v}" for k, v in base.refused_reasons.items())
+            raise WorkloadError(f"{name}: {base.rows_refused} rows refused as impossible ({reasons}); strict "
+                                "mode makes any refused row an error")  # fmt: skip
     if n_requests is not None and name not in SYNTHETIC and not name.startswith("fixed:"):
         base = _select(base, n_requests, seed)
     return _set_arrivals(base, mode, rate_scale, arrival_rate, seed)

@@ -26,6 +26,7 @@ CSV_FORMATS: dict[str, tuple[tuple[str, ...], str]] = {
 }
 JSONL_FIELDS = ("timestamp", "input_length", "output_length")
 PREFIX_BLOCK_TOKENS = 512  # tokens per Mooncake hash_ids block
+MAX_INTEGER = 2.0**53  # integers are parsed through float64, exact below this
 
 
 def load_trace(path: Path, name: str | None = None) -> Workload:
@@ -46,11 +47,11 @@ def _numbers(values: pd.Series, lines: np.ndarray, file: str, field: str, *, int
     """Vectorised parse of one column; WorkloadError naming file, first bad line and field."""
     num = pd.to_numeric(values, errors="coerce").astype(np.float64).to_numpy()
     bad = ~np.isfinite(num)
-    if integer:
-        bad |= np.isfinite(num) & (num != np.round(num))
+    if integer:  # and exactly representable: a count beyond 2^53 tokens is no request length
+        bad |= np.isfinite(num) & ((num != np.round(num)) | (np.abs(num) >= MAX_INTEGER))
     if bad.any():
         i = int(np.argmax(bad))
-        expected = "an integer" if integer else "a finite number"
+        expected = "an integer below 2^53" if integer else "a finite number"
         raw = values.iloc[i]
         missing = raw is None or raw == "" or (isinstance(raw, float) and np.isnan(raw))
         got = "an empty field" if missing else reprlib.repr(raw)

@@ -19,7 +19,8 @@ class Workload:
     prompt_len, output_len: int64 tokens, >= 1.
     prefix_blocks: per request, the ids of its 512-token prompt blocks (equal ids = shareable prefix KV),
     or None when the source has no prefix information.
-    rows_rejected / reject_reasons: input rows refused as impossible, by reason (they sum to rows_rejected).
+    rows_refused / refused_reasons: input rows the loader refused as impossible, by reason (they sum to
+    rows_refused); a subset keeps them (they describe the file it came from).
     """
 
     name: str
@@ -29,8 +30,8 @@ class Workload:
     mode: str
     source: str
     prefix_blocks: list[np.ndarray] | None = None
-    rows_rejected: int = 0
-    reject_reasons: dict[str, int] = field(default_factory=dict)
+    rows_refused: int = 0
+    refused_reasons: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.arrival_s)
@@ -65,8 +66,8 @@ class Workload:
         idx = np.asarray(idx, np.int64)
         blocks = None if self.prefix_blocks is None else [self.prefix_blocks[i] for i in idx]
         return Workload(name=name, arrival_s=self.arrival_s[idx], prompt_len=self.prompt_len[idx],
-                        output_len=self.output_len[idx], mode=self.mode, source=source,
-                        prefix_blocks=blocks)  # fmt: skip
+                        output_len=self.output_len[idx], mode=self.mode, source=source, prefix_blocks=blocks,
+                        rows_refused=self.rows_refused, refused_reasons=dict(self.refused_reasons))  # fmt: skip
 
     def describe(self) -> dict:
         """Summary for reports: plain Python numbers only (JSON-serialisable)."""
@@ -91,8 +92,8 @@ class Workload:
             "arrival_span_s": span,
             "mean_rate_per_s": (len(self) - 1) / span if span > 0 else None,
             "has_prefix_blocks": self.prefix_blocks is not None,
-            "rows_rejected": self.rows_rejected,
-            "reject_reasons": dict(self.reject_reasons),
+            "rows_refused": self.rows_refused,
+            "refused_reasons": dict(self.refused_reasons),
         }
 
 
@@ -138,6 +139,6 @@ def from_rows(
         mode=mode,
         source=source,
         prefix_blocks=None if prefix_blocks is None else [prefix_blocks[i] for i in idx],
-        rows_rejected=int(len(keep) - len(idx)),
-        reject_reasons=reasons,
+        rows_refused=int(len(keep) - len(idx)),
+        refused_reasons=reasons,
     )

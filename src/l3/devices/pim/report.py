@@ -37,15 +37,21 @@ _FIXES = {
 }
 
 
+def _check_fits(dev: PimDevice, context: int, batch: int) -> None:
+    """SpecError unless `batch` requests of `context` tokens fit the device's KV capacity."""
+    if batch * context > dev.kv_capacity_tokens:
+        raise SpecError(f"{batch} requests x {context:,} tokens = {batch * context:,} tokens of {dev.model.name} "
+                        f"KV: the device ({dev.dram.timing.name} / {dev.dram.org.name}) holds "
+                        f"{dev.kv_capacity_tokens:,}; at this context at most {dev.kv_capacity_tokens // context} "
+                        f"requests fit")  # fmt: skip
+
+
 def pim_report(dram: DramSpec, pim: PimSpec, model: ModelSpec, context: int, batch: int) -> dict:
     """Device figures and one decode step's attention for `batch` requests of `context` tokens (default
     placement). Times in s, bandwidths in bytes/s; `breakdown` sums to `step_attention_time_s`. A batch whose
     KV exceeds the device's capacity is a SpecError."""
     dev = PimDevice(dram, pim, model)
-    if batch * context > dev.kv_capacity_tokens:
-        raise SpecError(f"{batch} requests x {context:,} tokens = {batch * context:,} tokens of {model.name} KV: the "
-                        f"device ({dram.timing.name} / {dram.org.name}) holds {dev.kv_capacity_tokens:,}; at this "
-                        f"context at most {dev.kv_capacity_tokens // context} requests fit")  # fmt: skip
+    _check_fits(dev, context, batch)
     step = dev.step_attention_time(np.full(batch, context))
     kv_read = batch * context * model.kv_bytes_per_token
     return {
@@ -66,7 +72,8 @@ def pim_report(dram: DramSpec, pim: PimSpec, model: ModelSpec, context: int, bat
 
 
 def ablation(dram: DramSpec, pim: PimSpec, model: ModelSpec, context: int, batch: int) -> list[dict]:
-    """Step attention time and KV write times with all fixes on (`fix` = "none") and each fix off in turn.
+    """Step attention time and KV write times with all fixes on (`fix` = "none") and each fix off in turn (a
+    batch beyond capacity is a SpecError).
     decode_write_time_s: the busiest channel's new K/V of one decode step; prefill_write_time_s: one
     request's prefill KV of `context` tokens."""
     channels = dram.org.channels
@@ -74,6 +81,7 @@ def ablation(dram: DramSpec, pim: PimSpec, model: ModelSpec, context: int, batch
     for fix in ("none", *_FIXES):
         feats = pim.features if fix == "none" else pim.features.model_copy(update={fix: False})
         dev = PimDevice(dram, pim.model_copy(update={"features": feats}), model)
+        _check_fits(dev, context, batch)
         step = dev.step_attention_time(np.full(batch, context))["max"]
         rows.append({
             "fix_disabled": fix,

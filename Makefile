@@ -1,9 +1,10 @@
-# Two entry points: `make demo` (set up, run the built-in default) and `make test` (set up, lint, test).
+# Entry points: `make demo` (set up, run the built-in default), `make test-all` (set up, lint, every test:
+# what CI runs) and `make test` (the same without the tests marked slow).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-all lint bench clean
 
 $(BIN)/l3: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +20,13 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check src tests bench
 
+# Tests run on 2 worker processes (pytest-xdist). `test` leaves out the few marked slow (minutes of CPU);
+# `test-all` (what CI runs) includes them.
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 -m "not slow"
+
+test-all: lint
+	$(BIN)/pytest -n 2
 
 bench: setup
 	$(BIN)/python bench/run_all.py

@@ -41,6 +41,7 @@ def test_simulate_writes_summary_csv_and_plots(tmp_path):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_builtin_sample_trace_online(tmp_path):
     out = tmp_path / "run"
     l3("simulate", "--model", "llama-2-7b", "--workload", "azure-conv-sample", "--requests", "50",
@@ -89,6 +90,7 @@ def test_pim_needs_a_pim_system():
     assert proc.returncode != 0 and "no [pim] section" in proc.stderr
 
 
+@pytest.mark.slow
 def test_compare_writes_one_summary_per_system(tmp_path):
     import json as _json
 
@@ -108,6 +110,7 @@ def test_compare_writes_one_summary_per_system(tmp_path):
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_study_writes_report_and_figure(tmp_path):
     l3("study", "capacity", "--requests", "12", "--out", str(tmp_path), "--jobs", "1")
     report = (tmp_path / "capacity" / "report.md").read_text()
@@ -133,7 +136,10 @@ def test_out_is_checked_before_any_work(tmp_path):
     """An --out that is a file or cannot be written is a one-line error (exit 2) before the run starts."""
     a_file = tmp_path / "summary"
     a_file.write_text("")
-    for cmd in (["simulate", "--requests", "3"], ["compare", "--requests", "3"], ["study", "tbt"]):
-        for out, expect in ((a_file, "expected a folder"), (Path("/proc/no/such/dir"), "cannot write there")):
-            proc = l3(*cmd, "--out", str(out), check=False)
-            assert proc.returncode == 2 and expect in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    cases = [(["simulate", "--requests", "3"], a_file, "expected a folder"),
+             (["simulate", "--requests", "3"], Path("/proc/no/such/dir"), "cannot write there"),
+             (["compare", "--requests", "3"], a_file, "expected a folder"),
+             (["study", "tbt"], a_file, "expected a folder")]  # fmt: skip
+    for cmd, out, expect in cases:
+        proc = l3(*cmd, "--out", str(out), check=False)
+        assert proc.returncode == 2 and expect in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

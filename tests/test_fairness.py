@@ -78,6 +78,7 @@ def _spec(kind: str, dp: int) -> tuple[SystemSpec, ModelSpec]:
         "capacity_bytes": 2e9, "bandwidth": 1e12, "write_bandwidth": 5e10}}), TINY  # fmt: skip
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(kind=st.sampled_from(["gpu-only", "l3", "pooled"]), dp=st.sampled_from([1, 2]),
        n=st.integers(1, 30), seed=st.integers(0, 10_000), online=st.booleans())  # fmt: skip

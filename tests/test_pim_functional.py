@@ -23,13 +23,18 @@ def dram(rows: int = 65536) -> DramSpec:
     return DramSpec(timing=get_timing("ddr4-3200"), org=org)
 
 
+def logits(q: np.ndarray, k: np.ndarray, gqa: int, scale: float) -> np.ndarray:
+    """q k^T * scale in float64, (kv_heads, gqa, T): query head h uses KV head h // gqa (no copies of K)."""
+    qg = q.astype(np.float64).reshape(k.shape[1], gqa, -1)
+    return np.einsum("hge,the->hgt", qg, k.astype(np.float64)) * scale
+
+
 def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, gqa: int, scale: float) -> np.ndarray:
     """softmax(q k^T * scale) v in float64 from the same FP16 inputs; q (heads, E), k/v (T, kv_heads, E)."""
-    k64 = np.repeat(k.astype(np.float64), gqa, axis=1)
-    v64 = np.repeat(v.astype(np.float64), gqa, axis=1)
-    x = np.einsum("he,the->ht", q.astype(np.float64), k64) * scale
-    p = np.exp(x - x.max(axis=1, keepdims=True))
-    return np.einsum("ht,the->he", p / p.sum(axis=1, keepdims=True), v64)
+    x = logits(q, k, gqa, scale)
+    p = np.exp(x - x.max(axis=2, keepdims=True))
+    out = np.einsum("hgt,the->hge", p / p.sum(axis=2, keepdims=True), v.astype(np.float64))
+    return out.reshape(q.shape)
 
 
 def rel_errors(out: np.ndarray, ref: np.ndarray, gqa: int) -> np.ndarray:
@@ -40,8 +45,7 @@ def rel_errors(out: np.ndarray, ref: np.ndarray, gqa: int) -> np.ndarray:
 
 def logit_bound(q: np.ndarray, k: np.ndarray, gqa: int, scale: float) -> np.ndarray:
     """Largest |logit| per KV head group (float64), q (heads, E), k (T, kv_heads, E)."""
-    x = np.einsum("he,the->ht", q.astype(np.float64), np.repeat(k.astype(np.float64), gqa, axis=1)) * scale
-    return np.abs(x).max(axis=1).reshape(-1, gqa).max(axis=1)
+    return np.abs(logits(q, k, gqa, scale)).max(axis=(1, 2))
 
 
 def check_batch(

@@ -35,6 +35,7 @@ def layout_for(n_hc: int, heads: int, head_dim: int = 64, mapped: bool = True, *
 
 
 # --- address map ----------------------------------------------------------------------------------
+@pytest.mark.slow
 @settings(max_examples=30, deadline=None)
 @given(
     n_hc=st.sampled_from([1, 2, 4, 8]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -82,6 +83,7 @@ def test_kv_never_exceeds_capacity(wl):
     assert res.table.kv_blocks.sum() == 0
 
 
+@pytest.mark.slow
 @settings(max_examples=20, deadline=None)
 @given(wl=workloads())
 def test_bulk_advance_equals_single_steps(wl):

@@ -179,7 +179,7 @@ ROW = "2023-11-16 18:17:03.9799600,4808,10\n"
         (
             "short_row.csv",
             "arrival_s,prompt_len,output_len\n0,1,1\n\n1,2\n",
-            ["line 4", "output_len", "empty"],
+            ["line 4", "2 fields; expected 3"],
         ),
         ("missing.csv", "TIMESTAMP,ContextTokens\n2023-11-16 18:17:03.9,5\n", ["line 1", "GeneratedTokens"]),
         ("unknown.csv", "a,b\n1,2\n", ["line 1", "unrecognised header"]),

@@ -187,8 +187,11 @@ def model_from_hf_config(path: Path) -> ModelSpec:
         return v
 
     dtype = cfg.get("torch_dtype", "float16")
-    if dtype not in _DTYPE_BYTES:
+    if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
         raise SpecError(f"{path}: field 'torch_dtype' is {dtype!r}; expected one of {', '.join(_DTYPE_BYTES)}")
+    tied = cfg.get("tie_word_embeddings", mtype == "opt")
+    if not isinstance(tied, bool):
+        raise SpecError(f"{path}: field 'tie_word_embeddings' is {tied!r}; expected true or false")
     name = cfg.get("_name_or_path") or Path(path).parent.name or "hf-model"
     common = dict(name=str(name), dtype_bytes=_DTYPE_BYTES[dtype], source=str(path))
     if mtype not in (*_HF_LLAMA_LIKE, "opt"):
@@ -208,14 +211,14 @@ def model_from_hf_config(path: Path) -> ModelSpec:
             n_layers=count("num_hidden_layers"), d_model=d, n_heads=heads,
             n_kv_heads=count("num_key_value_heads", heads), head_dim=head_dim,
             ffn_dim=count("intermediate_size"), ffn_kind="gated", vocab_size=count("vocab_size"),
-            tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            tied_embeddings=tied,
             max_context=count("max_position_embeddings", 131072), **common,
         )  # fmt: skip
     else:
         data = dict(
             n_layers=count("num_hidden_layers"), d_model=d, n_heads=heads, n_kv_heads=heads, head_dim=head_dim,
             ffn_dim=count("ffn_dim"), ffn_kind="plain", vocab_size=count("vocab_size"), positional="learned",
-            tied_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+            tied_embeddings=tied,
             max_context=count("max_position_embeddings", 2048), **common,
         )  # fmt: skip
     return ModelSpec.build(data, where=str(path))

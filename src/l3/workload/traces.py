@@ -7,6 +7,7 @@ arrivals (relative seconds; all 0 for length-only files) and mode "online" when 
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import reprlib
@@ -47,6 +48,8 @@ def _numbers(values: pd.Series, lines: np.ndarray, file: str, field: str, *, int
     """Vectorised parse of one column; WorkloadError naming file, first bad line and field."""
     num = pd.to_numeric(values, errors="coerce").astype(np.float64).to_numpy()
     bad = ~np.isfinite(num)
+    if values.dtype == bool or values.dtype == object:  # JSON true/false is no number
+        bad |= values.map(lambda v: isinstance(v, bool | np.bool_)).to_numpy(bool)
     if integer:  # and exactly representable: a count beyond 2^53 tokens is no request length
         bad |= np.isfinite(num) & ((num != np.round(num)) | (np.abs(num) >= MAX_INTEGER))
     if bad.any():
@@ -55,16 +58,38 @@ def _numbers(values: pd.Series, lines: np.ndarray, file: str, field: str, *, int
         raw = values.iloc[i]
         missing = raw is None or raw == "" or (isinstance(raw, float) and np.isnan(raw))
         got = "an empty field" if missing else reprlib.repr(raw)
+        if isinstance(raw, bool | np.bool_):
+            got = f"the JSON literal {str(bool(raw)).lower()}"
         raise WorkloadError(f"{file} line {lines[i]}, {field}: expected {expected}, got {got}")
     return num.astype(np.int64) if integer else num
 
 
-def _parse_csv(path: Path, text: str, name: str) -> Workload:
+def _read_csv(path: Path, text: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """The data rows as strings under the header's (stripped) names, and each row's line number; blank lines are
+    skipped; a row whose field count differs from the header's, a repeated column name or a CSV syntax error is a
+    WorkloadError naming the line."""
+    reader = csv.reader(io.StringIO(text))
+    body, lines = [], []
     try:
-        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skip_blank_lines=False)
-    except (pd.errors.ParserError, ValueError) as exc:
-        raise WorkloadError(f"{path.name}: not a valid CSV file ({str(exc).strip()})") from exc
-    df.columns = [str(c).strip() for c in df.columns]
+        header = [c.strip() for c in next(reader)]
+        for row in reader:
+            if not any(c.strip() for c in row):
+                continue
+            if len(row) != len(header):
+                raise WorkloadError(f"{path.name} line {reader.line_num}: {len(row)} fields; expected {len(header)}, "
+                                    "as in the header")  # fmt: skip
+            body.append(row)
+            lines.append(reader.line_num)
+    except csv.Error as exc:
+        raise WorkloadError(f"{path.name} line {reader.line_num}: not valid CSV ({exc})") from None
+    dup = sorted({c for c in header if header.count(c) > 1})
+    if dup:
+        raise WorkloadError(f"{path.name} line 1: column {', '.join(map(repr, dup))} appears more than once")
+    return pd.DataFrame(body, columns=header, dtype=str), np.asarray(lines, np.int64)
+
+
+def _parse_csv(path: Path, text: str, name: str) -> Workload:
+    df, lines = _read_csv(path, text)
     header = set(df.columns)
     fmt = max(CSV_FORMATS, key=lambda f: len(header & set(CSV_FORMATS[f][0])))
     required, kind = CSV_FORMATS[fmt]
@@ -76,10 +101,8 @@ def _parse_csv(path: Path, text: str, name: str) -> Workload:
         )
     if missing:
         raise WorkloadError(f"{path.name} line 1: {kind} is missing column {', '.join(missing)}")
-    df = df[~(df[list(required)] == "").all(axis=1)]  # blank lines
     if df.empty:
         raise WorkloadError(f"{path.name}: no request rows after the header")
-    lines = df.index.to_numpy() + 2  # header is line 1
 
     def col(c: str, integer: bool = True) -> np.ndarray:
         return _numbers(df[c].str.strip(), lines, path.name, f"column {c}", integer=integer)

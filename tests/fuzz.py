@@ -207,3 +207,11 @@ def check_system(path: Path) -> None:
             v.deploy(get_model("llama-2-7b"), ParallelSpec(tp=1, dp=v.gpu.count))
     except L3Error:
         return
+
+
+LOADERS = {  # name: (strategy, file name, check); a strategy drawing (text, rows) passes rows on to its check
+    "trace CSV": (csv_traces(), "trace.csv", check_trace),
+    "trace JSONL": (jsonl_traces(), "trace.jsonl", check_trace),
+    "config.json": (hf_configs(), "config.json", check_config),
+    "system TOML": (system_files(), "system.toml", check_system),
+}

@@ -241,3 +241,20 @@ def test_gpu_model_parameters_out_of_range_are_spec_errors(tmp_path, line, match
     with pytest.raises(SpecError, match=match) as exc:
         get_system(str(f))
     assert str(f) in str(exc.value)
+
+
+@pytest.mark.parametrize(("old", "new", "match"), [
+    ('preset = "a100-80gb"', 'preset = "a100-90gb"', "gpu: unknown GPU 'a100-90gb'"),
+    ('nvlink = "nvlink3"', 'nvlink = "nvlink9"', "links: unknown link 'nvlink9'"),
+    ("# org_overrides = { channels = 8 }", "org_overrides = { channels = 0 }", "pim: org_overrides: invalid DramOrg"),
+])  # fmt: skip
+def test_unknown_presets_and_bad_overrides_name_the_file(tmp_path, old, new, match):
+    from importlib import resources
+
+    src = (resources.files("l3.data.systems") / "l3.toml").read_text()
+    assert old in src
+    f = tmp_path / "edited.toml"
+    f.write_text(src.replace(old, new))
+    with pytest.raises(SpecError, match=match) as exc:
+        get_system(str(f))
+    assert str(f) in str(exc.value)

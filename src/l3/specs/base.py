@@ -44,6 +44,15 @@ def format_validation_error(exc: ValidationError, kind: str, where: str = "") ->
     return f"{prefix}invalid {kind}: " + "; ".join(parts)
 
 
+def as_field_error(check, *args):
+    """Run `check(*args)` inside a validator: its SpecError becomes a ValueError, so the message reaches the user
+    through `SpecModel.build`, with the file and field it came from."""
+    try:
+        return check(*args)
+    except SpecError as exc:
+        raise ValueError(str(exc)) from None
+
+
 def require_positive(spec: BaseModel, fields: tuple[str, ...], unit: str = "") -> None:
     """Raise naming the first of `fields` that is not > 0 (for model validators)."""
     for f in fields:

@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 
 from l3.devices.gpu import GpuModelParams
 from l3.errors import SpecError
-from l3.specs.base import SpecModel, load_toml
+from l3.specs.base import SpecModel, as_field_error, load_toml
 from l3.specs.dram import DramOrg, DramSpec, get_org, get_timing
 from l3.specs.hardware import CpuSpec, GpuSpec, LinkSpec, get_cpu, get_gpu, get_link
 from l3.specs.hbm_pim import HbmPimSpec
@@ -30,7 +30,7 @@ class GpuGroupSpec(SpecModel):
 
     @model_validator(mode="after")
     def _check(self) -> GpuGroupSpec:
-        get_gpu(self.preset)
+        as_field_error(get_gpu, self.preset)
         if self.count < 1:
             raise ValueError("count must be >= 1")
         if not 0 <= self.memory_reserve_fraction < 1:
@@ -44,8 +44,8 @@ class LinksSpec(SpecModel):
 
     @model_validator(mode="after")
     def _check(self) -> LinksSpec:
-        get_link(self.nvlink)
-        get_link(self.host)
+        as_field_error(get_link, self.nvlink)
+        as_field_error(get_link, self.host)
         return self
 
 
@@ -99,14 +99,14 @@ class PimMemorySpec(SpecModel):
 
     @model_validator(mode="after")
     def _check(self) -> PimMemorySpec:
-        self.dram()
-        get_cpu(self.host_cpu)
+        as_field_error(self.dram)
+        as_field_error(get_cpu, self.host_cpu)
         return self
 
     def dram(self) -> DramSpec:
         org = get_org(self.org)
         if self.org_overrides:
-            org = DramOrg.build(org.model_dump() | self.org_overrides, where="pim.org_overrides")
+            org = DramOrg.build(org.model_dump() | self.org_overrides, where="org_overrides")
         return DramSpec(timing=get_timing(self.timing), org=org)
 
 
@@ -134,7 +134,7 @@ class AttentionDeviceSpec(SpecModel):
         if self.cpu is not None and self.hbm is not None:
             raise ValueError("give either cpu or hbm, not both")
         if isinstance(self.cpu, str):
-            get_cpu(self.cpu)
+            as_field_error(get_cpu, self.cpu)
         if self.variant == "mechanism" and self.cpu is None and self.hbm is None:
             raise ValueError('variant = "mechanism" needs a cpu preset or an [attention.hbm] section')
         for f in ("capacity_bytes", "bandwidth", "write_bandwidth"):

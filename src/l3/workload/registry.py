@@ -119,15 +119,15 @@ def _check_options(
     n_requests: int | None, seed: int, mode: str | None, rate_scale: float, arrival_rate: float | None
 ) -> None:
     if n_requests is not None and (not isinstance(n_requests, numbers.Integral) or n_requests < 1):
-        raise WorkloadError(f"n_requests must be a positive integer, got {n_requests!r}")
+        raise WorkloadError(f"--requests must be a positive integer, got {n_requests!r}")
     if not isinstance(seed, numbers.Integral) or seed < 0:
-        raise WorkloadError(f"seed must be a non-negative integer, got {seed!r}")
+        raise WorkloadError(f"--seed must be a non-negative integer, got {seed!r}")
     if mode is not None and mode not in MODES:
-        raise WorkloadError(f"mode must be one of {MODES}, got {mode!r}")
+        raise WorkloadError(f"--mode must be one of {MODES}, got {mode!r}")
     if not (math.isfinite(rate_scale) and rate_scale > 0):
-        raise WorkloadError(f"rate_scale must be a positive number, got {rate_scale!r}")
+        raise WorkloadError(f"--rate-scale must be a positive number, got {rate_scale!r}")
     if arrival_rate is not None and not (math.isfinite(arrival_rate) and arrival_rate > 0):
-        raise WorkloadError(f"arrival_rate must be a positive number of requests/s, got {arrival_rate!r}")
+        raise WorkloadError(f"--arrival-rate must be a positive number of requests/s, got {arrival_rate!r}")
     if mode == "offline" and (arrival_rate is not None or rate_scale != 1.0):
         raise WorkloadError(
             "arrival_rate and rate_scale apply only to online mode (offline: all arrive at 0)"

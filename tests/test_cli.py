@@ -39,6 +39,9 @@ def test_simulate_writes_summary_csv_and_plots(tmp_path):
     assert len(lines) == 41 and lines[0].startswith("id,arrival_s")
     for png in ("batch_throughput.png", "timeline.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    parts = s["wall_time_parts_s"]  # the whole command, its parts listed
+    assert {"start_up", "load_workload", "choose_parallelism", "simulate", "write_outputs"} == set(parts)
+    assert s["wall_time_s"] == pytest.approx(sum(parts.values())) and min(parts.values()) >= 0
 
 
 @pytest.mark.slow

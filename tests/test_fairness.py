@@ -105,7 +105,7 @@ def _timing(durations, bound=0.5) -> IterationTiming:
 
 
 def test_steady_state_throughput_of_a_hand_built_timeline():
-    m = Metrics(("gpu",), timeline_limit=0)
+    m = Metrics(("gpu",), timeline_plans=0)
     m.record(0, 0.0, Plan(decode_ids=np.arange(4), steps=10), _timing(np.ones(10)))  # 40 tokens over [0, 10]
     m.record(0, 10.0, Plan(decode_ids=np.arange(2), steps=5), _timing(np.full(5, 2.0)))  # 10 tokens over [10, 20]
     # 50 tokens: 10% (5) at 5/4 s, 50% (25) at 25/4 s, 90% (45) at 10 + 5/1 s

@@ -155,7 +155,7 @@ def test_a_shared_rank_serves_the_groups_one_after_another():
     assert both[0, s.ranks_of(np.array(0), 0)].min() >= streaming
     rng = np.random.default_rng(5)
     wl = make_workload(np.zeros(30), rng.integers(16, 300, 30), rng.integers(200, 2000, 30), mode="offline")
-    res = Simulator(shared_spec().deploy(TINY), wl, timeline_limit=50_000).run()
+    res = Simulator(shared_spec().deploy(TINY), wl, timeline_plans=10**9).run()
     by_rank: dict[str, list] = {}
     for _, _, dev, t0, t1, _ in res.metrics.timeline:
         if "/rank" in dev:

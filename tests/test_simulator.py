@@ -102,7 +102,7 @@ def test_same_seed_same_summary():
     def once(seed):
         wl = load_workload("openr1", n_requests=30, seed=seed)
         s = summarize(Simulator(get_system_small(), wl).run())
-        s.pop("wall_time_s")
+        s.pop("wall_time_s"), s.pop("wall_time_parts_s")
         return s
 
     assert once(3) == once(3)
@@ -158,3 +158,35 @@ def test_batch_shape_counts_causal_pairs():
     shape = BatchShape.of(plan, np.empty(0))
     # chunk of 4 from 0: 1+2+3+4 = 10 pairs; chunk of 2 after 10: 11+12 = 23 pairs
     assert shape.prefill_pairs == 33 and shape.prefill_kv_tokens == 16 and shape.n_sampled == 1
+
+
+@given(st.integers(0, 3000), st.integers(1, 12))
+def test_timeline_sample_is_bounded_and_spread_over_the_run(offered, limit):
+    from l3.sim.metrics import TimelineSample
+
+    s = TimelineSample(limit)
+    for i in range(offered):
+        if s.wants():
+            s.add(i, [(0, i, "gpu", 0.0, 1.0, "dense")])
+    kept = sorted({p for _, p, *_ in s.rows})
+    assert len(kept) <= limit
+    assert kept == list(range(0, offered, s.stride))[: len(kept)]  # every stride-th iteration, from the first
+    if offered:
+        assert kept[-1] + 2 * s.stride > offered - 1  # reaches the end of the run: no gap beyond two strides
+    assert len(kept) >= min(offered, limit // 2 + 1) or s.stride == 1
+
+
+def test_timeline_png_shows_iterations_from_the_steady_state():
+    from l3.report.plots import pick_iterations
+
+    wl = make_workload(np.zeros(40), np.full(40, 64), np.linspace(200, 1200, 40).astype(int), mode="offline")
+    res = Simulator(small_system().deploy(LLAMA), wl).run()
+    m = res.metrics
+    plans = sorted({p for _, p, *_ in m.timeline})
+    assert 2 <= len(plans) <= 8
+    targets = m.output_times([0.25, 0.5, 0.75])
+    chosen = pick_iterations(m.timeline, m.series(), targets)
+    starts = m.series()[chosen, 1]
+    assert len(chosen) == 3 and starts[-1] > targets[0]  # not only the run's first iterations
+    nearest = min(abs(m.series()[p, 1] - targets[0]) for p in plans)
+    assert abs(starts[0] - targets[0]) == nearest  # the first panel: the sampled iteration nearest 25% of output

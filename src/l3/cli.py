@@ -52,6 +52,12 @@ def _losses(breakdown: dict) -> str:
     return ", ".join(f"{k} {v:.0%}" for v, k in items[:4]) or "-"
 
 
+def _wall(s: dict) -> str:
+    """The command's wall time and its parts, e.g. "91.2 s (load workload 0.0 s, simulate 32.1 s, ...)"."""
+    parts = ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in s["wall_time_parts_s"].items())
+    return f"{_fmt(s['wall_time_s'], ' s')} ({parts})"
+
+
 def print_summary(s: dict) -> None:
     t = Table(
         title=f"{s['system']} · {s['model']} · {s['workload']} ({s['workload_mode']})", show_header=False
@@ -79,7 +85,7 @@ def print_summary(s: dict) -> None:
         ("KV capacity per replica", f"{s['kv_capacity_tokens_per_replica']:,} tokens"),
         ("busy fraction", ", ".join(f"{d} {v:.1%}" for d, v in s["busy_fraction"].items())),
         ("simulated time", _fmt(s["simulated_time_s"], " s", 5)),
-        ("wall time (measured)", _fmt(s["wall_time_s"], " s")),
+        ("wall time (measured)", _wall(s)),
     ]  # fmt: skip
     if s["reject_reasons"]:
         rows.insert(2, ("rejection reasons", ", ".join(f"{k}: {v}" for k, v in s["reject_reasons"].items())))
@@ -129,30 +135,35 @@ def simulate(
     strict: Annotated[bool, typer.Option("--strict", help="a trace row refused as impossible is an error")] = False,
 ) -> None:
     """Serve a workload on a system and report throughput, latency and utilisation."""
+    import time
+
+    t_start = time.perf_counter()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from l3.report.files import prepare_out, write_run
     from l3.report.summary import summarize
-    from l3.run import deploy, parse_parallel
+    from l3.run import Stopwatch, deploy, parse_parallel
     from l3.sim.simulator import Simulator
     from l3.specs.model import get_model
     from l3.specs.system import get_system
     from l3.workload import load_workload
 
+    wall = Stopwatch()
+    wall.parts["start_up"] = time.perf_counter() - t_start
     if out is not None:
         prepare_out(out)
     par = parse_parallel(parallelism)
-    wl = load_workload(workload, n_requests=requests, seed=seed, mode=mode, rate_scale=rate_scale,
-                       arrival_rate=arrival_rate, data_dir=data_dir, strict=strict)  # fmt: skip
-    with console.status("choosing TP x DP"):
+    with wall.part("load_workload"):
+        wl = load_workload(workload, n_requests=requests, seed=seed, mode=mode, rate_scale=rate_scale,
+                           arrival_rate=arrival_rate, data_dir=data_dir, strict=strict)  # fmt: skip
+    with console.status("choosing TP x DP"), wall.part("choose_parallelism"):
         dep = deploy(get_system(system), get_model(model), wl, seed, par)
-    sim = Simulator(dep, wl)
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=True,
-                  disable=not console.is_terminal) as bar:  # fmt: skip
+                  disable=not console.is_terminal) as bar, wall.part("simulate"):  # fmt: skip
         task = bar.add_task("simulating", total=len(wl))
-        res = sim.run(progress=lambda n: bar.update(task, completed=n))
-    summary = write_run(res, out) if out is not None else summarize(res)
+        res = Simulator(dep, wl).run(progress=lambda n: bar.update(task, completed=n))
+    summary = write_run(res, out, wall) if out is not None else summarize(res, wall.parts)
     print_summary(summary)
     if out is not None:
         console.print(

@@ -14,7 +14,9 @@ without the tier, at every TP x DP (or at the fixed one) and the probe chooses a
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import numpy as np
@@ -29,6 +31,21 @@ from l3.workload import Workload
 PROBE_REQUESTS = 200  # requests per probe run: enough for a steady batch, a small fraction of a 1,000-request run
 PROBE_STREAM = 0x9A7A  # mixed into the seed so the probe's draw is its own random stream, apart from the workload's
 ParallelChoice = ParallelSpec | Literal["auto", "paper"] | None
+
+
+class Stopwatch:
+    """Wall-clock seconds of a command's named parts (`summary.json` `wall_time_parts_s`)."""
+
+    def __init__(self):
+        self.parts: dict[str, float] = {}
+
+    @contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.parts[name] = self.parts.get(name, 0.0) + time.perf_counter() - t0
 
 
 def probe_workload(workload: Workload, n: int = PROBE_REQUESTS, seed: int = 0) -> Workload:
@@ -109,9 +126,15 @@ def deploy(spec: SystemSpec, model: ModelSpec, workload: Workload, seed: int = 0
 
 
 def simulate(spec: SystemSpec, model: ModelSpec, workload: Workload, seed: int = 0,
-             parallel: ParallelChoice = None, progress: Callable[[int], None] | None = None) -> SimResult:  # fmt: skip
-    """Deploy and serve `workload`; the result's deployment says how its TP/DP was chosen."""
-    return Simulator(deploy(spec, model, workload, seed, parallel), workload).run(progress=progress)
+             parallel: ParallelChoice = None, progress: Callable[[int], None] | None = None,
+             wall: Stopwatch | None = None) -> SimResult:  # fmt: skip
+    """Deploy and serve `workload`; the result's deployment says how its TP/DP was chosen. `wall` (if given)
+    gets the parts "choose_parallelism" and "simulate"."""
+    wall = wall or Stopwatch()
+    with wall.part("choose_parallelism"):
+        dep = deploy(spec, model, workload, seed, parallel)
+    with wall.part("simulate"):
+        return Simulator(dep, workload).run(progress=progress)
 
 
 def parse_parallel(text: str | None) -> ParallelChoice:

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from l3.report.summary import summarize
-from l3.run import ParallelChoice, simulate
+from l3.run import ParallelChoice, Stopwatch, simulate
 from l3.sim.requests import Status
 from l3.specs.model import get_model
 from l3.specs.system import ParallelSpec, get_system
@@ -38,11 +38,14 @@ SPEEDUP_OF = "steady_throughput_tok_s"  # the measure speedups are taken of (doc
 def run_one(args: tuple) -> tuple[dict, list[int]]:
     """One system's summary, and the ids of the requests it rejected."""
     system, model, workload, n, seed, mode, data_dir, parallel, subset = args
-    wl = load_workload(workload, n_requests=n, seed=seed, mode=mode, data_dir=data_dir)
-    if subset is not None:
-        wl = wl.subset(np.asarray(subset), wl.name, f"{wl.source}; the {len(subset)} requests every system served")
-    res = simulate(get_system(system), get_model(model), wl, seed, parallel)
-    return summarize(res), [int(i) for i in np.flatnonzero(res.table.status == Status.REJECTED)]
+    wall = Stopwatch()
+    with wall.part("load_workload"):
+        wl = load_workload(workload, n_requests=n, seed=seed, mode=mode, data_dir=data_dir)
+        if subset is not None:
+            wl = wl.subset(np.asarray(subset), wl.name,
+                           f"{wl.source}; the {len(subset)} requests every system served")  # fmt: skip
+    res = simulate(get_system(system), get_model(model), wl, seed, parallel, wall=wall)
+    return summarize(res, wall.parts), [int(i) for i in np.flatnonzero(res.table.status == Status.REJECTED)]
 
 
 def _speedup(r: dict, base: dict, key: str, rejected: str) -> float | None:

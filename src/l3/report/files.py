@@ -11,6 +11,7 @@ import pandas as pd
 from l3.errors import SpecError
 from l3.report.plots import plot_over_time, plot_timeline
 from l3.report.summary import requests_frame, summarize
+from l3.run import Stopwatch
 from l3.sim.simulator import SimResult
 
 
@@ -29,15 +30,23 @@ def prepare_out(out: Path) -> Path:
     return out
 
 
-def write_run(res: SimResult, out: Path) -> dict:
-    """Write every output of one run into `out` (created); returns the summary dict."""
+def write_run(res: SimResult, out: Path, wall: Stopwatch | None = None) -> dict:
+    """Write every output of one run into `out` (created); returns the summary dict. The time spent writing is
+    `wall`'s part "write_outputs" (the summary, written last, lists every part of `wall`)."""
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarize(res)
+    if wall is None:
+        wall = Stopwatch()
+        wall.parts["simulate"] = res.wall_time_s
+    dep = res.deployment
+    with wall.part("write_outputs"):
+        requests_frame(res).to_csv(out / "requests.csv", index=False)
+        tl = pd.DataFrame(res.metrics.timeline, columns=["replica", "plan", "device", "start_s", "end_s", "label"])
+        tl.to_csv(out / "timeline.csv", index=False)
+        title = f"{dep.system.name} · {dep.model.name} · {res.workload.name} (simulated)"
+        series = res.metrics.series()
+        plot_over_time(series, out / "batch_throughput.png", title)
+        plot_timeline(res.metrics.timeline, series, out / "timeline.png", title,
+                      res.metrics.output_times([0.25, 0.5, 0.75]))  # fmt: skip
+    summary = summarize(res, wall.parts)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    requests_frame(res).to_csv(out / "requests.csv", index=False)
-    tl = pd.DataFrame(res.metrics.timeline, columns=["replica", "plan", "device", "start_s", "end_s", "label"])
-    tl.to_csv(out / "timeline.csv", index=False)
-    title = f"{summary['system']} · {summary['model']} · {summary['workload']} (simulated)"
-    plot_over_time(res.metrics.series(), out / "batch_throughput.png", title)
-    plot_timeline(res.metrics.timeline, out / "timeline.png", title)
     return summary

@@ -45,30 +45,53 @@ def plot_over_time(series: np.ndarray, path: Path, title: str, bins: int = 200) 
     plt.close(fig)
 
 
-def plot_timeline(timeline: list[tuple[int, int, str, float, float, str]], path: Path, title: str,
-                  iterations: int = 3) -> None:  # fmt: skip
-    """Gantt charts of replica 0's first recorded decode iterations, one panel each, one lane per device.
-    Ranks are drawn in their rankset's lane (translucent: ranks of a rankset work concurrently); sub-batch B
-    is hatched."""
-    plans = sorted({p for r, p, *_ in timeline if r == 0})[:iterations]
-    per_plan = [[(d, s, e, lbl) for r, p, d, s, e, lbl in timeline if r == 0 and p == q] for q in plans]
+def pick_iterations(timeline: list[tuple], series: np.ndarray, targets) -> list[int]:
+    """The sampled plans (indices into `series`) that start nearest each target time (s), distinct and in
+    time order; the first sampled ones when no target is finite (a run without output)."""
+    plans = np.array(sorted({p for _, p, *_ in timeline}), dtype=int)
+    targets = [t for t in np.atleast_1d(targets) if np.isfinite(t)]
+    if not targets:
+        return [int(p) for p in plans[:3]]
+    chosen: list[int] = []
+    for t in targets:
+        left = [p for p in plans if p not in chosen]
+        if left:
+            chosen.append(int(min(left, key=lambda p: abs(series[p, 1] - t))))
+    return sorted(chosen, key=lambda p: series[p, 1])
+
+
+def plot_timeline(timeline: list[tuple[int, int, str, float, float, str]], series: np.ndarray, path: Path,
+                  title: str, targets) -> None:  # fmt: skip
+    """Gantt charts of sampled iterations, one panel each (the sampled iterations that start nearest the
+    `targets` times, s), one lane per device, bars drawn per lane and kind as one collection. Ranks are drawn
+    in their rankset's lane (translucent: ranks of a rankset work concurrently); sub-batch B is hatched."""
+    plans = pick_iterations(timeline, series, targets)
+    per_plan = [[(d, s, e, lbl) for _, p, d, s, e, lbl in timeline if p == q] for q in plans]
     order = {"gpu": 0, "pcie_up": 1, "pcie_down": 3}
     lanes = sorted({d.split("/")[0] for items in per_plan for d, *_ in items}, key=lambda d: (order.get(d, 2), d))
     kinds = sorted({lbl.split(" ", 1)[-1] for items in per_plan for *_, lbl in items})
     colors = plt.get_cmap("tab10")
     n = max(len(per_plan), 1)
-    fig, axes = plt.subplots(n, 1, figsize=(11, 0.6 + n * (0.4 + 0.32 * max(len(lanes), 1))), squeeze=False)
-    for ax, items in zip(axes[:, 0], per_plan or [[]], strict=True):
+    fig, axes = plt.subplots(n, 1, figsize=(11, 0.6 + n * (0.9 + 0.32 * max(len(lanes), 1))), squeeze=False)
+    for ax, q, items in zip(axes[:, 0], plans or [None], per_plan or [[]], strict=True):
+        groups: dict[tuple, list[tuple[float, float]]] = {}
+        t0 = series[q, 1] if q is not None else 0.0
         for d, s, e, lbl in items:
             sub, kind = lbl.split(" ", 1) if " " in lbl else ("", lbl)
-            ax.barh(lanes.index(d.split("/")[0]), (e - s) * 1e3, left=s * 1e3, height=0.6, lw=0,
-                    color=colors(kinds.index(kind) % 10), alpha=0.45 if "/" in d else 1.0,
-                    hatch="///" if sub == "B" else None)  # fmt: skip
+            key = (lanes.index(d.split("/")[0]), kind, sub == "B", "/" in d)
+            groups.setdefault(key, []).append(((s - t0) * 1e3, (e - s) * 1e3))
+        for (lane, kind, hatched, translucent), bars in groups.items():
+            ax.broken_barh(bars, (lane - 0.3, 0.6), facecolors=colors(kinds.index(kind) % 10), linewidth=0,
+                           alpha=0.45 if translucent else 1.0, hatch="///" if hatched else None)  # fmt: skip
         ax.set_yticks(range(len(lanes)), lanes, fontsize=8)
-        ax.invert_yaxis()
-    axes[-1, 0].set_xlabel("simulated time (ms)")
-    axes[0, 0].set_title(f"{title}: first recorded decode iterations of replica 0 (sub-batch B hatched)",
-                         fontsize=10)  # fmt: skip
+        ax.set_ylim(len(lanes) - 0.5, -0.5)
+        ax.set_ylabel("device", fontsize=8)
+        ax.set_xlabel("ms since the iteration began (simulated)", fontsize=8)
+        if q is not None:
+            r, start, end, _, batch = series[q, :5]
+            ax.set_title(f"replica {int(r)}, iteration starting at {start:.2f} s of the run: {int(batch)} requests, "
+                         f"{(end - start) * 1e3:.1f} ms", fontsize=9)  # fmt: skip
+    fig.suptitle(f"{title}: sampled iterations near 25/50/75% of the output (sub-batch B hatched)", fontsize=10)
     if kinds:
         handles = [plt.Rectangle((0, 0), 1, 1, color=colors(i % 10)) for i in range(len(kinds))]
         axes[0, 0].legend(handles, kinds, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))

@@ -35,8 +35,9 @@ def requests_frame(res: SimResult) -> pd.DataFrame:
     })  # fmt: skip
 
 
-def summarize(res: SimResult) -> dict:
-    """The run's headline numbers. Everything here is simulated except `wall_time_s`."""
+def summarize(res: SimResult, wall_parts: dict[str, float] | None = None) -> dict:
+    """The run's headline numbers. Everything here is simulated except `wall_time_s`: the command's measured
+    wall time, the sum of `wall_parts` (seconds per part of the command; default: the simulation alone)."""
     t, m, dep = res.table, res.metrics, res.deployment
     done = t.status == Status.DONE
     out_tokens = int(t.output[done].sum())
@@ -46,6 +47,7 @@ def summarize(res: SimResult) -> dict:
     reasons = Counter(t.reject_code.values())
     replica_time = sim_t * res.system.replicas
     t50, t90 = m.output_times([0.5, 0.9])
+    parts = dict(wall_parts) if wall_parts else {"simulate": res.wall_time_s}
     return {
         "system": dep.system.name,
         "model": dep.model.name,
@@ -87,7 +89,8 @@ def summarize(res: SimResult) -> dict:
         "busy_fraction": {d: (b / replica_time if replica_time > 0 else 0.0) for d, b in m.busy.items()},
         "kv_tiers": kv_tier_summary(res),
         "simulated_time_s": sim_t,
-        "wall_time_s": res.wall_time_s,
+        "wall_time_s": sum(parts.values()),
+        "wall_time_parts_s": parts,
         **coordination_summary(res),
     }
 

@@ -37,8 +37,37 @@ class LogHistogram:
         return float(10 ** (self.LO + (min(i, len(self.counts) - 1) + 0.5) / self.PER_DECADE))
 
 
+class TimelineSample:
+    """Device intervals of a sample of the run's recordable iterations (single-step plans that decode), spread
+    evenly over the run: every `stride`-th one is recorded; when more than `limit` are kept, the stride doubles
+    and every other kept one is dropped. Memory stays bounded (at most `limit` iterations) whatever the run's
+    length, and the sample covers the whole run, steady state included, not only its start."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.stride = 1
+        self.offered = 0  # recordable iterations seen so far
+        self._pending = -1  # offer index of the iteration being recorded
+        self._plans: dict[int, tuple[int, list]] = {}  # plan index -> (offer index, intervals)
+
+    def wants(self) -> bool:
+        """Ask once per recordable iteration, before it runs: whether to record its intervals."""
+        self._pending, self.offered = self.offered, self.offered + 1
+        return self.limit > 0 and self._pending % self.stride == 0
+
+    def add(self, plan_no: int, rows: list) -> None:
+        self._plans[plan_no] = (self._pending, rows)
+        while len(self._plans) > self.limit:
+            self.stride *= 2
+            self._plans = {p: v for p, v in self._plans.items() if v[0] % self.stride == 0}
+
+    @property
+    def rows(self) -> list[tuple[int, int, str, float, float, str]]:
+        return [row for p in sorted(self._plans) for row in self._plans[p][1]]
+
+
 class Metrics:
-    def __init__(self, devices: tuple[str, ...], timeline_limit: int):
+    def __init__(self, devices: tuple[str, ...], timeline_plans: int):
         self.tbt = LogHistogram()
         self.steps = 0
         self.batch_sum = 0.0  # sum over steps of requests in the batch
@@ -47,9 +76,7 @@ class Metrics:
         self.bound_s = 0.0  # sum over replicas' steps of the hardware's lower bound on each step's duration
         self.losses: dict[str, float] = {}  # sums over steps of duration - bound, by cause (systems.base.LOSSES)
         self.kv_block_s: np.ndarray | None = None  # per KV tier: blocks held x seconds, summed over replicas
-        self.timeline_limit = timeline_limit
-        # (replica, plan index, device, start, end, label): device intervals of recorded plans
-        self.timeline: list[tuple[int, int, str, float, float, str]] = []
+        self.sample = TimelineSample(timeline_plans)
         # replica, t0, t1, steps, batch, tokens, bound (s: the sum of the plan's steps' bounds)
         self._series: list[tuple[int, float, float, int, int, float, float]] = []
 
@@ -73,10 +100,15 @@ class Metrics:
         t1 = t0 + float(np.sum(durations))
         tokens = n_decode * k + int(plan.prefill_completes.sum())
         self._series.append((replica, t0, t1, k, plan.batch_size, tokens, bound))
-        if timing.intervals and len(self.timeline) < self.timeline_limit:
+        if timing.intervals:
             plan_no = len(self._series) - 1
-            self.timeline.extend((replica, plan_no, iv.device, t0 + iv.start, t0 + iv.end, iv.label)
-                                 for iv in timing.intervals)  # fmt: skip
+            self.sample.add(plan_no, [(replica, plan_no, iv.device, t0 + iv.start, t0 + iv.end, iv.label)
+                                      for iv in timing.intervals])  # fmt: skip
+
+    @property
+    def timeline(self) -> list[tuple[int, int, str, float, float, str]]:
+        """(replica, plan index, device, start s, end s, label): the sampled iterations' device intervals."""
+        return self.sample.rows
 
     def hold(self, used_blocks: np.ndarray, seconds: float) -> None:
         """A replica held `used_blocks` KV blocks per tier for `seconds` (after the plan it just ran)."""

@@ -42,15 +42,16 @@ class SimResult:
 
 
 class Simulator:
-    def __init__(self, dep: Deployment, workload: Workload, timeline_limit: int = 20_000, bulk: bool = True):
-        """`bulk=False` executes every iteration singly (same results, slower; used to check the bulk path)."""
+    def __init__(self, dep: Deployment, workload: Workload, timeline_plans: int = 8, bulk: bool = True):
+        """`bulk=False` executes every iteration singly (same results, slower; used to check the bulk path).
+        `timeline_plans`: at most this many iterations keep their device intervals (metrics.TimelineSample)."""
         self.dep, self.workload = dep, workload
         self.max_bulk = MAX_BULK_STEPS if bulk else 1
         self.system = build_system(dep)
         self.table = RequestTable(workload.arrival_s, workload.prompt_len, workload.output_len)
         self.queue = WaitingQueue(self.table)
         self.schedulers = [self._scheduler(r) for r in range(self.system.replicas)]
-        self.metrics = Metrics(self.system.devices, timeline_limit)
+        self.metrics = Metrics(self.system.devices, timeline_plans)
         self.completed = 0  # requests finished so far (for progress reports)
         self._reject_oversized()
 
@@ -118,8 +119,8 @@ class Simulator:
         if plan.decode_only:
             lim = sched.repeat_limit(plan)
             steps = min(lim.steps, self.max_bulk)
-        # The timeline keeps device intervals of the first single-step iterations that decode.
-        record = steps == 1 and len(plan.decode_ids) > 0 and len(self.metrics.timeline) < self.metrics.timeline_limit
+        # The timeline keeps device intervals of a sample of the single-step iterations that decode.
+        record = steps == 1 and len(plan.decode_ids) > 0 and self.metrics.sample.wants()
         timing = self.system.run(plan, table, steps, record=record)
         if steps > 1 and lim.arrival_sensitive and queue.next_arrival() < np.inf:
             ends = np.cumsum(timing.durations)

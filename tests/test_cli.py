@@ -146,3 +146,13 @@ def test_out_is_checked_before_any_work(tmp_path):
     for cmd, out, expect in cases:
         proc = l3(*cmd, "--out", str(out), check=False)
         assert proc.returncode == 2 and expect in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_compare_strict_refuses_a_trace_with_impossible_rows_before_running(tmp_path):
+    trace = tmp_path / "t.csv"
+    trace.write_text("arrival_s,prompt_len,output_len\n0,5,6\n1,0,6\n")
+    proc = l3("compare", "--systems", "gpu-only", "--model", "llama-2-7b", "--workload", str(trace), "--strict",
+              "--out", str(tmp_path / "c"), check=False)  # fmt: skip
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "1 rows refused as impossible" in proc.stderr + proc.stdout
+    assert not (tmp_path / "c" / "compare.json").exists()

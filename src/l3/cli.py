@@ -184,6 +184,7 @@ def compare_cmd(
     data_dir: Annotated[Path | None, typer.Option(help="folder holding the real traces")] = None,
     parallelism: Annotated[str | None, typer.Option(
         help="for every system: auto, paper or TPxDP such as 4x2; default: each file's")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="a trace row refused as impossible is an error")] = False,
 ) -> None:
     """Run several systems on the same workload and compare them in one table."""
     from l3.report.compare import compare, write_compare
@@ -195,7 +196,7 @@ def compare_cmd(
     par = parse_parallel(parallelism)
     names = [s.strip() for s in systems.split(",") if s.strip()]
     with console.status(f"simulating {len(names)} systems"):
-        results = compare(names, model, workload, requests, seed, mode, data_dir, jobs, par)
+        results = compare(names, model, workload, requests, seed, mode, data_dir, jobs, par, strict)
     r0 = results[0]
     t = Table(title=f"{r0['model']} · {r0['workload']} ({r0['workload_mode']}, {r0['requests_total']} requests)"
                     " - simulated")  # fmt: skip

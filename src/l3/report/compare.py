@@ -56,14 +56,17 @@ def _speedup(r: dict, base: dict, key: str, rejected: str) -> float | None:
 
 
 def compare(systems: list[str], model: str, workload: str, n: int | None, seed: int = 0, mode: str | None = None,
-            data_dir: Path | None = None, jobs: int = 2, parallel: ParallelChoice = None) -> list[dict]:  # fmt: skip
+            data_dir: Path | None = None, jobs: int = 2, parallel: ParallelChoice = None,
+            strict: bool = False) -> list[dict]:  # fmt: skip
     """One summary per system (same workload and seed), each with `speedup` (of steady-state throughput) over
     the baseline, gpu-only if it is among the systems, else the first. A system that rejected requests gets no
     speedup. When the systems served different request sets, every system is run again on the requests all of
-    them served, at the TP x DP it ran at, and `common_*` give that run's figures."""
-    for s in systems:  # fail early, in this process, on a bad name or spec
+    them served, at the TP x DP it ran at, and `common_*` give that run's figures. `strict`: a trace row the
+    loader refuses is an error (checked here, before any system runs)."""
+    for s in systems:  # fail early, in this process, on a bad name, spec or trace
         get_system(s)
     get_model(model)
+    load_workload(workload, n_requests=n, seed=seed, mode=mode, data_dir=data_dir, strict=strict)
 
     def run_all(args: list[tuple]) -> list[tuple[dict, list[int]]]:
         if jobs > 1 and len(args) > 1:

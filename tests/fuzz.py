@@ -14,7 +14,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from l3.errors import L3Error
-from l3.sim.requests import Status
+from l3.sched.requests import Status
 from l3.sim.simulator import Simulator
 from l3.specs.base import load_toml
 from l3.specs.model import get_model

@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 
 from conftest import make_workload
 from l3.errors import SpecError
-from l3.sim.kv import KvPool
-from l3.sim.plan import Plan
-from l3.sim.requests import RequestTable
+from l3.sched.kv import KvPool
+from l3.sched.plan import Plan
+from l3.sched.requests import RequestTable
 from l3.sim.simulator import Simulator
 from l3.specs.model import get_model
 from l3.specs.system import ParallelSpec, get_system, with_overrides

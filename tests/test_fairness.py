@@ -12,12 +12,12 @@ from l3.report.compare import compare
 from l3.report.study import ratio_cell
 from l3.report.summary import summarize
 from l3.run import choose_parallelism, probe_workload, rejected_by
+from l3.sched.plan import Plan
+from l3.sched.timing import LOSSES, IterationTiming
 from l3.sim.metrics import Metrics, output_times
-from l3.sim.plan import Plan
 from l3.sim.simulator import Simulator
 from l3.specs.model import ModelSpec, get_model
 from l3.specs.system import ParallelSpec, SystemSpec
-from l3.systems.base import LOSSES, IterationTiming
 
 LLAMA = get_model("llama-2-7b")
 TINY = ModelSpec(name="tiny", n_layers=3, d_model=512, n_heads=4, n_kv_heads=4, head_dim=128, ffn_dim=1024,

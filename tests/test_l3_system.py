@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from conftest import make_workload
 from l3.report.summary import summarize
-from l3.sim.plan import BatchShape, Plan
-from l3.sim.requests import RequestTable
+from l3.sched.plan import BatchShape, Plan
+from l3.sched.requests import RequestTable
 from l3.sim.simulator import Simulator
 from l3.specs.model import ModelSpec, get_model
 from l3.specs.system import ParallelSpec, SystemSpec, get_system, with_overrides

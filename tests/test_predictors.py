@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from l3.sim.predictors import ErrorLog, ForestPredictor, LinearPredictor
+from l3.sched.predictors import ErrorLog, ForestPredictor, LinearPredictor
 
 
 def test_linear_predictor_recovers_a_linear_law(rng):

@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 
 from conftest import make_workload, small_system
 from l3.report.summary import summarize
-from l3.sim.kv import KvPool
-from l3.sim.plan import BatchShape
-from l3.sim.requests import Status
+from l3.sched.kv import KvPool
+from l3.sched.plan import BatchShape
+from l3.sched.requests import Status
 from l3.sim.simulator import Simulator
 from l3.specs.model import get_model
 from l3.systems.gpu_only import GpuOnlySystem
@@ -68,7 +68,7 @@ def test_every_request_ends_completed_or_rejected(wl, dp, max_batch):
 @settings(max_examples=25, deadline=None)
 @given(wl=workloads())
 def test_kv_never_exceeds_capacity(wl):
-    import l3.sim.simulator as simmod
+    import l3.sched.build as simmod
 
     CheckedPool.peak = 0
     orig = simmod.KvPool
@@ -151,7 +151,7 @@ def test_memory_pressure_preempts_and_recovers():
 
 
 def test_batch_shape_counts_causal_pairs():
-    from l3.sim.plan import Plan
+    from l3.sched.plan import Plan
 
     plan = Plan(prefill_ids=np.array([0, 1]), prefill_chunks=np.array([4, 2]), prefill_prefix=np.array([0, 10]),
                 prefill_completes=np.array([True, False]))  # fmt: skip

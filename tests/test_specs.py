@@ -9,7 +9,7 @@ import pytest
 from conftest import make_workload
 from l3.errors import SpecError
 from l3.run import deploy
-from l3.sim.requests import Status
+from l3.sched.requests import Status
 from l3.sim.simulator import Simulator
 from l3.specs.dram import DramSpec, get_org, get_timing
 from l3.specs.model import MODEL_PRESETS, ModelSpec, get_model

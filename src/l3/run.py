@@ -22,7 +22,7 @@ from typing import Literal
 import numpy as np
 
 from l3.errors import SpecError
-from l3.sim.requests import Status
+from l3.sched.requests import Status
 from l3.sim.simulator import SimResult, Simulator
 from l3.specs.model import ModelSpec
 from l3.specs.system import Deployment, ParallelSpec, SystemSpec
@@ -57,8 +57,9 @@ def probe_workload(workload: Workload, n: int = PROBE_REQUESTS, seed: int = 0) -
 
 
 def rejected_by(dep: Deployment, workload: Workload) -> int:
-    """Requests of `workload` that a replica of `dep` can never hold (rejected before serving starts)."""
-    return int((Simulator(dep, workload).table.status == Status.REJECTED).sum())
+    """Requests of `workload` that a replica of `dep` can never serve (rejected when they arrive)."""
+    sched = Simulator(dep, workload).schedulers[0]
+    return int(sched.unservable(workload.prompt_len + workload.output_len).sum())
 
 
 def choose_parallelism(spec: SystemSpec, model: ModelSpec, workload: Workload, seed: int = 0,

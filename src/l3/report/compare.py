@@ -15,7 +15,7 @@ import pandas as pd
 
 from l3.report.summary import summarize
 from l3.run import ParallelChoice, Stopwatch, simulate
-from l3.sim.requests import Status
+from l3.sched.requests import Status
 from l3.specs.model import get_model
 from l3.specs.system import ParallelSpec, get_system
 from l3.workload import load_workload

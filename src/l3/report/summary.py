@@ -7,11 +7,11 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 
-from l3.sim.kv import HBM_TIER
-from l3.sim.predictors import ErrorLog
-from l3.sim.requests import Status
+from l3.sched.kv import HBM_TIER
+from l3.sched.predictors import ErrorLog
+from l3.sched.requests import Status
+from l3.sched.subbatch import SubBatchScheduler
 from l3.sim.simulator import SimResult
-from l3.sim.subbatch import SubBatchScheduler
 
 
 def _pct(x: np.ndarray, q: float) -> float | None:
@@ -106,7 +106,7 @@ def bound_summary(res: SimResult, out_tokens: int) -> dict:
     bound also assumes replicas that never wait for each other or for arrivals). steady_bound_fraction: the
     same over the steady-state window (10%-90% of the output): its bound time over the window's replica time,
     which is what steady-state throughput is to its bound there. time_breakdown: fractions of
-    the replicas' total time (replicas x makespan) spent at the bound, lost to each cause in systems.base.LOSSES,
+    the replicas' total time (replicas x makespan) spent at the bound, lost to each cause in sched.timing.LOSSES,
     and idle (`replica_idle`: waiting for arrivals, or done before the last replica); they sum to 1.
     """
     m, replicas, sim_t = res.metrics, res.system.replicas, res.simulated_time_s

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from l3.sim.plan import Plan
-from l3.systems.base import IterationTiming
+from l3.sched.plan import Plan
+from l3.sched.timing import IterationTiming
 
 
 class LogHistogram:
@@ -74,7 +74,7 @@ class Metrics:
         self.busy = dict.fromkeys(devices, 0.0)
         self.stats: dict[str, float] = {}  # sums over steps of system-specific quantities
         self.bound_s = 0.0  # sum over replicas' steps of the hardware's lower bound on each step's duration
-        self.losses: dict[str, float] = {}  # sums over steps of duration - bound, by cause (systems.base.LOSSES)
+        self.losses: dict[str, float] = {}  # sums over steps of duration - bound, by cause (sched.timing.LOSSES)
         self.kv_block_s: np.ndarray | None = None  # per KV tier: blocks held x seconds, summed over replicas
         self.sample = TimelineSample(timeline_plans)
         # replica, t0, t1, steps, batch, tokens, bound (s: the sum of the plan's steps' bounds)

@@ -15,15 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from l3.sim.kv import KvPool
+from l3.sched import build_scheduler
+from l3.sched.requests import RequestTable, WaitingQueue
+from l3.sched.scheduler import ContinuousBatchingScheduler
+from l3.sched.timing import IterationTiming
 from l3.sim.metrics import Metrics
-from l3.sim.requests import RequestTable, Status, WaitingQueue
-from l3.sim.scheduler import ContinuousBatchingScheduler
-from l3.sim.subbatch import SubBatchScheduler
 from l3.specs.system import Deployment
 from l3.systems import SystemModel, build_system
-from l3.systems.base import IterationTiming
-from l3.systems.offload import AttentionOffloadSystem
 from l3.workload import Workload
 
 MAX_BULK_STEPS = 1 << 16  # cap on one vectorised run (bounds temporary arrays)
@@ -48,42 +46,28 @@ class Simulator:
         self.dep, self.workload = dep, workload
         self.max_bulk = MAX_BULK_STEPS if bulk else 1
         self.system = build_system(dep)
-        self.table = RequestTable(workload.arrival_s, workload.prompt_len, workload.output_len)
+        self.table = RequestTable()  # requests enter as they arrive
         self.queue = WaitingQueue(self.table)
-        self.schedulers = [self._scheduler(r) for r in range(self.system.replicas)]
+        topology = self.system.topology()
+        self.schedulers = [build_scheduler(dep.system, dep.model, topology, self.table, self.queue, r)
+                           for r in range(self.system.replicas)]  # fmt: skip
         self.metrics = Metrics(self.system.devices, timeline_plans)
         self.completed = 0  # requests finished so far (for progress reports)
-        self._reject_oversized()
+        self._arrived = 0  # workload requests added to the table so far (the table's ids are the workload's)
 
-    def _scheduler(self, r: int) -> ContinuousBatchingScheduler:
-        spec = self.dep.system.scheduler
-        if self.system.groups > 1:  # one replica feeds several GPU groups: each group's token and batch budget
-            g = self.system.groups
-            spec = spec.model_copy(update={"max_batched_tokens": spec.max_batched_tokens * g,
-                                           "max_batch_size": spec.max_batch_size * g})  # fmt: skip
-        kv = KvPool(self.system.kv_tiers, spec.block_size)
-        if isinstance(self.system, AttentionOffloadSystem):
-            return SubBatchScheduler(spec, kv, self.table, self.queue, r, self.dep.system.coordination,
-                                     self.system.slots, self.dep.model, self.system.spread)  # fmt: skip
-        return ContinuousBatchingScheduler(spec, kv, self.table, self.queue, replica=r)
+    def _release(self, now: float) -> None:
+        """Add the workload's requests that have arrived by `now` (the schedulers reject what they never can
+        serve and queue the rest)."""
+        w = self.workload
+        end = int(np.searchsorted(w.arrival_s, now, side="right"))
+        if end > self._arrived:
+            a = self._arrived
+            ids = self.table.add(w.arrival_s[a:end], w.prompt_len[a:end], w.output_len[a:end])
+            self.schedulers[0].add(ids)
+            self._arrived = end
 
-    def _reject_oversized(self) -> None:
-        """Reject, with a reason, the requests no replica can ever serve: beyond the model's context window, or
-        more KV than a replica holds."""
-        t = self.table
-        window = self.dep.model.max_context
-        if window is not None:
-            for rid in np.flatnonzero(t.prompt + t.output > window):
-                need = t.prompt[rid] + t.output[rid]
-                t.reject(int(rid), "exceeds_context_window", f"needs {need} tokens; {self.dep.model.name} attends "
-                                                             f"at most {window}")  # fmt: skip
-        limit = self.schedulers[0].max_request_tokens()
-        for rid in np.flatnonzero((t.prompt + t.output > limit) & (t.status != Status.REJECTED)):
-            t.reject(
-                int(rid),
-                "kv_exceeds_capacity",
-                f"needs {t.prompt[rid] + t.output[rid]} tokens of KV; a replica holds at most {limit}",
-            )
+    def _next_arrival(self) -> float:
+        return float(self.workload.arrival_s[self._arrived]) if self._arrived < len(self.workload) else np.inf
 
     def run(self, progress: Callable[[int], None] | None = None) -> SimResult:
         wall0 = time.perf_counter()
@@ -107,13 +91,13 @@ class Simulator:
     def _act(self, r: int, now: float) -> float | None:
         """Let replica r act at time `now`; returns its next clock, or None when it has nothing left."""
         sched, table, queue = self.schedulers[r], self.table, self.queue
-        queue.release_arrivals(now)
+        self._release(now)
         plan = sched.schedule(now)
         if plan.empty:
             # Cannot happen: an idle replica always fits the head of the queue (oversized requests are rejected).
             if len(queue):
                 raise RuntimeError(f"replica {r} idle at t={now:.6f}s with {len(queue)} requests waiting")
-            nxt = queue.next_arrival()
+            nxt = self._next_arrival()
             return max(nxt, now) if nxt < np.inf else None
         steps = 1
         if plan.decode_only:
@@ -122,9 +106,9 @@ class Simulator:
         # The timeline keeps device intervals of a sample of the single-step iterations that decode.
         record = steps == 1 and len(plan.decode_ids) > 0 and self.metrics.sample.wants()
         timing = self.system.run(plan, table, steps, record=record)
-        if steps > 1 and lim.arrival_sensitive and queue.next_arrival() < np.inf:
+        if steps > 1 and lim.arrival_sensitive and self._next_arrival() < np.inf:
             ends = np.cumsum(timing.durations)
-            steps = min(steps, int(np.searchsorted(ends, queue.next_arrival() - now, side="left")) + 1)
+            steps = min(steps, int(np.searchsorted(ends, self._next_arrival() - now, side="left")) + 1)
             timing = truncate(timing, steps)
         plan.steps = steps
         duration = timing.duration

@@ -192,7 +192,7 @@ class CoordinationSpec(SpecModel):
     # "auto": both settings are probed on the workload, as parallelism "auto" is, and the better one runs.
     asymmetric: bool | Literal["auto"] = False
     # Run-time rebalancing (l3-plus; docs/l3-plus.md): after warm-up, every few iterations (REBALANCE_EVERY in
-    # sim/subbatch.py), decodes move between sub-batches where the predictors say a layer gets shorter: from the
+    # sched/subbatch.py), decodes move between sub-batches where the predictors say a layer gets shorter: from the
     # sub-batch whose GPU part + own attention is the longer to the other; under asymmetric pipelining, from the
     # device tier into HBM when nothing waits for the room (the KV crosses the host links during one iteration).
     rebalance: bool = False

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from l3.specs.system import Deployment
-from l3.systems.base import IterationTiming, SystemModel
+from l3.systems.base import SystemModel
 from l3.systems.gpu_only import GpuOnlySystem
 
 
@@ -20,4 +20,4 @@ def build_system(dep: Deployment) -> SystemModel:
     return GpuOnlySystem(dep)
 
 
-__all__ = ["IterationTiming", "SystemModel", "build_system"]
+__all__ = ["SystemModel", "build_system"]

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 from l3.devices.gpu import GpuCostModel
-from l3.sim.plan import BatchShape, Plan
-from l3.sim.requests import RequestTable
+from l3.sched.plan import BatchShape, Plan
+from l3.sched.requests import RequestTable
+from l3.sched.timing import Interval, IterationTiming
 from l3.specs.system import Deployment
-from l3.systems.base import Interval, IterationTiming, SystemModel
+from l3.systems.base import SystemModel
 
 
 class GpuOnlySystem(SystemModel):

@@ -65,7 +65,7 @@ class L3System(AttentionOffloadSystem):
 
     @property
     def kv_tiers(self) -> tuple[int, ...]:
-        """(PIM) or, under `coordination.asymmetric`, (the GPUs' spare HBM, PIM): sim.kv's HBM_TIER, DEVICE_TIER."""
+        """(PIM) or, under `coordination.asymmetric`, (the GPUs' spare HBM, PIM): sched.kv's HBM_TIER, DEVICE_TIER."""
         pim = int(self.pim.kv_capacity_tokens // self.shard)
         return (self.dep.hbm_kv_tokens, pim) if self.coord.asymmetric else (pim,)
 

@@ -18,12 +18,14 @@ from abc import abstractmethod
 import numpy as np
 
 from l3.devices.gpu import GpuCostModel
-from l3.sim.kv import HBM_TIER
-from l3.sim.plan import BatchShape, Plan
-from l3.sim.requests import RequestTable
-from l3.sim.subbatch import tokens_at_slot
+from l3.sched import Topology
+from l3.sched.kv import HBM_TIER
+from l3.sched.plan import BatchShape, Plan
+from l3.sched.requests import RequestTable
+from l3.sched.subbatch import tokens_at_slot
+from l3.sched.timing import Interval, IterationTiming
 from l3.specs.system import Deployment
-from l3.systems.base import Interval, IterationTiming, SystemModel
+from l3.systems.base import SystemModel
 
 BULK_SAMPLE_EVERY = 256  # steps between exact memory-side evaluations in a multi-step run (linear in between)
 WAIT_THRESHOLD = 0.05  # a side "waited" in an iteration if it idled more than this fraction of it
@@ -71,6 +73,10 @@ class AttentionOffloadSystem(SystemModel):
         not told apart, zero)."""
         work = self.pim_layer_work(ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets, pre_prefix)
         return work, np.zeros_like(work)
+
+    def topology(self) -> Topology:
+        """Decode attention on the memory side: the scheduler places requests on its slots and sub-batches."""
+        return Topology(kv_tiers=self.kv_tiers, slots=self.slots, spread=self.spread, groups=self.groups)
 
     def pcie(self, nbytes):
         """One transfer (or an array of them) split over the TP group's host links (one per GPU), seconds."""
@@ -315,7 +321,7 @@ class AttentionOffloadSystem(SystemModel):
         return IterationTiming(durations, busy, gpu_sub, mem_sub, stats, intervals)
 
     def _with_bound(self, timing: IterationTiming, subs: list[dict], whole: dict) -> IterationTiming:
-        """`timing` with its bound and the causes of the time beyond it (systems.base.LOSSES), per step."""
+        """`timing` with its bound and the causes of the time beyond it (sched.timing.LOSSES), per step."""
         L = self.dep.model.n_layers
         reps = np.bincount(np.arange(L) % self.ranksets, minlength=self.ranksets)  # layers per residue
         G = self.groups  # at the bound a dealt batch splits evenly over the GPU groups

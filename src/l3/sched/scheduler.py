@@ -21,11 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from l3.sim.kv import KvPool
-from l3.sim.plan import Plan
-from l3.sim.requests import RequestTable, Status, WaitingQueue
+from l3.sched.kv import KvPool
+from l3.sched.plan import Plan
+from l3.sched.requests import RequestTable, Status, WaitingQueue
+from l3.sched.timing import IterationTiming
+from l3.specs.model import ModelSpec
 from l3.specs.system import SchedulerSpec
-from l3.systems.base import IterationTiming
 
 
 @dataclass(frozen=True)
@@ -37,12 +38,36 @@ class RepeatLimit:
 
 
 class ContinuousBatchingScheduler:
-    def __init__(
-        self, spec: SchedulerSpec, kv: KvPool, table: RequestTable, queue: WaitingQueue, replica: int
-    ):
+    def __init__(self, spec: SchedulerSpec, kv: KvPool, table: RequestTable, queue: WaitingQueue, replica: int,
+                 model: ModelSpec):  # fmt: skip
         self.spec, self.kv, self.table, self.queue, self.replica = spec, kv, table, queue, replica
+        self.model = model
         self.running = np.empty(0, np.int64)  # admission order
         self._watermark_blocks = np.ceil(spec.watermark * kv.tier_capacity).astype(np.int64)  # per tier
+
+    # --- arrivals -----------------------------------------------------------------------------------
+    def add(self, ids: np.ndarray) -> None:
+        """Take newly arrived requests (already in the table): reject, with a reason, those no replica like this
+        one can ever serve (beyond the model's context window, or more KV than a replica holds), and queue the
+        rest. The queue may be shared by several alike replicas; any of their schedulers can take arrivals."""
+        t = self.table
+        ids = np.asarray(ids, np.int64)
+        need = t.prompt[ids] + t.output[ids]
+        window, limit = self.model.max_context, self.max_request_tokens()
+        for i in np.flatnonzero(self.unservable(need)):  # only the requests rejected
+            rid, n = int(ids[i]), int(need[i])
+            if window is not None and n > window:
+                t.reject(rid, "exceeds_context_window", f"needs {n} tokens; {self.model.name} attends at most "
+                                                        f"{window}")  # fmt: skip
+            else:
+                t.reject(rid, "kv_exceeds_capacity", f"needs {n} tokens of KV; a replica holds at most {limit}")
+        self.queue.add(ids[t.status[ids] != Status.REJECTED])
+
+    def unservable(self, need: np.ndarray) -> np.ndarray:
+        """Which requests of `need` tokens (prompt + output) `add` would reject."""
+        need = np.asarray(need, np.int64)
+        window = self.model.max_context
+        return (need > window if window is not None else False) | (need > self.max_request_tokens())
 
     # --- admission control ------------------------------------------------------------------------
     def max_request_tokens(self) -> int:

@@ -25,14 +25,15 @@ from collections.abc import Callable
 
 import numpy as np
 
-from l3.sim.kv import DEVICE_TIER, HBM_TIER, KvPool
-from l3.sim.plan import Plan
-from l3.sim.predictors import ErrorLog, ForestPredictor, LinearPredictor
-from l3.sim.requests import RequestTable, Status, WaitingQueue
-from l3.sim.scheduler import ContinuousBatchingScheduler, RepeatLimit
+from l3.sched.kv import DEVICE_TIER, HBM_TIER, KvPool
+from l3.sched.plan import Plan
+from l3.sched.policies import get_policy
+from l3.sched.predictors import ErrorLog, ForestPredictor, LinearPredictor
+from l3.sched.requests import RequestTable, Status, WaitingQueue
+from l3.sched.scheduler import ContinuousBatchingScheduler, RepeatLimit
+from l3.sched.timing import IterationTiming
 from l3.specs.model import ModelSpec
 from l3.specs.system import CoordinationSpec, SchedulerSpec
-from l3.systems.base import IterationTiming
 
 Spread = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
@@ -59,11 +60,12 @@ def layer_time(g0: np.ndarray, g1: np.ndarray, p0: np.ndarray, p1: np.ndarray) -
 
 class SubBatchScheduler(ContinuousBatchingScheduler):
     def __init__(self, spec: SchedulerSpec, kv: KvPool, table: RequestTable, queue: WaitingQueue, replica: int,
-                 coord: CoordinationSpec, positions: int, model: ModelSpec, spread: Spread | None = None):  # fmt: skip
+                 model: ModelSpec, coord: CoordinationSpec, positions: int, spread: Spread | None = None):  # fmt: skip
         """`positions`: the placement slots; `spread(placement, tokens)` says which slots hold how many of each
         request's tokens ((request index, slot, tokens) triples; default: all at the request's slot)."""
-        super().__init__(spec, kv, table, queue, replica)
+        super().__init__(spec, kv, table, queue, replica, model)
         self.coord, self.positions = coord, positions
+        self.policy = get_policy(coord.policy)
         self.spread = spread or tokens_at_slot
         self.group = coord.decode_group or (1 if model.gqa_group == 1 else 16)
         self.pim_pred = LinearPredictor(coord.predictor_window)
@@ -85,7 +87,7 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
 
     @property
     def learning(self) -> bool:
-        return self.coord.policy == "alignment"
+        return self.policy.learns
 
     @property
     def warm(self) -> bool:
@@ -101,15 +103,13 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
 
     # --- admission and placement --------------------------------------------------------------------
     def admission_budget(self) -> float:
-        return np.inf if self.coord.policy == "fill-capacity" else self.spec.max_batched_tokens
+        return self.policy.admission_budget(self.spec)
 
     def prefill_budget(self, decode_ids: np.ndarray) -> float:
         # Decode tokens whose attention runs on the memory side do not eat the prefill budget; those whose KV
         # is in the GPUs' HBM (asymmetric pipelining) do, as on a GPU-only system.
-        if self.coord.policy == "fill-capacity":
-            return np.inf
         on_gpu = int((self.table.kv_tier[decode_ids] == HBM_TIER).sum()) if self.coord.asymmetric else 0
-        return max(self.spec.max_batched_tokens - on_gpu, 0)
+        return self.policy.prefill_budget(self.spec, on_gpu)
 
     def choose_tier(self, rid: int) -> int | None:
         if not self.coord.asymmetric:
@@ -121,7 +121,7 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         t = self.table
         run = self.running
         dev = run[t.kv_tier[run] == DEVICE_TIER]  # decoding or about to (prefilling)
-        if self.coord.policy != "alignment" or not len(run):
+        if not self.policy.learns or not len(run):
             return DEVICE_TIER  # fill by memory; and a replica with nothing to run serves the head on the device
         if not len(dev) and self.pim_pred.w is None:
             return DEVICE_TIER  # the device's time is measured once on a request of its own

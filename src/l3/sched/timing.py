@@ -1,0 +1,54 @@
+"""What an executor reports of one plan (the timing record a scheduler's predictors learn from), and where an
+iteration's time beyond the hardware's bound goes. Shared by the simulated and the real executor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A device busy from `start` to `end` seconds after the iteration starts."""
+
+    device: str
+    start: float
+    end: float
+    label: str
+    layer: int = -1  # decoder layer, where the interval belongs to one
+
+
+@dataclass(frozen=True)
+class IterationTiming:
+    """What the executor measures of one plan: per-step durations, device busy time, and per-sub-batch
+    GPU and memory-side times (what a scheduler's predictors learn from). Arrays have one entry per step."""
+
+    durations: np.ndarray  # seconds, one per step
+    busy: dict[str, np.ndarray]  # seconds each device was busy, per step
+    sub_gpu_s: np.ndarray | None = None  # (steps, sub-batches): GPU seconds of each sub-batch
+    sub_mem_s: np.ndarray | None = None  # (steps, sub-batches): memory-side attention seconds of each sub-batch
+    stats: dict[str, np.ndarray] = field(default_factory=dict)  # per step: extra quantities to average
+    intervals: list[Interval] = field(default_factory=list)  # only for single steps, when asked
+    bound: np.ndarray | None = None  # per step: the hardware's lower bound on its duration (see LOSSES)
+    losses: dict[str, np.ndarray] = field(default_factory=dict)  # per step: duration - bound, by cause (LOSSES)
+
+    @property
+    def duration(self) -> float:
+        return float(self.durations.sum())
+
+
+# Where an iteration's time beyond its bound goes. The bound is max(GPU side, memory side): the GPU side is the
+# dense work at the GPU model's FLOP rate or every weight read once at its HBM rate (GpuCostModel.roofline);
+# the memory side is all KV the step attends read at the attention device's peak bandwidth, perfectly spread
+# over its units. The causes are charged on the side that bounds the step, and add up to duration - bound:
+LOSSES = {
+    "gpu_overheads": "GPU time beyond the roofline: tile padding, kernel latency, norms, all-reduce",
+    "weight_rereads": "GPU time re-reading the weights for the second sub-batch",
+    "device_overheads": "memory-side unit time beyond streaming the KV at peak: writes, row switches, fixed costs",
+    "idle_units": "memory-side units with nothing to attend in the iteration while others work",
+    "imbalance": "the busiest unit's time beyond the mean working unit's (over the iteration)",
+    "transfers": "waits on the host links in series with attention (Q/K/V up, outputs down)",
+    "serialisation": "other waits of the bounding side: the GPU waiting for attention, or the busiest unit waiting "
+    "for its next layer's inputs (behind the slowest unit of each layer, the GPU, sub-batch alignment)",
+}

@@ -1,0 +1,32 @@
+"""Simulator results pinned across changes to the scheduler package: a few cells of the main matrix (20
+requests each, the paper's TP x DP, seed 0). Values recorded before the scheduler moved out of `sim/`; a change
+here means the scheduler's decisions changed."""
+
+from __future__ import annotations
+
+import pytest
+
+from l3.report.summary import summarize
+from l3.run import deploy
+from l3.sim.simulator import Simulator
+from l3.specs.model import get_model
+from l3.specs.system import get_system
+from l3.workload import load_workload
+
+PINNED = [  # system, model, workload, simulated time (s), iterations, preemptions, output tokens
+    ("gpu-only", "qwen-72b", "openr1", 1487.81687640548, 49600, 0, 266882),
+    ("l3", "opt-66b", "openr1", 8672.94778546037, 49600, 0, 266882),
+    ("l3", "qwen-72b", "dolphin-short", 91.05351350427823, 2497, 0, 8741),
+    ("l3-plus", "opt-66b", "openr1", 4772.811221073613, 49600, 0, 266882),
+    ("l3-plus", "qwen-72b", "dolphin-r1", 701.1215325318485, 31163, 0, 87372),
+    ("hbm-pim", "opt-66b", "dolphin-r1", 530.7346127229785, 15259, 16, 51356),
+    ("cpu-offload", "qwen-72b", "openthoughts", 782.4522663178706, 27319, 0, 135123),
+]
+
+
+@pytest.mark.parametrize("system, model, workload, sim_s, iterations, preemptions, tokens", PINNED)
+def test_main_matrix_cells_are_unchanged(system, model, workload, sim_s, iterations, preemptions, tokens):
+    wl = load_workload(workload, n_requests=20, seed=0)
+    s = summarize(Simulator(deploy(get_system(system), get_model(model), wl, 0, "paper"), wl).run())
+    assert (s["iterations"], s["preemptions"], s["output_tokens"]) == (iterations, preemptions, tokens)
+    assert s["simulated_time_s"] == pytest.approx(sim_s, rel=1e-9)

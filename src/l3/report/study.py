@@ -172,7 +172,8 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.0%}"
 
 
-def main_study(n: int, systems: tuple[str, ...] = PAPER_SYSTEMS) -> tuple[list[Run], Callable]:
+def main_study(n: int, systems: tuple[str, ...] = PAPER_SYSTEMS, name: str = "main") -> tuple[list[Run], Callable]:
+    """The paper's matrix (models x workloads x `systems`) in both parallelism views; figures `{name}-{view}.png`."""
     runs = [Run(f"{s} [{v}]", s, m, w, n, parallel="auto" if v == "best" else "paper")
             for v in VIEWS for m in PAPER_MODELS for w in PAPER_WORKLOADS for s in systems]  # fmt: skip
 
@@ -206,9 +207,9 @@ def main_study(n: int, systems: tuple[str, ...] = PAPER_SYSTEMS) -> tuple[list[R
         axes[0].set_ylabel("steady-state throughput over gpu-only")
         axes[0].legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out / f"main-{view}.png", dpi=110)
+        fig.savefig(out / f"{name}-{view}.png", dpi=110)
         plt.close(fig)
-        return [*lines, f"![{view} parallelism](main-{view}.png)", ""]
+        return [*lines, f"![{view} parallelism]({name}-{view}.png)", ""]
 
     def bound_table(res: list[dict]) -> list[str]:
         lines = ["## Every run against its bound (best parallelism)", "",
@@ -362,8 +363,8 @@ def tbt_study(n: int) -> tuple[list[Run], Callable]:
     """Time between tokens of one decode step versus batch size and context, straight from each system's
     timing model (every request at the same context, placed evenly, two sub-batches where the system uses
     them, CPU offloading's HBM tier filled first); no workload is served."""
-    from l3.sim.plan import Plan
-    from l3.sim.requests import RequestTable
+    from l3.sched.plan import Plan
+    from l3.sched.requests import RequestTable
     from l3.systems import build_system
 
     batches, contexts = (1, 2, 4, 8, 16, 32, 64), (1024, 4096, 16384)
@@ -462,7 +463,7 @@ def long_context_study(n: int) -> tuple[list[Run], Callable]:
 
 STUDIES: dict[str, Callable[[int], tuple[list[Run], Callable]]] = {
     "main": main_study,
-    "main-mech": lambda n: main_study(n, MECH_SYSTEMS),
+    "main-mech": lambda n: main_study(n, MECH_SYSTEMS, "main-mech"),
     "capacity": capacity_study,
     "scaling": scaling_study,
     "ablation": ablation_study,

@@ -302,6 +302,103 @@ def pim(
         console.print(a)
 
 
+def _engine_imports() -> None:
+    """The engine needs torch and transformers (the `engine` extra); say so in one line if they are missing."""
+    from l3.errors import EngineError
+
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        raise EngineError("the engine needs PyTorch and transformers: pip install -e '.[engine]'") from None
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="the prompt (an instruct model's chat template is applied)")],
+    model: Annotated[str, typer.Option(help="a model folder (config.json + safetensors), a .gguf file, or smollm2")]
+    = "smollm2",
+    backend: Annotated[str, typer.Option(help="where decode attention runs: cpu, pim or gpu")] = "cpu",
+    max_tokens: Annotated[int, typer.Option(min=1, help="new tokens at most")] = 128,
+    kv_tokens: Annotated[int, typer.Option(min=16, help="KV cache capacity, tokens")] = 16384,
+    dtype: Annotated[str, typer.Option(help="weights and activations: float32, float16 or bfloat16")] = "float32",
+    raw: Annotated[bool, typer.Option("--raw", help="feed the prompt as is, without the chat template")] = False,
+) -> None:
+    """Generate with the real engine (greedy), streaming tokens to the terminal."""
+    _engine_imports()
+    import torch
+
+    from l3.engine.engine import Engine
+    from l3.engine.loader import load_model
+    from l3.errors import EngineError
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with console.status(f"loading {model}"):
+        lm = load_model(model, dtype=dtype, device=device)
+    tok = lm.tokenizer
+    if tok is None:
+        raise EngineError(f"model {model}: no tokenizer in its folder; expected tokenizer files beside config.json")
+    if not raw and getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      tokenize=True, return_dict=True)["input_ids"]  # fmt: skip
+    else:
+        ids = tok(prompt)["input_ids"]
+    engine = Engine(lm, backend=backend, kv_tokens=kv_tokens)
+    stop = [t for t in (tok.eos_token_id,) if t is not None]
+    engine.add_request(ids, max_tokens, stop_ids=stop)
+    out: list[int] = []
+    shown = ""
+    for _, token in engine.stream():
+        out.append(token)
+        text = tok.decode([t for t in out if t not in stop], skip_special_tokens=True)
+        sys.stdout.write(text[len(shown) :])
+        sys.stdout.flush()
+        shown = text
+    sys.stdout.write("\n")
+    policy = engine.scheduler.report().get("policy", "one batch")
+    Console(stderr=True).print(f"[dim]{len(out)} tokens, {engine.iterations} iterations, backend {backend} on "
+                               f"{device}, {len(ids)} prompt tokens; scheduler: {policy}[/dim]")  # fmt: skip
+
+
+@app.command("bench-engine")
+def bench_engine(
+    model: Annotated[str, typer.Option(help="a model folder, a .gguf file, or smollm2")] = "smollm2",
+    new_tokens: Annotated[int, typer.Option(min=1, help="new tokens per request")] = 64,
+    batches: Annotated[str, typer.Option(help="comma-separated batch sizes")] = "1,8,32",
+    backends: Annotated[str, typer.Option(help="comma-separated engine backends")] = "cpu,gpu",
+) -> None:
+    """Benchmark the engine against transformers generate, and the cpu backend against DRAM bandwidth."""
+    _engine_imports()
+    import torch
+
+    from l3.engine import bench
+    from l3.engine.loader import load_model
+    from l3.errors import EngineError
+
+    try:
+        sizes = tuple(int(b) for b in batches.split(","))
+    except ValueError:
+        raise EngineError(f"--batches {batches!r}: expected whole numbers separated by commas, e.g. 1,8,32") from None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with console.status(f"loading {model}"):
+        lm = load_model(model, device=device)
+    with console.status("measuring (transformers generate and the engine, side by side)"):
+        res = bench.run(lm, sizes, new_tokens, tuple(b.strip() for b in backends.split(",")))
+    t = Table(title=f"{res['model']} on {device}: decode, {new_tokens} new tokens per request (measured)")
+    for col in ("batch", "backend", "engine tok/s", "transformers tok/s", "speedup", "PIM-side pred. err. (med)",
+                "GPU-side pred. err. (med)"):  # fmt: skip
+        t.add_column(col, justify="right")
+    for r in res["rows"]:
+        pe, ge = r["pim_predictor_error"] or {}, r["gpu_predictor_error"] or {}
+        t.add_row(str(r["batch"]), r["backend"], f"{r['engine_tok_s']:.1f}", f"{r['transformers_tok_s']:.1f}",
+                  f"{r['speedup']:.2f}x", _pct(pe.get("median")), _pct(ge.get("median")))  # fmt: skip
+    console.print(t)
+    bw = res["cpu_attention_bw_bytes_per_s"] / 1e9
+    console.print(f"cpu attention backend, 32K-token fp16 KV (8 KV heads x 128): {bw:.1f} GB/s = "
+                  f"{res['cpu_attention_bw_fraction']:.0%} of this machine's DRAM read bandwidth "
+                  f"({res['dram_read_bw_bytes_per_s']/1e9:.1f} GB/s, measured in the same run)")  # fmt: skip
+
+
 @app.command("list")
 def list_presets() -> None:
     """Show the presets: models, GPUs, CPUs, links, DRAM, systems and workloads."""

@@ -11,3 +11,8 @@ class SpecError(L3Error):
 
 class WorkloadError(L3Error):
     """A malformed workload file or an unknown workload name."""
+
+
+class EngineError(L3Error):
+    """The real engine cannot run as asked: unknown architecture, missing or corrupt weights, a prompt beyond the
+    KV capacity, an unknown backend."""

@@ -86,3 +86,35 @@ class KvPool:
             else:
                 hi = mid
         return lo
+
+
+class BlockTables:
+    """Physical KV blocks of each request, per tier (paged, as an engine needs them): a request's table lists its
+    blocks in token order; token j lies in block table[j // block_size] at offset j % block_size. Block ids
+    are numbered per tier from 0 to its capacity - 1. `KvPool` counts blocks for the scheduler's decisions;
+    these tables say where they are, and never hand out more blocks than a tier holds."""
+
+    def __init__(self, pool: KvPool):
+        self.block_size = pool.block_size
+        self._free = [list(range(int(c) - 1, -1, -1)) for c in pool.tier_capacity]  # pop() gives low ids first
+        self.tables: dict[int, list[int]] = {}
+        self.tier: dict[int, int] = {}
+
+    def ensure(self, rid: int, tier: int, tokens: int) -> list[int]:
+        """Request `rid`'s table, grown to hold `tokens` tokens in `tier` (where all its blocks are)."""
+        table = self.tables.setdefault(rid, [])
+        if self.tier.setdefault(rid, tier) != tier:
+            raise RuntimeError(f"request {rid} holds blocks in tier {self.tier[rid]}, not {tier}")
+        need = -(-tokens // self.block_size) - len(table)
+        if need > len(self._free[tier]):
+            raise RuntimeError(f"KV over-commit: {need} blocks wanted in tier {tier}, {len(self._free[tier])} free")
+        table.extend(self._free[tier].pop() for _ in range(max(need, 0)))
+        return table
+
+    def release(self, rid: int) -> None:
+        """Return all of a request's blocks (finished, preempted or moved)."""
+        table = self.tables.pop(rid, [])
+        self._free[self.tier.pop(rid, 0)].extend(reversed(table))
+
+    def free_blocks(self, tier: int) -> int:
+        return len(self._free[tier])

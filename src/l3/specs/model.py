@@ -171,6 +171,12 @@ def model_from_hf_config(path: Path) -> ModelSpec:
         raise SpecError(f"{path}: cannot read: {exc}") from None
     except json.JSONDecodeError as exc:
         raise SpecError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    return model_from_hf_dict(cfg, path)
+
+
+def model_from_hf_dict(cfg: object, path: Path | str) -> ModelSpec:
+    """`model_from_hf_config` for the fields of a config already read (e.g. a loaded model's); `path` names
+    where they came from in errors."""
     if not isinstance(cfg, dict):
         raise SpecError(f"{path}: the top level is a JSON {type(cfg).__name__}; expected an object of config fields")
     mtype = str(cfg.get("model_type", "")).lower()
@@ -192,7 +198,7 @@ def model_from_hf_config(path: Path) -> ModelSpec:
     tied = cfg.get("tie_word_embeddings", mtype == "opt")
     if not isinstance(tied, bool):
         raise SpecError(f"{path}: field 'tie_word_embeddings' is {tied!r}; expected true or false")
-    name = cfg.get("_name_or_path") or Path(path).parent.name or "hf-model"
+    name = cfg.get("_name_or_path") or Path(str(path)).parent.name or "hf-model"
     common = dict(name=str(name), dtype_bytes=_DTYPE_BYTES[dtype], source=str(path))
     if mtype not in (*_HF_LLAMA_LIKE, "opt"):
         raise SpecError(

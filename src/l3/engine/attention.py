@@ -1,0 +1,300 @@
+"""Attention backends of the engine: where the KV cache lives and who computes attention over it.
+
+- `gpu`: the KV in paged blocks on the dense device, attention there (the reference).
+- `cpu`: the KV in paged blocks in host memory (storage in `kv_dtype`, e.g. fp16), attention by host threads
+  with fp32 accumulation; the commodity stand-in for DIMM-PIM (as NEO and FastDecode do). Each request's keys
+  are cut into pieces of at most `PIECE_TOKENS` contiguous tokens read in place; each piece gives a partial
+  (running max, sum, unnormalised output) and the partials merge exactly (log-sum-exp), as a token-striped
+  request's partials from several PIM ranks do.
+- `pim`: the project's functional DIMM-PIM model (`devices.pim.functional`): KV written through the mapping and
+  re-layout into bank bytes, decode attention in the bank/rank PU arithmetic with chunked softmax; prefill
+  chunks attend on the dense device over the KV read back from the banks (FP16), as L3's GPUs do.
+
+A backend is called once per layer with the batch's Q, K, V (after `bind` told it the batch's segments); it
+stores K and V first, then attends.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+PIECE_TOKENS = 2048  # keys per partial in the cpu backend: a piece's fp32 copy (a few MB) stays in cache
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One request's rows of a flat batch: rows [start, start + n) hold its tokens at positions ctx0 .. ctx0 +
+    n - 1; after this batch it holds ctx0 + n tokens of KV, in `blocks` (block ids in token order)."""
+
+    rid: int
+    start: int
+    n: int
+    ctx0: int
+    blocks: tuple[int, ...]
+
+    @property
+    def end(self) -> int:
+        return self.ctx0 + self.n
+
+
+def _slots(blocks, lo: int, hi: int, block_size: int) -> np.ndarray:
+    """Storage slots of positions lo .. hi - 1."""
+    pos = np.arange(lo, hi)
+    return np.asarray(blocks, np.int64)[pos // block_size] * block_size + pos % block_size
+
+
+def _mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """(n, m) True where query position may see key position: causal, and within the sliding window if any."""
+    ok = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        ok &= k_pos[None, :] > q_pos[:, None] - window
+    return ok
+
+
+def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ok: torch.Tensor, scale: float):
+    """Unnormalised attention of q (n, H, E) over k, v (m, KVH, E) where `ok` (n, m), in fp32: (max (n, H),
+    sum (n, H), out (n, H, E)) with out = sum_j exp(s_j - max) v_j. Rows with no visible key: max -inf, zeros."""
+    n, h, e = q.shape
+    kvh = k.shape[1]
+    qg = q.float().view(n, kvh, h // kvh, e)
+    s = torch.einsum("nkge,mke->nkgm", qg, k.float()) * scale
+    s = s.masked_fill(~ok[:, None, None, :], float("-inf"))
+    mx = s.amax(dim=-1)
+    p = torch.exp(s - torch.where(torch.isinf(mx), 0.0, mx)[..., None])
+    out = torch.einsum("nkgm,mke->nkge", p, v.float())
+    return mx.reshape(n, h), p.sum(dim=-1).reshape(n, h), out.reshape(n, h, e)
+
+
+def merge(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Exact attention output (n, H, E) from partials over disjoint key sets (log-sum-exp rescaling)."""
+    mx = torch.stack([p[0] for p in parts]).amax(dim=0)
+    safe = torch.where(torch.isinf(mx), 0.0, mx)
+    total, out = 0.0, 0.0
+    for m, s, o in parts:
+        w = torch.exp(m - safe)
+        total = total + s * w
+        out = out + o * w[..., None]
+    return out / total[..., None]
+
+
+def padded_reads(segments: list[Segment], block_size: int, window: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Decode segments' key slots as one padded (B, longest) index and its validity mask (keys the query sees)."""
+    lo = [0 if window is None else max(0, s.end - window) for s in segments]
+    width = max(s.end - a for s, a in zip(segments, lo, strict=True))
+    idx = np.zeros((len(segments), width), np.int64)
+    valid = np.zeros((len(segments), width), bool)
+    for i, (s, a) in enumerate(zip(segments, lo, strict=True)):
+        idx[i, : s.end - a] = _slots(s.blocks, a, s.end, block_size)
+        valid[i, : s.end - a] = True
+    return idx, valid
+
+
+def batched_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scale: float):
+    """Attention of one query per request, q (B, H, E), over padded keys k, v (B, L, KVH, E) where `valid` (B, L),
+    in fp32: (B, H, E)."""
+    b, h, e = q.shape
+    kvh = k.shape[2]
+    s = torch.einsum("bkge,blke->bkgl", q.float().view(b, kvh, h // kvh, e), k.float()) * scale
+    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    return torch.einsum("bkgl,blke->bkge", torch.softmax(s, dim=-1), v.float()).reshape(b, h, e)
+
+
+class AttentionBackend(ABC):
+    name: ClassVar[str]
+    windowed: ClassVar[bool] = True  # honours a sliding window (Mistral); else attends every stored token
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, n_heads: int, scale: float,
+                 window: int | None, n_blocks: int, block_size: int, kv_dtype: torch.dtype,
+                 device: torch.device):  # fmt: skip
+        self.n_layers, self.n_kv_heads, self.head_dim, self.n_heads = n_layers, n_kv_heads, head_dim, n_heads
+        self.scale, self.window, self.block_size, self.kv_dtype = scale, window, block_size, kv_dtype
+        self.n_blocks, self.dense_device = n_blocks, device
+        self.segments: list[Segment] = []
+
+    def bind(self, segments: list[Segment]) -> None:
+        """The segments of the batch the next `__call__`s (one per layer) are for."""
+        self.segments = segments
+
+    @abstractmethod
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store the batch's k, v (T, KVH, E) for `layer`, then return attention of q (T, H, E)."""
+
+    def free(self, rid: int) -> None:  # noqa: B027 - only backends with a store of their own act
+        """A request's KV is released (its blocks go back to the pool; backends with their own store drop it)."""
+
+
+class PagedBackend(AttentionBackend):
+    """KV in paged blocks: K and V tensors (layers, blocks x block_size, KVH, E) on `storage_device`."""
+
+    storage: ClassVar[str] = "dense"
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        where = self.dense_device if self.storage == "dense" else torch.device("cpu")
+        shape = (self.n_layers, self.n_blocks * self.block_size, self.n_kv_heads, self.head_dim)
+        self.k = torch.zeros(shape, dtype=self.kv_dtype, device=where)
+        self.v = torch.zeros(shape, dtype=self.kv_dtype, device=where)
+        self._write = torch.empty(0, dtype=torch.long)
+
+    def bind(self, segments: list[Segment]) -> None:
+        super().bind(segments)
+        slots = [_slots(s.blocks, s.ctx0, s.end, self.block_size) for s in segments]
+        self._write = torch.from_numpy(np.concatenate(slots)).to(self.k.device)
+
+    def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k[layer, self._write] = k.to(self.k.device, self.kv_dtype)
+        self.v[layer, self._write] = v.to(self.v.device, self.kv_dtype)
+
+
+class GpuAttention(PagedBackend):
+    """Everything on the dense device: decodes attended together over their keys gathered into one padded batch,
+    each prefill chunk over its request's gathered keys, in fp32."""
+
+    name = "gpu"
+
+    def bind(self, segments: list[Segment]) -> None:
+        super().bind(segments)
+        dev = self.k.device
+        decodes = [s for s in segments if s.n == 1]
+        self._decode_rows = torch.tensor([s.start for s in decodes], dtype=torch.long, device=dev)
+        if decodes:
+            idx, valid = padded_reads(decodes, self.block_size, self.window)
+            self._decode_idx, self._decode_valid = torch.from_numpy(idx).to(dev), torch.from_numpy(valid).to(dev)
+        self._chunks = [(s, torch.from_numpy(_slots(s.blocks, 0, s.end, self.block_size)).to(dev),
+                         _mask(torch.arange(s.ctx0, s.end, device=dev), torch.arange(s.end, device=dev), self.window))
+                        for s in segments if s.n > 1]  # fmt: skip
+
+    def __call__(self, layer, q, k, v):
+        self._store(layer, k, v)
+        out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        if len(self._decode_rows):
+            kl, vl = self.k[layer], self.v[layer]
+            out[self._decode_rows] = batched_decode(q[self._decode_rows], kl[self._decode_idx],
+                                                    vl[self._decode_idx], self._decode_valid, self.scale)  # fmt: skip
+        for s, reads, ok in self._chunks:
+            part = partial_attention(q[s.start : s.start + s.n], self.k[layer, reads], self.v[layer, reads], ok,
+                                     self.scale)  # fmt: skip
+            out[s.start : s.start + s.n] = merge([part])
+        return out.to(q.dtype)
+
+
+class CpuAttention(PagedBackend):
+    """KV in host memory, attention by host threads with fp32 accumulation. Decodes whose keys fit one piece are
+    attended together over one padded gather (few bytes, one set of operations per layer); longer contexts and
+    prefill chunks are cut into pieces of contiguous keys read in place, one partial per piece, on the thread
+    pool, merged exactly."""
+
+    name = "cpu"
+    storage = "host"
+
+    def __init__(self, *args, threads: int | None = None, **kw):
+        super().__init__(*args, **kw)
+        self.pool = ThreadPoolExecutor(max_workers=threads or torch.get_num_threads())
+
+    def bind(self, segments: list[Segment]) -> None:
+        super().bind(segments)
+        short = [s for s in segments if s.n == 1 and s.end <= PIECE_TOKENS]
+        self._short_rows = torch.tensor([s.start for s in short], dtype=torch.long)
+        if short:
+            idx, valid = padded_reads(short, self.block_size, self.window)
+            self._short_idx, self._short_valid = torch.from_numpy(idx), torch.from_numpy(valid)
+        self._long = [s for s in segments if not (s.n == 1 and s.end <= PIECE_TOKENS)]
+        self._pieces = [self._pieces_of(s) for s in self._long]
+
+    def _pieces_of(self, s: Segment) -> list[tuple[int, int, torch.Tensor]]:
+        """(first slot, last slot + 1, mask) of each piece of contiguous keys of segment s."""
+        lo = 0 if self.window is None else max(0, s.ctx0 - self.window + 1)
+        slots = _slots(s.blocks, lo, s.end, self.block_size)
+        breaks = np.flatnonzero(np.diff(slots) != 1) + 1
+        q_pos = torch.arange(s.ctx0, s.end)
+        pieces = []
+        for run_lo, run_hi in zip(np.r_[0, breaks], np.r_[breaks, len(slots)], strict=True):
+            for a in range(int(run_lo), int(run_hi), PIECE_TOKENS):
+                b = min(a + PIECE_TOKENS, int(run_hi))
+                pieces.append((int(slots[a]), int(slots[a]) + b - a, _mask(q_pos, torch.arange(lo + a, lo + b),
+                                                                          self.window)))  # fmt: skip
+        return pieces
+
+    def __call__(self, layer, q, k, v):
+        self._store(layer, k, v)
+        qh = q.to("cpu", torch.float32)
+        kl, vl = self.k[layer], self.v[layer]
+        out = torch.empty(qh.shape, dtype=torch.float32)
+        jobs = [
+            (i, self.pool.submit(partial_attention, qh[s.start : s.start + s.n], kl[a:b], vl[a:b], ok, self.scale))
+            for i, s in enumerate(self._long)
+            for a, b, ok in self._pieces[i]
+        ]
+        if len(self._short_rows):
+            out[self._short_rows] = batched_decode(qh[self._short_rows], kl[self._short_idx], vl[self._short_idx],
+                                                   self._short_valid, self.scale)  # fmt: skip
+        parts: list[list] = [[] for _ in self._long]
+        for i, job in jobs:
+            parts[i].append(job.result())
+        for s, p in zip(self._long, parts, strict=True):
+            out[s.start : s.start + s.n] = merge(p)
+        return out.to(q.device, q.dtype)
+
+
+class PimAttention(AttentionBackend):
+    """The functional DIMM-PIM model holds the KV (FP16 in bank bytes); decode attention runs in its PUs."""
+
+    name = "pim"
+    windowed = False  # the PIM kernels attend every token a request stores
+
+    def __init__(self, *args, model_spec=None, pim_system=None, **kw):
+        """`model_spec` (the scheduler's ModelSpec) lets `simulated_step_s` time decode steps on the device
+        model; `pim_system`: the system file whose DIMM-PIM this is (default `l3`)."""
+        super().__init__(*args, **kw)
+        from l3.devices.pim.functional import FunctionalPim
+        from l3.specs.system import get_system
+
+        spec = pim_system or get_system("l3")
+        self.dram, self.pu, self.model_spec = spec.pim.dram(), spec.pim.pu, model_spec
+        self.fp = FunctionalPim(self.dram, self.pu, self.n_layers, self.n_kv_heads, self.head_dim,
+                                self.n_heads // self.n_kv_heads)  # fmt: skip
+        self._device = None
+
+    def simulated_step_s(self, contexts) -> float:
+        """What the DIMM-PIM device model says one decode step's attention over these contexts (tokens attended,
+        the new one included) takes on the whole device, all layers: the slowest rank's time (s, simulated)."""
+        if not len(contexts) or self.model_spec is None:
+            return 0.0
+        if self._device is None:
+            from l3.devices.pim.device import PimDevice
+
+            self._device = PimDevice(self.dram, self.pu, self.model_spec)
+        return float(self._device.step_attention_time(np.asarray(contexts))["max"])
+
+    def __call__(self, layer, q, k, v):
+        k16 = k.detach().to("cpu", torch.float16).numpy()
+        v16 = v.detach().to("cpu", torch.float16).numpy()
+        out = torch.empty(q.shape, dtype=torch.float32)
+        decodes = [s for s in self.segments if s.n == 1 and s.ctx0 > 0]
+        for s in self.segments:
+            self.fp.append(s.rid, layer, k16[s.start : s.start + s.n], v16[s.start : s.start + s.n])
+        if decodes:
+            rows = [s.start for s in decodes]
+            qd = q[rows].detach().to("cpu", torch.float16).numpy()
+            out[rows] = torch.from_numpy(self.fp.attend([s.rid for s in decodes], layer, qd, self.scale))
+        for s in self.segments:
+            if s.n == 1 and s.ctx0 > 0:
+                continue
+            keys, vals = (torch.from_numpy(x.copy()) for x in self.fp.read_kv(s.rid, layer))
+            ok = _mask(torch.arange(s.ctx0, s.end), torch.arange(s.end), self.window)
+            part = partial_attention(q[s.start : s.start + s.n].cpu(), keys, vals, ok, self.scale)
+            out[s.start : s.start + s.n] = merge([part])
+        return out.to(q.device, q.dtype)
+
+    def free(self, rid: int) -> None:
+        self.fp.free(rid)
+
+
+BACKENDS: dict[str, type[AttentionBackend]] = {b.name: b for b in (GpuAttention, CpuAttention, PimAttention)}
+

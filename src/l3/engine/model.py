@@ -1,0 +1,94 @@
+"""The dense half of a decoder, run layer by layer on a flat batch of tokens with attention delegated.
+
+The weights are the loaded transformers module's own (its Linear, norm, MLP and rotary modules are called as
+they are), so the dense arithmetic is the reference's; only attention and the KV cache are the engine's.
+Llama, Mistral and Qwen2 share one layout (pre-norm, rotary, gated MLP; Qwen2 with Q/K/V biases); OPT has
+learned positions (offset 2), LayerNorm, a plain MLP and Q pre-scaled by 1/sqrt(head_dim)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+# attention(layer, q (T, H, E), k (T, KVH, E), v (T, KVH, E)) -> (T, H, E): the engine's backend stores k, v
+Attention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class DecoderRunner:
+    def __init__(self, hf, family: str):
+        self.hf, self.family = hf, family
+        cfg = hf.config
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.n_layers = cfg.num_hidden_layers
+        self.opt = family == "opt"
+        self.decoder = hf.model.decoder if self.opt else hf.model
+        self.layers = self.decoder.layers
+        # OPT folds 1/sqrt(head_dim) into Q; the others scale the scores
+        self.scale = 1.0 if self.opt else self.head_dim**-0.5
+        self.window = getattr(cfg, "sliding_window", None) if family == "mistral" else None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, attention: Attention,
+                last: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """Logits (float32) at the rows `last` of a flat batch of `tokens` at `positions`."""
+        x, rope = self._embed(tokens, positions)
+        for i, layer in enumerate(self.layers):
+            x = self._layer(i, layer, x, rope, attention)
+        return self._head(x[last]).float()
+
+    def _embed(self, tokens, positions):
+        d = self.decoder
+        x = d.embed_tokens(tokens)
+        if self.opt:
+            if d.project_in is not None:
+                x = d.project_in(x)
+            return x + d.embed_positions.weight[positions + d.embed_positions.offset], None
+        cos, sin = d.rotary_emb(x[None], positions[None])
+        return x, (cos, sin)
+
+    def _qkv(self, attn, h, rope):
+        t = h.shape[0]
+        q = attn.q_proj(h).view(t, self.n_heads, self.head_dim)
+        k = attn.k_proj(h).view(t, self.n_kv_heads, self.head_dim)
+        v = attn.v_proj(h).view(t, self.n_kv_heads, self.head_dim)
+        if self.opt:
+            return q * attn.scaling, k, v
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        cos, sin = rope
+        q, k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+        return q[0].transpose(0, 1), k[0].transpose(0, 1), v
+
+    def _layer(self, i, layer, x, rope, attention):
+        if self.opt:
+            attn = layer.self_attn
+            h = layer.self_attn_layer_norm(x) if layer.do_layer_norm_before else x
+            q, k, v = self._qkv(attn, h, rope)
+            x = x + attn.out_proj(attention(i, q, k, v).reshape(x.shape[0], -1))
+            if not layer.do_layer_norm_before:
+                x = layer.self_attn_layer_norm(x)
+            h = layer.final_layer_norm(x) if layer.do_layer_norm_before else x
+            x = x + layer.fc2(layer.activation_fn(layer.fc1(h)))
+            return x if layer.do_layer_norm_before else layer.final_layer_norm(x)
+        attn = layer.self_attn
+        q, k, v = self._qkv(attn, layer.input_layernorm(x), rope)
+        x = x + attn.o_proj(attention(i, q, k, v).reshape(x.shape[0], -1))
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def _head(self, x):
+        d = self.decoder
+        if self.opt:
+            if d.final_layer_norm is not None:
+                x = d.final_layer_norm(x)
+            if d.project_out is not None:
+                x = d.project_out(x)
+        else:
+            x = d.norm(x)
+        return self.hf.lm_head(x)

@@ -1,0 +1,166 @@
+"""The real engine: greedy tokens identical to transformers `generate` (tiny random Llama, Qwen2, Mistral and OPT
+models; SmolLM2-135M, slow), through preemption, on every attention backend; the cpu backend's attention against
+a float64 reference; one-line errors for bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from l3.engine.attention import PIECE_TOKENS, merge, partial_attention  # noqa: E402
+from l3.engine.engine import Engine  # noqa: E402
+from l3.engine.loader import load_model  # noqa: E402
+from l3.errors import EngineError  # noqa: E402
+from l3.sched.subbatch import SubBatchScheduler  # noqa: E402
+
+TINY = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=1024)
+OPT = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+           max_position_embeddings=1024, word_embed_proj_dim=32)  # fmt: skip
+CONFIGS = {  # GQA (llama, qwen2 with Q/K/V biases), one KV head and a sliding window (mistral), MHA (opt)
+    "llama": lambda: transformers.LlamaConfig(**TINY, intermediate_size=128, num_key_value_heads=2),
+    "qwen2": lambda: transformers.Qwen2Config(**TINY, intermediate_size=128, num_key_value_heads=2),
+    "mistral": lambda: transformers.MistralConfig(**TINY, intermediate_size=128, num_key_value_heads=1,
+                                                  sliding_window=48),
+    "opt": lambda: transformers.OPTConfig(**OPT),
+}
+LENGTHS = (3, 17, 40, 1, 90, 8, 33, 5)  # mixed prompt lengths, served in one continuous batch
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """family -> loaded random-weight model (saved as config.json + safetensors, loaded as a user's folder)."""
+    out = {}
+    for family, make in CONFIGS.items():
+        torch.manual_seed(0)
+        folder = tmp_path_factory.mktemp(family)
+        transformers.AutoModelForCausalLM.from_config(make()).save_pretrained(folder)
+        out[family] = load_model(str(folder))
+    return out
+
+
+def reference(model, prompts, new_tokens):
+    """transformers' greedy `generate`, one prompt at a time (no padding), never stopping early."""
+    out = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        gen = model.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                                pad_token_id=0)  # fmt: skip
+        out.append(gen[0, len(p) :].tolist())
+    return out
+
+
+def prompts_for(vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, n).tolist() for n in LENGTHS]
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+@pytest.mark.parametrize("backend", ["gpu", "cpu", "pim"])
+def test_greedy_tokens_equal_transformers_generate(tiny_models, family, backend):
+    if backend == "pim" and family == "qwen2":
+        pytest.skip("the PIM arithmetic does not depend on the family: GQA (llama) and MHA (opt) cover it")
+    model = tiny_models[family]
+    prompts = prompts_for(300)
+    engine = Engine(model, backend=backend, kv_tokens=8192)
+    if backend == "pim" and family == "mistral":  # the PIM kernels have no sliding window: refused, not wrong
+        with pytest.raises(EngineError, match="sliding window of 48 tokens"):
+            engine.generate(prompts, 64)
+        return
+    assert engine.generate(prompts, 64) == reference(model, prompts, 64)
+    if backend == "pim":  # each step also says what the DIMM-PIM device model would take
+        assert engine.pim_simulated_s > 0
+    if backend != "gpu":  # the memory-side backends run under L3's sub-batch scheduler, trained on measured times
+        assert isinstance(engine.scheduler, SubBatchScheduler) and engine.scheduler.gpu_pred.seen > 0
+
+
+def test_a_preempted_request_resumes_and_still_matches(tiny_models):
+    model = tiny_models["llama"]
+    prompts = prompts_for(300, seed=1)
+    engine = Engine(model, backend="cpu", kv_tokens=320, block_size=8)  # room for about two requests' KV
+    got = engine.generate(prompts, 64)
+    assert int(engine.table.preemptions.sum()) > 0
+    assert got == reference(model, prompts, 64)
+    assert not engine.blocks.tables and engine.scheduler.kv.used_blocks == 0
+
+
+def test_stop_tokens_end_a_request_with_the_stop_token_last(tiny_models):
+    model = tiny_models["qwen2"]
+    p = prompts_for(300)[2]
+    full = reference(model, [p], 30)[0]
+    stop = full[10]
+    got = Engine(model, backend="gpu").generate([p], 30, stop_ids=[stop])[0]
+    assert got == full[: full.index(stop) + 1]
+
+
+@pytest.mark.parametrize("kv_dtype", ["float16", "bfloat16", "float32"])
+def test_cpu_attention_pieces_merge_to_the_float64_reference(rng, kv_dtype):
+    gen, _ = rng
+    n, h, kvh, e = 3, 8, 2, 16
+    m = int(gen.integers(PIECE_TOKENS // 4, 3 * PIECE_TOKENS))
+    dt = getattr(torch, kv_dtype)
+    q = torch.from_numpy(gen.standard_normal((n, h, e)))
+    k = torch.from_numpy(gen.standard_normal((m, kvh, e))).to(dt)
+    v = torch.from_numpy(gen.standard_normal((m, kvh, e))).to(dt)
+    q_pos = torch.arange(m - n, m)
+    cuts = np.sort(gen.choice(np.arange(1, m), size=3, replace=False))  # ragged pieces
+    parts = []
+    for a, b in zip(np.r_[0, cuts], np.r_[cuts, m], strict=True):
+        ok = torch.arange(a, b)[None, :] <= q_pos[:, None]
+        parts.append(partial_attention(q.float(), k[a:b], v[a:b], ok, e**-0.5))
+    got = merge(parts).double()
+    kd, vd = k.double().repeat_interleave(h // kvh, dim=1), v.double().repeat_interleave(h // kvh, dim=1)
+    s = torch.einsum("nhe,mhe->nhm", q, kd) * e**-0.5
+    s = s.masked_fill(~(torch.arange(m)[None, :] <= q_pos[:, None])[:, None, :], float("-inf"))
+    want = torch.einsum("nhm,mhe->nhe", torch.softmax(s, dim=-1), vd)
+    assert float((got - want).abs().max()) < 1e-5  # fp32 accumulation over the stored values
+
+
+def test_bad_input_is_one_clear_error(tmp_path, tiny_models):
+    bad = tmp_path / "gpt2"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"model_type": "gpt2", "n_layer": 2}')
+    with pytest.raises(EngineError, match="architecture 'gpt2' is not supported"):
+        load_model(str(bad))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    transformers.LlamaConfig(**TINY, intermediate_size=128).save_pretrained(bare)
+    with pytest.raises(EngineError, match="cannot load its weights"):
+        load_model(str(bare))
+    (bare / "model.safetensors").write_bytes(b"\x00not a safetensors file")
+    with pytest.raises(EngineError, match="cannot load its weights"):
+        load_model(str(bare))
+    with pytest.raises(EngineError, match="not found"):
+        load_model(str(tmp_path / "nowhere"))
+    model = tiny_models["llama"]
+    with pytest.raises(EngineError, match="--backend 'tpu'"):
+        Engine(model, backend="tpu")
+    with pytest.raises(EngineError, match="kv_exceeds_capacity"):
+        Engine(model, backend="cpu", kv_tokens=256).add_request(list(range(3, 300)), 10)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_equals_transformers_on_cpu_and_gpu_backends():
+    pytest.importorskip("gguf")
+    model = load_model("smollm2")
+    tok = model.tokenizer
+    texts = ["The capital of France is", "Write a haiku about the sea.", "1, 2, 3, 4,",
+             "Explain why the sky is blue in one paragraph, for a child of eight who keeps asking why.",
+             "def fibonacci(n):", "Hello", "Translate to French: good morning, how are you today?",
+             "List three prime numbers:"]  # fmt: skip
+    prompts = [tok(t)["input_ids"] for t in texts]
+    want = reference(model, prompts, 64)
+    for backend in ("cpu", "gpu"):
+        assert Engine(model, backend=backend, kv_tokens=4096).generate(prompts, 64) == want, backend
+
+
+def test_the_simulator_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, l3.cli, l3.run, l3.sim.simulator, l3.report.study, l3.sched; "
+            "print(any(m == 'torch' or m.startswith('torch.') for m in sys.modules))")  # fmt: skip
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

@@ -110,7 +110,7 @@ def test_cpu_attention_pieces_merge_to_the_float64_reference(rng, kv_dtype):
     parts = []
     for a, b in zip(np.r_[0, cuts], np.r_[cuts, m], strict=True):
         ok = torch.arange(a, b)[None, :] <= q_pos[:, None]
-        parts.append(partial_attention(q.float(), k[a:b], v[a:b], ok, e**-0.5))
+        parts.append(partial_attention(q.float(), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), ok, e**-0.5))
     got = merge(parts).double()
     kd, vd = k.double().repeat_interleave(h // kvh, dim=1), v.double().repeat_interleave(h // kvh, dim=1)
     s = torch.einsum("nhe,mhe->nhm", q, kd) * e**-0.5
@@ -164,3 +164,25 @@ def test_the_simulator_imports_no_torch():
     code = ("import sys, l3.cli, l3.run, l3.sim.simulator, l3.report.study, l3.sched; "
             "print(any(m == 'torch' or m.startswith('torch.') for m in sys.modules))")  # fmt: skip
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def test_generate_cli_errors_are_one_line(tmp_path):
+    from test_cli import l3
+
+    for args, needle in ((["--backend", "tpu"], "--backend 'tpu': expected one of"),
+                         (["--model", str(tmp_path / "none")], "not found")):  # fmt: skip
+        proc = l3("generate", *args, "hello", check=False)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
+        assert needle in proc.stderr
+
+
+@pytest.mark.slow
+def test_generate_cli_streams_smollm2_tokens():
+    from test_cli import l3
+
+    proc = l3("generate", "--model", "smollm2", "--backend", "cpu", "--max-tokens", "8", "--raw",
+              "The capital of France is")  # fmt: skip
+    import re
+
+    n = int(re.search(r"(\d+) tokens, \d+ iterations", proc.stderr).group(1))
+    assert 1 <= n <= 8 and proc.stdout.strip()  # streamed text, at most the asked-for tokens

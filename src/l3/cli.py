@@ -328,10 +328,13 @@ def generate(
     _engine_imports()
     import torch
 
+    from l3.engine.attention import BACKENDS
     from l3.engine.engine import Engine
     from l3.engine.loader import load_model
     from l3.errors import EngineError
 
+    if backend not in BACKENDS:  # before the model loads
+        raise EngineError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with console.status(f"loading {model}"):
         lm = load_model(model, dtype=dtype, device=device)

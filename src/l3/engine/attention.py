@@ -16,15 +16,15 @@ stores K and V first, then attends.
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 import torch
 
-PIECE_TOKENS = 2048  # keys per partial in the cpu backend: a piece's fp32 copy (a few MB) stays in cache
+PIECE_TOKENS = 1024  # keys per partial in the cpu backend: a piece's fp32 copy (a few MB at most) stays in cache
 
 
 @dataclass(frozen=True)
@@ -57,18 +57,40 @@ def _mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch
     return ok
 
 
-def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ok: torch.Tensor, scale: float):
-    """Unnormalised attention of q (n, H, E) over k, v (m, KVH, E) where `ok` (n, m), in fp32: (max (n, H),
-    sum (n, H), out (n, H, E)) with out = sum_j exp(s_j - max) v_j. Rows with no visible key: max -inf, zeros."""
+_local = threading.local()  # per-thread fp32 buffers the cpu backend widens stored KV pieces into
+
+
+def _as_fp32(x: torch.Tensor, slot: int) -> torch.Tensor:
+    """`x` (KVH, m, E) in fp32: itself if it already is, else widened into this thread's reused buffer `slot`
+    (a fresh tensor per piece would cost page faults that dwarf the copy)."""
+    if x.dtype == torch.float32:
+        return x
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = _local.bufs = {}
+    key = (slot, torch.is_inference_mode_enabled())  # a buffer made in inference mode is written only there
+    buf = bufs.get(key)
+    if buf is None or buf.shape[0] != x.shape[0] or buf.shape[2] != x.shape[2] or buf.shape[1] < x.shape[1]:
+        buf = bufs[key] = torch.empty(x.shape[0], max(x.shape[1], PIECE_TOKENS), x.shape[2])
+    out = buf[:, : x.shape[1]]
+    out.copy_(x)
+    return out
+
+
+def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ok: torch.Tensor | None, scale: float):
+    """Unnormalised attention of q (n, H, E) over k, v (KVH, m, E) where `ok` (n, m; None: every key visible), in
+    fp32: (max (n, H), sum (n, H), out (n, H, E)) with out = sum_j exp(s_j - max) v_j. Rows with no visible key:
+    max -inf, zeros. Query head i uses KV head i // (H / KVH); the keys are read once per KV head."""
     n, h, e = q.shape
-    kvh = k.shape[1]
-    qg = q.float().view(n, kvh, h // kvh, e)
-    s = torch.einsum("nkge,mke->nkgm", qg, k.float()) * scale
-    s = s.masked_fill(~ok[:, None, None, :], float("-inf"))
-    mx = s.amax(dim=-1)
-    p = torch.exp(s - torch.where(torch.isinf(mx), 0.0, mx)[..., None])
-    out = torch.einsum("nkgm,mke->nkge", p, v.float())
-    return mx.reshape(n, h), p.sum(dim=-1).reshape(n, h), out.reshape(n, h, e)
+    kvh, m = k.shape[0], k.shape[1]
+    g = h // kvh
+    qg = q.float().view(n, kvh, g, e).permute(1, 0, 2, 3).reshape(kvh, n * g, e)
+    s = torch.bmm(qg, _as_fp32(k, 0).transpose(1, 2)).mul_(scale).view(kvh, n, g, m)
+    mx = s.amax(dim=-1) if ok is None else (s := s.masked_fill(~ok[None, :, None, :], float("-inf"))).amax(dim=-1)
+    p = torch.exp(s - (mx if ok is None else torch.where(torch.isinf(mx), 0.0, mx))[..., None])
+    out = torch.bmm(p.view(kvh, n * g, m), _as_fp32(v, 1)).view(kvh, n, g, e)
+    return (mx.permute(1, 0, 2).reshape(n, h), p.sum(dim=-1).permute(1, 0, 2).reshape(n, h),
+            out.permute(1, 0, 2, 3).reshape(n, h, e))  # fmt: skip
 
 
 def merge(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -96,13 +118,12 @@ def padded_reads(segments: list[Segment], block_size: int, window: int | None) -
 
 
 def batched_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scale: float):
-    """Attention of one query per request, q (B, H, E), over padded keys k, v (B, L, KVH, E) where `valid` (B, L),
-    in fp32: (B, H, E)."""
-    b, h, e = q.shape
-    kvh = k.shape[2]
-    s = torch.einsum("bkge,blke->bkgl", q.float().view(b, kvh, h // kvh, e), k.float()) * scale
-    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
-    return torch.einsum("bkgl,blke->bkge", torch.softmax(s, dim=-1), v.float()).reshape(b, h, e)
+    """Attention of one query per request, q (B, H, E), over padded keys k, v (B, KVH, L, E) where `valid` (B, L),
+    in fp32 (PyTorch's fused attention, grouped-query aware): (B, H, E)."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.float()[:, :, None, :], k.float(), v.float(), attn_mask=valid[:, None, None, :], scale=scale,
+        enable_gqa=True)  # fmt: skip
+    return out[:, :, 0, :]
 
 
 class AttentionBackend(ABC):
@@ -130,14 +151,15 @@ class AttentionBackend(ABC):
 
 
 class PagedBackend(AttentionBackend):
-    """KV in paged blocks: K and V tensors (layers, blocks x block_size, KVH, E) on `storage_device`."""
+    """KV in paged blocks: K and V tensors (layers, KVH, blocks x block_size, E), head-major so that a run of
+    contiguous slots is one contiguous (tokens, E) matrix per KV head."""
 
     storage: ClassVar[str] = "dense"
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         where = self.dense_device if self.storage == "dense" else torch.device("cpu")
-        shape = (self.n_layers, self.n_blocks * self.block_size, self.n_kv_heads, self.head_dim)
+        shape = (self.n_layers, self.n_kv_heads, self.n_blocks * self.block_size, self.head_dim)
         self.k = torch.zeros(shape, dtype=self.kv_dtype, device=where)
         self.v = torch.zeros(shape, dtype=self.kv_dtype, device=where)
         self._write = torch.empty(0, dtype=torch.long)
@@ -148,8 +170,12 @@ class PagedBackend(AttentionBackend):
         self._write = torch.from_numpy(np.concatenate(slots)).to(self.k.device)
 
     def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k[layer, self._write] = k.to(self.k.device, self.kv_dtype)
-        self.v[layer, self._write] = v.to(self.v.device, self.kv_dtype)
+        self.k[layer][:, self._write] = k.to(self.k.device, self.kv_dtype).transpose(0, 1)
+        self.v[layer][:, self._write] = v.to(self.v.device, self.kv_dtype).transpose(0, 1)
+
+    def _gather(self, layer: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V at padded slots idx (B, L): (B, KVH, L, E)."""
+        return self.k[layer][:, idx].transpose(0, 1), self.v[layer][:, idx].transpose(0, 1)
 
 
 class GpuAttention(PagedBackend):
@@ -174,28 +200,25 @@ class GpuAttention(PagedBackend):
         self._store(layer, k, v)
         out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         if len(self._decode_rows):
-            kl, vl = self.k[layer], self.v[layer]
-            out[self._decode_rows] = batched_decode(q[self._decode_rows], kl[self._decode_idx],
-                                                    vl[self._decode_idx], self._decode_valid, self.scale)  # fmt: skip
+            kg, vg = self._gather(layer, self._decode_idx)
+            out[self._decode_rows] = batched_decode(q[self._decode_rows], kg, vg, self._decode_valid, self.scale)
         for s, reads, ok in self._chunks:
-            part = partial_attention(q[s.start : s.start + s.n], self.k[layer, reads], self.v[layer, reads], ok,
+            part = partial_attention(q[s.start : s.start + s.n], self.k[layer][:, reads], self.v[layer][:, reads], ok,
                                      self.scale)  # fmt: skip
             out[s.start : s.start + s.n] = merge([part])
         return out.to(q.dtype)
 
 
 class CpuAttention(PagedBackend):
-    """KV in host memory, attention by host threads with fp32 accumulation. Decodes whose keys fit one piece are
-    attended together over one padded gather (few bytes, one set of operations per layer); longer contexts and
-    prefill chunks are cut into pieces of contiguous keys read in place, one partial per piece, on the thread
-    pool, merged exactly."""
+    """KV in host memory, attention by the host's threads (PyTorch's intra-op pool, `torch.set_num_threads`) with
+    fp32 accumulation. Decodes whose keys fit one piece are attended together over one padded gather (few bytes,
+    one set of operations per layer); longer contexts and prefill chunks are cut into pieces of contiguous keys
+    read in place, each widened to fp32 in a reused buffer and reduced to a partial, the partials merged exactly.
+    (A pool of Python threads over pieces was measured slower on 2 cores: the operations already use every core
+    and the pool adds its hand-offs.)"""
 
     name = "cpu"
     storage = "host"
-
-    def __init__(self, *args, threads: int | None = None, **kw):
-        super().__init__(*args, **kw)
-        self.pool = ThreadPoolExecutor(max_workers=threads or torch.get_num_threads())
 
     def bind(self, segments: list[Segment]) -> None:
         super().bind(segments)
@@ -207,8 +230,9 @@ class CpuAttention(PagedBackend):
         self._long = [s for s in segments if not (s.n == 1 and s.end <= PIECE_TOKENS)]
         self._pieces = [self._pieces_of(s) for s in self._long]
 
-    def _pieces_of(self, s: Segment) -> list[tuple[int, int, torch.Tensor]]:
-        """(first slot, last slot + 1, mask) of each piece of contiguous keys of segment s."""
+    def _pieces_of(self, s: Segment) -> list[tuple[int, int, torch.Tensor | None]]:
+        """(first slot, last slot + 1, mask or None where every key is visible) of each piece of contiguous keys
+        of segment s."""
         lo = 0 if self.window is None else max(0, s.ctx0 - self.window + 1)
         slots = _slots(s.blocks, lo, s.end, self.block_size)
         breaks = np.flatnonzero(np.diff(slots) != 1) + 1
@@ -217,8 +241,8 @@ class CpuAttention(PagedBackend):
         for run_lo, run_hi in zip(np.r_[0, breaks], np.r_[breaks, len(slots)], strict=True):
             for a in range(int(run_lo), int(run_hi), PIECE_TOKENS):
                 b = min(a + PIECE_TOKENS, int(run_hi))
-                pieces.append((int(slots[a]), int(slots[a]) + b - a, _mask(q_pos, torch.arange(lo + a, lo + b),
-                                                                          self.window)))  # fmt: skip
+                ok = _mask(q_pos, torch.arange(lo + a, lo + b), self.window)
+                pieces.append((int(slots[a]), int(slots[a]) + b - a, None if bool(ok.all()) else ok))
         return pieces
 
     def __call__(self, layer, q, k, v):
@@ -226,19 +250,13 @@ class CpuAttention(PagedBackend):
         qh = q.to("cpu", torch.float32)
         kl, vl = self.k[layer], self.v[layer]
         out = torch.empty(qh.shape, dtype=torch.float32)
-        jobs = [
-            (i, self.pool.submit(partial_attention, qh[s.start : s.start + s.n], kl[a:b], vl[a:b], ok, self.scale))
-            for i, s in enumerate(self._long)
-            for a, b, ok in self._pieces[i]
-        ]
         if len(self._short_rows):
-            out[self._short_rows] = batched_decode(qh[self._short_rows], kl[self._short_idx], vl[self._short_idx],
-                                                   self._short_valid, self.scale)  # fmt: skip
-        parts: list[list] = [[] for _ in self._long]
-        for i, job in jobs:
-            parts[i].append(job.result())
-        for s, p in zip(self._long, parts, strict=True):
-            out[s.start : s.start + s.n] = merge(p)
+            kg, vg = self._gather(layer, self._short_idx)
+            out[self._short_rows] = batched_decode(qh[self._short_rows], kg, vg, self._short_valid, self.scale)
+        for s, pieces in zip(self._long, self._pieces, strict=True):
+            qs = qh[s.start : s.start + s.n]
+            out[s.start : s.start + s.n] = merge([partial_attention(qs, kl[:, a:b], vl[:, a:b], ok, self.scale)
+                                                  for a, b, ok in pieces])  # fmt: skip
         return out.to(q.device, q.dtype)
 
 
@@ -286,7 +304,7 @@ class PimAttention(AttentionBackend):
         for s in self.segments:
             if s.n == 1 and s.ctx0 > 0:
                 continue
-            keys, vals = (torch.from_numpy(x.copy()) for x in self.fp.read_kv(s.rid, layer))
+            keys, vals = (torch.from_numpy(x.copy()).transpose(0, 1) for x in self.fp.read_kv(s.rid, layer))
             ok = _mask(torch.arange(s.ctx0, s.end), torch.arange(s.end), self.window)
             part = partial_attention(q[s.start : s.start + s.n].cpu(), keys, vals, ok, self.scale)
             out[s.start : s.start + s.n] = merge([part])

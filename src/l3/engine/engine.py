@@ -48,7 +48,8 @@ class Engine:
                  threads: int | None = None):  # fmt: skip
         """`backend`: where decode attention runs (attention.BACKENDS); `kv_tokens`: KV capacity; `kv_dtype`:
         storage of the paged KV (default: the model's dtype); `system`: the scheduler and coordination specs
-        (default: `l3` for a memory-side backend, `gpu-only` for `gpu`)."""
+        (default: `l3` for a memory-side backend, `gpu-only` for `gpu`); `threads`: the host threads PyTorch
+        uses (default: as set)."""
         if backend not in BACKENDS:
             raise EngineError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
         self.model, self.backend_name = model, backend
@@ -64,7 +65,9 @@ class Engine:
         self.blocks = BlockTables(self.scheduler.kv)
         r = self.runner
         dtype = getattr(torch, kv_dtype) if kv_dtype else next(model.hf.parameters()).dtype
-        extra = {"cpu": {"threads": threads}, "pim": {"model_spec": model.spec}}.get(backend, {})
+        if threads is not None:
+            torch.set_num_threads(threads)
+        extra = {"pim": {"model_spec": model.spec}}.get(backend, {})
         self.attention = BACKENDS[backend](r.n_layers, r.n_kv_heads, r.head_dim, r.n_heads, r.scale, r.window,
                                            len(self.blocks._free[0]), block_size, dtype, r.device, **extra)  # fmt: skip
         self.outputs: dict[int, Output] = {}

@@ -127,6 +127,7 @@ def test_unknown_study_is_a_clear_error(tmp_path):
     assert proc.returncode != 0 and "unknown study" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_tbt_study_tables_every_system(tmp_path):
     l3("study", "tbt", "--out", str(tmp_path))
     report = (tmp_path / "tbt" / "report.md").read_text()
@@ -135,7 +136,7 @@ def test_tbt_study_tables_every_system(tmp_path):
     assert report.count("### context") == 3 and (tmp_path / "tbt" / "tbt.png").exists()
 
 
-def test_out_is_checked_before_any_work(tmp_path):
+def test_out_is_checked_before_any_work(tmp_path, capsys):
     """An --out that is a file or cannot be written is a one-line error (exit 2) before the run starts."""
     a_file = tmp_path / "summary"
     a_file.write_text("")
@@ -143,9 +144,14 @@ def test_out_is_checked_before_any_work(tmp_path):
              (["simulate", "--requests", "3"], Path("/proc/no/such/dir"), "cannot write there"),
              (["compare", "--requests", "3"], a_file, "expected a folder"),
              (["study", "tbt"], a_file, "expected a folder")]  # fmt: skip
-    for cmd, out, expect in cases:
-        proc = l3(*cmd, "--out", str(out), check=False)
-        assert proc.returncode == 2 and expect in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    from l3.cli import main
+
+    for cmd, out, expect in cases:  # in this process: the check must come before any simulation
+        with pytest.raises(SystemExit) as exit_, pytest.MonkeyPatch.context() as mp:
+            mp.setattr(sys, "argv", ["l3", *cmd, "--out", str(out)])
+            main()
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and expect in err and "Traceback" not in err, err
 
 
 def test_compare_strict_refuses_a_trace_with_impossible_rows_before_running(tmp_path):

@@ -221,7 +221,8 @@ SAMPLE = [  # (model, N_hc override, batch, context)
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("model,n_hc,batch,context", SAMPLE)
+@pytest.mark.parametrize("model,n_hc,batch,context", [  # every 4th in the quick run, all with the slow tests
+    c if i % 4 == 0 else pytest.param(*c, marks=pytest.mark.slow) for i, c in enumerate(SAMPLE)])  # fmt: skip
 def test_surrogate_within_two_percent_of_engine(model, n_hc, batch, context):
     dev = PimDevice(DRAM, pim(n_hc=n_hc), get_model(model))
     contexts = np.full(batch, context)

@@ -55,7 +55,7 @@ def drive(sched, table, arrivals, prompt, output, max_iters=100_000):
     raise AssertionError("did not finish")
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(st.integers(1, 30), st.sampled_from(["gpu-only", "l3"]), st.integers(0, 2**32 - 1))
 def test_a_stub_executor_drives_the_scheduler_to_completion(n, system, seed):
     rng = np.random.default_rng(seed)

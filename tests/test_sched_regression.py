@@ -13,11 +13,12 @@ from l3.specs.model import get_model
 from l3.specs.system import get_system
 from l3.workload import load_workload
 
+SLOW = pytest.mark.slow  # 15-20 s each on one core
 PINNED = [  # system, model, workload, simulated time (s), iterations, preemptions, output tokens
     ("gpu-only", "qwen-72b", "openr1", 1487.81687640548, 49600, 0, 266882),
-    ("l3", "opt-66b", "openr1", 8672.94778546037, 49600, 0, 266882),
+    pytest.param("l3", "opt-66b", "openr1", 8672.94778546037, 49600, 0, 266882, marks=SLOW),
     ("l3", "qwen-72b", "dolphin-short", 91.05351350427823, 2497, 0, 8741),
-    ("l3-plus", "opt-66b", "openr1", 4772.811221073613, 49600, 0, 266882),
+    pytest.param("l3-plus", "opt-66b", "openr1", 4772.811221073613, 49600, 0, 266882, marks=SLOW),
     ("l3-plus", "qwen-72b", "dolphin-r1", 701.1215325318485, 31163, 0, 87372),
     ("hbm-pim", "opt-66b", "dolphin-r1", 530.7346127229785, 15259, 16, 51356),
     ("cpu-offload", "qwen-72b", "openthoughts", 782.4522663178706, 27319, 0, 135123),

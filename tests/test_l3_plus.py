@@ -41,7 +41,7 @@ def system(kv_heads=4, **kw) -> L3System:
     return L3System(spec(**kw).deploy(model))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(tokens=st.lists(st.integers(0, 20_000), min_size=1, max_size=12), chunk=st.sampled_from([16, 256, 1000]),
        over=st.sampled_from(["rankset", "replica"]), kv_heads=st.sampled_from([4, 1]), data=st.data())  # fmt: skip
 def test_spread_keeps_every_token_and_balances_each_request(tokens, chunk, over, kv_heads, data):

@@ -21,6 +21,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--backends", default="cpu,gpu")
+    ap.add_argument("--pim-tokens", type=int, default=32, help="new tokens of the pim fidelity check (0: skip)")
     a = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     lm = load_model(a.model, device=device)
@@ -42,6 +43,12 @@ def main() -> None:
           f"{res['cpu_attention_bw_bytes_per_s'] / 1e9:.2f} GB/s in {res['cpu_attention_step_s'] * 1e3:.1f} ms; "
           f"DRAM read bandwidth {res['dram_read_bw_bytes_per_s'] / 1e9:.2f} GB/s: "
           f"{res['cpu_attention_bw_fraction']:.0%}")
+    if a.pim_tokens:
+        fid = bench.pim_fidelity(lm, bench._prompts(lm.spec.vocab_size, 4, seed=1), a.pim_tokens)
+        print(f"\npim backend against gpu (fp32 attention), {fid['requests']} requests x {a.pim_tokens} new tokens: "
+              f"{fid['identical']} identical, first divergence {fid['first_divergence']}, max |logit difference| "
+              f"{fid['max_logit_deviation']:.4f}; the DIMM-PIM device model's decode attention for these steps: "
+              f"{fid['pim_simulated_s'] * 1e3:.2f} ms (simulated)")
 
 
 if __name__ == "__main__":

@@ -75,6 +75,28 @@ def engine_tok_s(model: LoadedModel, prompts: list[list[int]], new_tokens: int, 
     return len(prompts) * new_tokens / (time.perf_counter() - t0), engine.scheduler.report()
 
 
+def pim_fidelity(model: LoadedModel, prompts: list[list[int]], new_tokens: int) -> dict:
+    """The pim backend against the gpu backend (fp32 attention) on the same prompts: requests whose tokens are
+    identical, the first divergence (request, token index) if any, and the largest |logit difference| over the
+    tokens both produced from the same context (before any divergence)."""
+    runs = {}
+    for backend in ("gpu", "pim"):
+        engine = Engine(model, backend=backend, kv_tokens=8192)
+        engine.logits = {}
+        tokens = engine.generate(prompts, new_tokens)
+        runs[backend] = (tokens, [engine.logits[r] for r in sorted(engine.logits)], engine.pim_simulated_s)
+    (ref, ref_logits, _), (got, got_logits, sim_s) = runs["gpu"], runs["pim"]
+    worst, first = 0.0, None
+    for i, (a, b) in enumerate(zip(ref, got, strict=True)):
+        same = next((j for j, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+        if same < len(a) and first is None:
+            first = (i, same)
+        for j in range(min(same + 1, len(a))):  # the diverging token's logits still share their context
+            worst = max(worst, float(np.abs(ref_logits[i][j] - got_logits[i][j]).max()))
+    return {"requests": len(prompts), "identical": sum(a == b for a, b in zip(ref, got, strict=True)),
+            "first_divergence": first, "max_logit_deviation": worst, "pim_simulated_s": sim_s}  # fmt: skip
+
+
 def run(model: LoadedModel, batches=(1, 8, 32), new_tokens: int = 64, backends=("cpu", "gpu")) -> dict:
     """Every figure of the benchmark (tokens/s measured, not simulated)."""
     rows = []

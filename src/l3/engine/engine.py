@@ -75,6 +75,7 @@ class Engine:
         self.t0 = time.perf_counter()
         self.iterations = 0
         self.pim_simulated_s = 0.0  # the pim backend: the device model's decode-attention time, summed over steps
+        self.logits: dict[int, list[np.ndarray]] | None = None  # set to {} to keep each produced token's logits
 
     # --- requests -----------------------------------------------------------------------------------
     def add_request(self, prompt: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> int:
@@ -188,6 +189,9 @@ class Engine:
                                      last)  # fmt: skip
         total = time.perf_counter() - t0
         mem[0, x], gpu[0, x] = attn_s[0], total - attn_s[0]
+        if self.logits is not None:
+            for (rid, _), row in zip(sampled, logits.cpu().numpy(), strict=True):
+                self.logits.setdefault(rid, []).append(row)
         nxt = logits.argmax(dim=-1).tolist()
         return [(rid, tok) for (rid, _), tok in zip(sampled, nxt, strict=True)]
 

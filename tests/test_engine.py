@@ -199,3 +199,46 @@ def test_generate_cli_streams_smollm2_tokens():
 
     n = int(re.search(r"(\d+) tokens, \d+ iterations", proc.stderr).group(1))
     assert 1 <= n <= 8 and proc.stdout.strip()  # streamed text, at most the asked-for tokens
+
+
+@pytest.mark.parametrize("group, head_dim", [(1, 64), (4, 128), (8, 16)])
+def test_the_fused_host_kernel_matches_float64(rng, group, head_dim):
+    from l3.engine import host_kernel
+
+    if not host_kernel.available():
+        pytest.skip("no C compiler or no AVX2/FMA/F16C here: the cpu backend uses its PyTorch path")
+    gen, _ = rng
+    kvh, slots = 2, int(gen.integers(1, 3000))
+    k = torch.from_numpy(gen.standard_normal((kvh, slots + 7, head_dim))).half()
+    v = torch.from_numpy(gen.standard_normal((kvh, slots + 7, head_dim))).half()
+    q = torch.from_numpy(gen.standard_normal((1, kvh * group, head_dim))).float()
+    a = int(gen.integers(0, 7))  # a run that starts inside the storage, of ragged length
+    kernel = host_kernel.HostAttention(threads=2)
+    cut = a + slots // 2
+    got = merge([kernel.partial(q, k[:, a:cut], v[:, a:cut], head_dim**-0.5),
+                 kernel.partial(q, k[:, cut : a + slots], v[:, cut : a + slots], head_dim**-0.5)]).double()  # fmt: skip
+    kd = k[:, a : a + slots].double().repeat_interleave(group, dim=0)
+    vd = v[:, a : a + slots].double().repeat_interleave(group, dim=0)
+    p = torch.softmax(torch.einsum("he,hme->hm", q[0].double(), kd) * head_dim**-0.5, dim=-1)
+    want = torch.einsum("hm,hme->he", p, vd)[None]
+    assert float((got - want).abs().max()) < 1e-5
+
+
+def test_fp16_kv_on_the_cpu_backend_agrees_with_the_gpu_backend(tiny_models, monkeypatch):
+    import l3.engine.attention as attention
+
+    monkeypatch.setattr(attention, "PIECE_TOKENS", 64)  # so that decodes past 64 tokens take the long path
+    model = tiny_models["llama"]
+    prompts = [np.random.default_rng(3).integers(3, 300, 200).tolist(), [5, 6, 7]]
+    runs = []
+    for backend in ("gpu", "cpu"):
+        engine = Engine(model, backend=backend, kv_tokens=4096, kv_dtype="float16")
+        if backend == "cpu":  # fp16 decodes go to the fused kernel where it builds
+            from l3.engine import host_kernel
+
+            assert (engine.attention.kernel is not None) == host_kernel.available()
+        engine.logits = {}
+        runs.append((engine.generate(prompts, 12), engine.logits))
+    (a, la), (b, lb) = runs
+    assert a == b
+    assert max(float(np.abs(x - y).max()) for r in la for x, y in zip(la[r], lb[r], strict=True)) < 1e-4

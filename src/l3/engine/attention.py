@@ -214,8 +214,17 @@ class CpuAttention(PagedBackend):
     fp32 accumulation. Decodes whose keys fit one piece are attended together over one padded gather (few bytes,
     one set of operations per layer); longer contexts and prefill chunks are cut into pieces of contiguous keys
     read in place, each widened to fp32 in a reused buffer and reduced to a partial, the partials merged exactly.
-    (A pool of Python threads over pieces was measured slower on 2 cores: the operations already use every core
-    and the pool adds its hand-offs.)"""
+    Long decodes over fp16 KV go to the fused C kernel (`host_kernel`) where it builds: one pass per contiguous
+    run, KV heads split over the host threads. (A pool of Python threads over PyTorch pieces was measured slower
+    on 2 cores: the operations already use every core and the pool adds its hand-offs.)"""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        from l3.engine import host_kernel
+
+        group = self.n_heads // self.n_kv_heads
+        fits = host_kernel.HostAttention.fits(self.n_kv_heads, group, self.head_dim, self.kv_dtype)
+        self.kernel = host_kernel.HostAttention(torch.get_num_threads()) if fits and host_kernel.available() else None
 
     name = "cpu"
     storage = "host"
@@ -228,7 +237,15 @@ class CpuAttention(PagedBackend):
             idx, valid = padded_reads(short, self.block_size, self.window)
             self._short_idx, self._short_valid = torch.from_numpy(idx), torch.from_numpy(valid)
         self._long = [s for s in segments if not (s.n == 1 and s.end <= PIECE_TOKENS)]
-        self._pieces = [self._pieces_of(s) for s in self._long]
+        self._pieces = [self._runs_of(s) if self.kernel and s.n == 1 else self._pieces_of(s) for s in self._long]
+
+    def _runs_of(self, s: Segment) -> list[tuple[int, int, None]]:
+        """(first slot, last slot + 1, None) of each run of contiguous slots of a decode (every key visible)."""
+        lo = 0 if self.window is None else max(0, s.end - self.window)
+        slots = _slots(s.blocks, lo, s.end, self.block_size)
+        breaks = np.flatnonzero(np.diff(slots) != 1) + 1
+        return [(int(slots[a]), int(slots[a]) + int(b - a), None)
+                for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(slots)], strict=True)]  # fmt: skip
 
     def _pieces_of(self, s: Segment) -> list[tuple[int, int, torch.Tensor | None]]:
         """(first slot, last slot + 1, mask or None where every key is visible) of each piece of contiguous keys
@@ -255,8 +272,11 @@ class CpuAttention(PagedBackend):
             out[self._short_rows] = batched_decode(qh[self._short_rows], kg, vg, self._short_valid, self.scale)
         for s, pieces in zip(self._long, self._pieces, strict=True):
             qs = qh[s.start : s.start + s.n]
-            out[s.start : s.start + s.n] = merge([partial_attention(qs, kl[:, a:b], vl[:, a:b], ok, self.scale)
-                                                  for a, b, ok in pieces])  # fmt: skip
+            if self.kernel and s.n == 1:
+                parts = [self.kernel.partial(qs, kl[:, a:b], vl[:, a:b], self.scale) for a, b, _ in pieces]
+            else:
+                parts = [partial_attention(qs, kl[:, a:b], vl[:, a:b], ok, self.scale) for a, b, ok in pieces]
+            out[s.start : s.start + s.n] = merge(parts)
         return out.to(q.device, q.dtype)
 
 

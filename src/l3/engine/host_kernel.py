@@ -1,0 +1,93 @@
+"""The cpu backend's fused decode-attention kernel (csrc/host_attention.c), built with the system's C compiler at
+first use into a cache folder (`L3_CACHE_DIR`, default ~/.cache/l3) and called through ctypes, which releases the
+GIL, so KV heads run on several host threads at once. `available()` is False (and the backend keeps its PyTorch
+path) where there is no compiler or the CPU lacks AVX2, FMA or F16C."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import itertools
+import os
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "host_attention.c"
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC"]
+MAX_GROUP, MAX_HEAD_DIM = 8, 256  # the kernel's limits: query heads per KV head, elements per head
+
+
+def _cpu_has_flags() -> bool:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return {"avx2", "fma", "f16c"} <= set(flags.split())
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if cc is None or not _cpu_has_flags():
+        return None
+    code = SOURCE.read_bytes()
+    digest = hashlib.sha256(code + " ".join(FLAGS).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("L3_CACHE_DIR", Path.home() / ".cache" / "l3"))
+    lib = cache / f"host_attention-{digest}.so"
+    if not lib.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+        done = subprocess.run([cc, *FLAGS, "-o", str(tmp), str(SOURCE), "-lm"], capture_output=True)
+        if done.returncode != 0:
+            return None
+        tmp.replace(lib)
+    dll = ctypes.CDLL(str(lib))
+    p, i, n = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+    dll.l3_partial_f16.argtypes = [p, p, n, i, i, i, i, n, p, p, p, p]
+    dll.l3_partial_f16.restype = None
+    return dll
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+class HostAttention:
+    """Unnormalised decode attention over runs of contiguous fp16 keys, KV heads split over `threads`."""
+
+    def __init__(self, threads: int):
+        self.threads = max(1, threads)
+        self.pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+
+    @staticmethod
+    def fits(kv_heads: int, group: int, head_dim: int, dtype: torch.dtype) -> bool:
+        return dtype == torch.float16 and group <= MAX_GROUP and head_dim <= MAX_HEAD_DIM and head_dim % 8 == 0
+
+    def partial(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+        """q (1, H, E) fp32; k, v (KVH, m, E) fp16 views with contiguous rows (stride E) -> (max (1, H), sum (1, H),
+        out (1, H, E)), as engine.attention.partial_attention gives."""
+        kvh, m, e = k.shape
+        h = q.shape[1]
+        g = h // kvh
+        qs = (q[0] * scale).contiguous()
+        mx, total, acc = torch.empty(kvh, g), torch.empty(kvh, g), torch.empty(kvh, g, e)
+        call = _library().l3_partial_f16
+        args = (k.data_ptr(), v.data_ptr(), k.stride(0), g, e, m, qs.data_ptr(), mx.data_ptr(), total.data_ptr(),
+                acc.data_ptr())  # fmt: skip
+
+        def heads(a: int, b: int) -> None:
+            call(args[0], args[1], args[2], a, b, *args[3:])
+
+        cuts = [kvh * t // self.threads for t in range(self.threads + 1)]
+        spans = [(a, b) for a, b in itertools.pairwise(cuts) if b > a]
+        if self.pool is None or len(spans) == 1:
+            heads(0, kvh)
+        else:
+            for f in [self.pool.submit(heads, a, b) for a, b in spans]:
+                f.result()
+        return mx.reshape(1, h), total.reshape(1, h), acc.reshape(1, h, e)

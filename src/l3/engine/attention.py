@@ -149,6 +149,11 @@ class AttentionBackend(ABC):
     def free(self, rid: int) -> None:  # noqa: B027 - only backends with a store of their own act
         """A request's KV is released (its blocks go back to the pool; backends with their own store drop it)."""
 
+    def simulated_step_s(self, contexts) -> float | None:
+        """A device model's time for one decode step's attention over `contexts` (simulated), where the backend
+        emulates a device that has one (pim); None otherwise."""
+        return None
+
 
 class PagedBackend(AttentionBackend):
     """KV in paged blocks: K and V tensors (layers, KVH, blocks x block_size, E), head-major so that a run of
@@ -218,16 +223,15 @@ class CpuAttention(PagedBackend):
     run, KV heads split over the host threads. (A pool of Python threads over PyTorch pieces was measured slower
     on 2 cores: the operations already use every core and the pool adds its hand-offs.)"""
 
+    name = "cpu"
+    storage = "host"
+
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         from l3.engine import host_kernel
 
-        group = self.n_heads // self.n_kv_heads
-        fits = host_kernel.HostAttention.fits(self.n_kv_heads, group, self.head_dim, self.kv_dtype)
+        fits = host_kernel.HostAttention.fits(self.n_heads // self.n_kv_heads, self.head_dim, self.kv_dtype)
         self.kernel = host_kernel.HostAttention(torch.get_num_threads()) if fits and host_kernel.available() else None
-
-    name = "cpu"
-    storage = "host"
 
     def bind(self, segments: list[Segment]) -> None:
         super().bind(segments)
@@ -237,27 +241,20 @@ class CpuAttention(PagedBackend):
             idx, valid = padded_reads(short, self.block_size, self.window)
             self._short_idx, self._short_valid = torch.from_numpy(idx), torch.from_numpy(valid)
         self._long = [s for s in segments if not (s.n == 1 and s.end <= PIECE_TOKENS)]
-        self._pieces = [self._runs_of(s) if self.kernel and s.n == 1 else self._pieces_of(s) for s in self._long]
+        whole = self.n_blocks * self.block_size  # the kernel takes a whole contiguous run in one pass
+        self._pieces = [self._pieces_of(s, whole if self.kernel and s.n == 1 else PIECE_TOKENS) for s in self._long]
 
-    def _runs_of(self, s: Segment) -> list[tuple[int, int, None]]:
-        """(first slot, last slot + 1, None) of each run of contiguous slots of a decode (every key visible)."""
-        lo = 0 if self.window is None else max(0, s.end - self.window)
-        slots = _slots(s.blocks, lo, s.end, self.block_size)
-        breaks = np.flatnonzero(np.diff(slots) != 1) + 1
-        return [(int(slots[a]), int(slots[a]) + int(b - a), None)
-                for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(slots)], strict=True)]  # fmt: skip
-
-    def _pieces_of(self, s: Segment) -> list[tuple[int, int, torch.Tensor | None]]:
-        """(first slot, last slot + 1, mask or None where every key is visible) of each piece of contiguous keys
-        of segment s."""
+    def _pieces_of(self, s: Segment, limit: int) -> list[tuple[int, int, torch.Tensor | None]]:
+        """(first slot, last slot + 1, mask or None where every key is visible) of each piece of at most `limit`
+        contiguous keys of segment s."""
         lo = 0 if self.window is None else max(0, s.ctx0 - self.window + 1)
         slots = _slots(s.blocks, lo, s.end, self.block_size)
         breaks = np.flatnonzero(np.diff(slots) != 1) + 1
         q_pos = torch.arange(s.ctx0, s.end)
         pieces = []
         for run_lo, run_hi in zip(np.r_[0, breaks], np.r_[breaks, len(slots)], strict=True):
-            for a in range(int(run_lo), int(run_hi), PIECE_TOKENS):
-                b = min(a + PIECE_TOKENS, int(run_hi))
+            for a in range(int(run_lo), int(run_hi), limit):
+                b = min(a + limit, int(run_hi))
                 ok = _mask(q_pos, torch.arange(lo + a, lo + b), self.window)
                 pieces.append((int(slots[a]), int(slots[a]) + b - a, None if bool(ok.all()) else ok))
         return pieces

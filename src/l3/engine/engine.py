@@ -41,6 +41,11 @@ class Output:
     tokens: list[int] = field(default_factory=list)
     finished: bool = False
 
+    def ids(self, a: int, b: int) -> list[int]:
+        """Tokens a .. b - 1 of prompt + generated (without joining the two)."""
+        p = len(self.prompt)
+        return self.prompt[a:min(b, p)] + self.tokens[max(a - p, 0) : max(b - p, 0)]
+
 
 class Engine:
     def __init__(self, model: LoadedModel, backend: str = "cpu", kv_tokens: int = DEFAULT_KV_TOKENS,
@@ -55,9 +60,9 @@ class Engine:
         self.model, self.backend_name = model, backend
         self.runner = DecoderRunner(model.hf, model.family)
         memory_side = backend != "gpu"
-        self.system = system or get_system("l3" if memory_side else "gpu-only")
-        self.system = self.system.model_copy(update={"scheduler": self.system.scheduler.model_copy(
-            update={"block_size": block_size})})  # fmt: skip
+        base = system or get_system("l3" if memory_side else "gpu-only")
+        scheduler = base.scheduler.model_copy(update={"block_size": block_size})
+        self.system = base.model_copy(update={"scheduler": scheduler})
         self.table = RequestTable()
         self.queue = WaitingQueue(self.table)
         topology = Topology(kv_tiers=(kv_tokens,), slots=1 if memory_side else None)
@@ -69,7 +74,8 @@ class Engine:
             torch.set_num_threads(threads)
         extra = {"pim": {"model_spec": model.spec}}.get(backend, {})
         self.attention = BACKENDS[backend](r.n_layers, r.n_kv_heads, r.head_dim, r.n_heads, r.scale, r.window,
-                                           len(self.blocks._free[0]), block_size, dtype, r.device, **extra)  # fmt: skip
+                                           self.scheduler.kv.capacity_blocks, block_size, dtype, r.device,
+                                           **extra)  # fmt: skip
         self.outputs: dict[int, Output] = {}
         self.stop_ids: dict[int, set[int]] = {}
         self.t0 = time.perf_counter()
@@ -142,8 +148,8 @@ class Engine:
             produced += self._run(sb, gpu, mem, x)
         d = np.array([time.perf_counter() - t0])
         stats = {}
-        if hasattr(self.attention, "simulated_step_s"):  # what the DIMM-PIM would take for this step's decodes
-            sim = self.attention.simulated_step_s(self.table.context(plan.decode_ids))
+        sim = self.attention.simulated_step_s(self.table.context(plan.decode_ids))
+        if sim is not None:  # what the emulated device would take for this step's decodes
             self.pim_simulated_s += sim
             stats["pim_simulated_s"] = np.array([sim])
         return IterationTiming(d, {"gpu": gpu.sum(axis=1), "memory": mem.sum(axis=1)}, sub_gpu_s=gpu,
@@ -155,20 +161,18 @@ class Engine:
         row = 0
         for rid in sb.decode_ids.tolist():
             ctx = int(t.prompt[rid] + t.generated[rid])
-            toks = self.outputs[rid].prompt + self.outputs[rid].tokens
             blocks = self.blocks.ensure(rid, int(t.kv_tier[rid]), ctx)
             segments.append(Segment(rid, row, 1, ctx - 1, tuple(blocks)))
-            feed.append(toks[ctx - 1])
+            feed += self.outputs[rid].ids(ctx - 1, ctx)
             positions.append(ctx - 1)
             sampled.append((rid, row))
             row += 1
         prefills = zip(sb.prefill_ids.tolist(), sb.prefill_chunks.tolist(), sb.prefill_prefix.tolist(),
                        sb.prefill_completes.tolist(), strict=True)  # fmt: skip
         for rid, chunk, prefix, done in prefills:
-            toks = self.outputs[rid].prompt + self.outputs[rid].tokens
             blocks = self.blocks.ensure(rid, int(t.kv_tier[rid]), prefix + chunk)
             segments.append(Segment(rid, row, chunk, prefix, tuple(blocks)))
-            feed += toks[prefix : prefix + chunk]
+            feed += self.outputs[rid].ids(prefix, prefix + chunk)
             positions += range(prefix, prefix + chunk)
             row += chunk
             if done:

@@ -65,7 +65,9 @@ class HostAttention:
         self.pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
 
     @staticmethod
-    def fits(kv_heads: int, group: int, head_dim: int, dtype: torch.dtype) -> bool:
+    def fits(group: int, head_dim: int, dtype: torch.dtype) -> bool:
+        """Whether the kernel serves this shape: fp16 storage, at most MAX_GROUP query heads per KV head, head
+        size a multiple of 8 up to MAX_HEAD_DIM."""
         return dtype == torch.float16 and group <= MAX_GROUP and head_dim <= MAX_HEAD_DIM and head_dim % 8 == 0
 
     def partial(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):

@@ -2,10 +2,11 @@
 
 - `gpu`: the KV in paged blocks on the dense device, attention there (the reference).
 - `cpu`: the KV in paged blocks in host memory (storage in `kv_dtype`, e.g. fp16), attention by host threads
-  with fp32 accumulation; the commodity stand-in for DIMM-PIM (as NEO and FastDecode do). Each request's keys
-  are cut into pieces of at most `PIECE_TOKENS` contiguous tokens read in place; each piece gives a partial
-  (running max, sum, unnormalised output) and the partials merge exactly (log-sum-exp), as a token-striped
-  request's partials from several PIM ranks do.
+  with fp32 accumulation; the commodity stand-in for DIMM-PIM (as NEO and FastDecode do). A long decode's keys
+  are cut into pieces of contiguous tokens read in place; each piece gives a partial (running max, sum,
+  unnormalised output) and the partials merge exactly (log-sum-exp), as a token-striped request's partials from
+  several PIM ranks do. Prefill chunks (compute-bound) attend over their gathered keys with PyTorch's fused
+  attention, as on the `gpu` backend.
 - `pim`: the project's functional DIMM-PIM model (`devices.pim.functional`): KV written through the mapping and
   re-layout into bank bytes, decode attention in the bank/rank PU arithmetic with chunked softmax; prefill
   chunks attend on the dense device over the KV read back from the banks (FP16), as L3's GPUs do.
@@ -23,6 +24,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+from torch.nn.attention.bias import causal_lower_right
 
 PIECE_TOKENS = 1024  # keys per partial in the cpu backend: a piece's fp32 copy (a few MB at most) stays in cache
 
@@ -117,6 +119,24 @@ def padded_reads(segments: list[Segment], block_size: int, window: int | None) -
     return idx, valid
 
 
+def chunk_mask(ctx0: int, n: int, k0: int, m: int, window: int | None, device=None):
+    """What a prefill chunk's queries (positions ctx0 .. ctx0 + n - 1) see of keys at positions k0 .. k0 + m - 1:
+    PyTorch's lower-right causal bias where that is the whole rule (no window, keys from position 0, ending with
+    the chunk), which its fused kernel applies without a mask tensor; else a boolean (n, m) mask."""
+    if window is None and k0 == 0 and m == ctx0 + n:
+        return causal_lower_right(n, m)
+    return _mask(torch.arange(ctx0, ctx0 + n, device=device), torch.arange(k0, k0 + m, device=device), window)
+
+
+def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float) -> torch.Tensor:
+    """Attention of a prefill chunk's queries q (n, H, E) over its request's keys k, v (KVH, m, E) under `mask`
+    (`chunk_mask`), in fp32 with PyTorch's fused attention (grouped-query aware): (n, H, E)."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.float().transpose(0, 1)[None], k.float()[None], v.float()[None], attn_mask=mask, scale=scale,
+        enable_gqa=True)  # fmt: skip
+    return out[0].transpose(0, 1)
+
+
 def batched_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scale: float):
     """Attention of one query per request, q (B, H, E), over padded keys k, v (B, KVH, L, E) where `valid` (B, L),
     in fp32 (PyTorch's fused attention, grouped-query aware): (B, H, E)."""
@@ -198,8 +218,7 @@ class GpuAttention(PagedBackend):
             idx, valid = padded_reads(decodes, self.block_size, self.window)
             self._decode_idx, self._decode_valid = torch.from_numpy(idx).to(dev), torch.from_numpy(valid).to(dev)
         self._chunks = [(s, torch.from_numpy(_slots(s.blocks, 0, s.end, self.block_size)).to(dev),
-                         _mask(torch.arange(s.ctx0, s.end, device=dev), torch.arange(s.end, device=dev), self.window))
-                        for s in segments if s.n > 1]  # fmt: skip
+                         chunk_mask(s.ctx0, s.n, 0, s.end, self.window, dev)) for s in segments if s.n > 1]  # fmt: skip
 
     def __call__(self, layer, q, k, v):
         self._store(layer, k, v)
@@ -207,10 +226,9 @@ class GpuAttention(PagedBackend):
         if len(self._decode_rows):
             kg, vg = self._gather(layer, self._decode_idx)
             out[self._decode_rows] = batched_decode(q[self._decode_rows], kg, vg, self._decode_valid, self.scale)
-        for s, reads, ok in self._chunks:
-            part = partial_attention(q[s.start : s.start + s.n], self.k[layer][:, reads], self.v[layer][:, reads], ok,
-                                     self.scale)  # fmt: skip
-            out[s.start : s.start + s.n] = merge([part])
+        for s, reads, mask in self._chunks:
+            out[s.start : s.start + s.n] = chunk_attention(q[s.start : s.start + s.n], self.k[layer][:, reads],
+                                                           self.v[layer][:, reads], mask, self.scale)  # fmt: skip
         return out.to(q.dtype)
 
 
@@ -240,9 +258,15 @@ class CpuAttention(PagedBackend):
         if short:
             idx, valid = padded_reads(short, self.block_size, self.window)
             self._short_idx, self._short_valid = torch.from_numpy(idx), torch.from_numpy(valid)
-        self._long = [s for s in segments if not (s.n == 1 and s.end <= PIECE_TOKENS)]
+        self._long = [s for s in segments if s.n == 1 and s.end > PIECE_TOKENS]
         whole = self.n_blocks * self.block_size  # the kernel takes a whole contiguous run in one pass
-        self._pieces = [self._pieces_of(s, whole if self.kernel and s.n == 1 else PIECE_TOKENS) for s in self._long]
+        self._pieces = [self._pieces_of(s, whole if self.kernel else PIECE_TOKENS) for s in self._long]
+        self._chunks = []  # prefill chunks: compute-bound, so their keys are gathered for the fused kernel
+        for s in segments:
+            if s.n > 1:
+                lo = 0 if self.window is None else max(0, s.ctx0 - self.window + 1)
+                reads = torch.from_numpy(_slots(s.blocks, lo, s.end, self.block_size))
+                self._chunks.append((s, reads, chunk_mask(s.ctx0, s.n, lo, s.end - lo, self.window)))
 
     def _pieces_of(self, s: Segment, limit: int) -> list[tuple[int, int, torch.Tensor | None]]:
         """(first slot, last slot + 1, mask or None where every key is visible) of each piece of at most `limit`
@@ -269,11 +293,14 @@ class CpuAttention(PagedBackend):
             out[self._short_rows] = batched_decode(qh[self._short_rows], kg, vg, self._short_valid, self.scale)
         for s, pieces in zip(self._long, self._pieces, strict=True):
             qs = qh[s.start : s.start + s.n]
-            if self.kernel and s.n == 1:
+            if self.kernel:
                 parts = [self.kernel.partial(qs, kl[:, a:b], vl[:, a:b], self.scale) for a, b, _ in pieces]
             else:
                 parts = [partial_attention(qs, kl[:, a:b], vl[:, a:b], ok, self.scale) for a, b, ok in pieces]
             out[s.start : s.start + s.n] = merge(parts)
+        for s, reads, mask in self._chunks:
+            out[s.start : s.start + s.n] = chunk_attention(qh[s.start : s.start + s.n], kl[:, reads], vl[:, reads],
+                                                           mask, self.scale)  # fmt: skip
         return out.to(q.device, q.dtype)
 
 
@@ -322,9 +349,9 @@ class PimAttention(AttentionBackend):
             if s.n == 1 and s.ctx0 > 0:
                 continue
             keys, vals = (torch.from_numpy(x.copy()).transpose(0, 1) for x in self.fp.read_kv(s.rid, layer))
-            ok = _mask(torch.arange(s.ctx0, s.end), torch.arange(s.end), self.window)
-            part = partial_attention(q[s.start : s.start + s.n].cpu(), keys, vals, ok, self.scale)
-            out[s.start : s.start + s.n] = merge([part])
+            mask = chunk_mask(s.ctx0, s.n, 0, s.end, self.window)
+            out[s.start : s.start + s.n] = chunk_attention(q[s.start : s.start + s.n].cpu(), keys, vals, mask,
+                                                           self.scale)  # fmt: skip
         return out.to(q.device, q.dtype)
 
     def free(self, rid: int) -> None:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from l3.engine import cache_dir
+
 SOURCE = Path(__file__).with_name("csrc") / "host_attention.c"
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC"]
 MAX_GROUP, MAX_HEAD_DIM = 8, 256  # the kernel's limits: query heads per KV head, elements per head
@@ -37,7 +39,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     code = SOURCE.read_bytes()
     digest = hashlib.sha256(code + " ".join(FLAGS).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("L3_CACHE_DIR", Path.home() / ".cache" / "l3"))
+    cache = cache_dir()
     lib = cache / f"host_attention-{digest}.so"
     if not lib.exists():
         cache.mkdir(parents=True, exist_ok=True)

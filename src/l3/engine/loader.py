@@ -4,11 +4,15 @@ OPT. Nothing is fetched from a hub (HF_HUB_OFFLINE)."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from l3.engine import cache_dir
 from l3.errors import EngineError, SpecError
 from l3.specs.model import ModelSpec, model_from_hf_dict
 
@@ -52,6 +56,39 @@ def _where(source: str) -> tuple[Path, str | None]:
     raise EngineError(f"model {source}: not found; expected a model folder, a .gguf file or {SMOLLM2!r}")
 
 
+def _converted(folder: Path, gguf: str) -> Path:
+    """A Hugging Face folder (safetensors, config, tokenizer) converted once from a GGUF file and kept in the
+    cache: parsing a GGUF's metadata takes transformers tens of seconds per read (config, weights, tokenizer),
+    loading safetensors about one. Keyed by the file's path, size and modification time."""
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = (folder / gguf).resolve()
+    st = path.stat()
+    key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_dir() / "models" / f"{path.stem}-{key}"
+    if (out / "config.json").is_file():
+        return out
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype="float32")  # dequantized
+        tmp.mkdir(parents=True)
+        save_model(hf, str(tmp / "model.safetensors"))  # transformers refuses to save a model read from GGUF
+        config = hf.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(tmp)
+    except Exception as exc:  # transformers and gguf raise many types for a corrupt file
+        shutil.rmtree(tmp, ignore_errors=True)
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise EngineError(f"model {path}: cannot read the GGUF file ({first})") from None
+    try:
+        tmp.rename(out)
+    except OSError:  # another process converted it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def load_model(source: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
     """Load `source` in `dtype` (float32, float16 or bfloat16) onto `device`; an EngineError names what is wrong."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,9 +99,10 @@ def load_model(source: str, dtype: str = "float32", device: str = "cpu") -> Load
     if torch_dtype is None:
         raise EngineError(f"--dtype {dtype!r}: expected float32, float16 or bfloat16")
     folder, gguf = _where(source)
-    kw = {"gguf_file": gguf} if gguf else {}
+    if gguf:  # converted once, then loaded as a folder
+        folder = _converted(folder, gguf)
     try:
-        config = AutoConfig.from_pretrained(folder, **kw)
+        config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError, KeyError) as exc:
         raise EngineError(f"model {source}: cannot read its configuration ({str(exc).splitlines()[0]})") from None
     family = getattr(config, "model_type", "")
@@ -72,13 +110,13 @@ def load_model(source: str, dtype: str = "float32", device: str = "cpu") -> Load
         raise EngineError(f"model {source}: architecture {family!r} is not supported; expected one of "
                           f"{', '.join(FAMILIES)}")  # fmt: skip
     try:
-        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kw)
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
     except Exception as exc:  # transformers and safetensors raise many types for missing or corrupt weights
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise EngineError(f"model {source}: cannot load its weights ({first})") from None
     hf.to(device).eval()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception:  # a folder of bare weights (e.g. a test's random model) has no tokenizer
         tokenizer = None
     cfg = config.to_dict()

@@ -15,6 +15,7 @@ torch.set_num_threads(1)  # the suite runs on one xdist worker per core: more th
 from l3.engine.attention import PIECE_TOKENS, merge, partial_attention  # noqa: E402
 from l3.engine.engine import Engine  # noqa: E402
 from l3.engine.loader import load_model  # noqa: E402
+from l3.engine.sampling import SamplingParams  # noqa: E402
 from l3.errors import EngineError  # noqa: E402
 from l3.sched.subbatch import SubBatchScheduler  # noqa: E402
 
@@ -109,6 +110,46 @@ def test_stop_tokens_end_a_request_with_the_stop_token_last(tiny_models):
     stop = full[10]
     got = Engine(model, backend="gpu").generate([p], 30, stop_ids=[stop])[0]
     assert got == full[: full.index(stop) + 1]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_an_aborted_request_frees_its_kv_and_the_others_still_match(tiny_models, backend):
+    model = tiny_models["llama"]
+    prompts = prompts_for(300, seed=2)
+    engine = Engine(model, backend=backend, kv_tokens=4096)
+    rids = [engine.add_request(p, 24) for p in prompts]
+    for _ in range(6):
+        engine.step()
+    victim, waiting = rids[1], engine.add_request(prompts[0], 24)  # one mid-generation, one never admitted
+    assert engine.table.kv_blocks[victim] > 0
+    assert engine.abort(victim) and engine.abort(waiting) and not engine.abort(victim)
+    assert victim not in engine.blocks.tables and engine.outputs[victim].finish_reason == "abort"
+    for _ in engine.stream():
+        pass
+    keep = [i for i in range(len(prompts)) if i != 1]
+    assert [engine.outputs[rids[i]].tokens for i in keep] == reference(model, [prompts[i] for i in keep], 24)
+    assert engine.scheduler.kv.used_blocks == 0 and not engine.blocks.tables
+    assert engine.forget(rids[0]).finish_reason == "length" and rids[0] not in engine.outputs
+
+
+def test_a_seeded_sampled_request_gets_the_same_tokens_in_any_batch(tiny_models):
+    model = tiny_models["qwen2"]
+    prompts = prompts_for(300, seed=3)
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=11)
+    alone = Engine(model, backend="cpu")
+    alone.add_request(prompts[0], 20, sampling=params)
+    crowd = Engine(model, backend="cpu")
+    for p in prompts[1:4]:
+        crowd.add_request(p, 20, sampling=SamplingParams(temperature=1.0))
+    rid = crowd.add_request(prompts[0], 20, sampling=params)
+    for e in (alone, crowd):
+        for _ in e.stream():
+            pass
+    sampled = alone.outputs[0].tokens
+    assert crowd.outputs[rid].tokens == sampled
+    assert sampled != reference(model, [prompts[0]], 20)[0]  # it did sample (greedy differs at 0.8)
+    with pytest.raises(EngineError, match="top_p"):
+        SamplingParams(temperature=1.0, top_p=0.0)
 
 
 @pytest.mark.parametrize("kv_dtype", ["float16", "bfloat16", "float32"])

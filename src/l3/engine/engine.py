@@ -7,7 +7,8 @@ plan's tokens through the model, measures what each sub-batch cost, and reports 
 Token accounting follows `sched.requests`: a decode step of a request with g generated tokens feeds its last
 token at position prompt + g - 1 and writes that token's KV; a prefill chunk feeds tokens [prefix, prefix +
 chunk) of prompt + generated (a preempted request re-prefills what it had) and, when it completes the target,
-produces the next token. Greedy decoding (argmax)."""
+produces the next token, chosen by the request's sampling parameters (greedy by default; `sampling`). A request
+ends when it has its tokens ("length"), at a stop token ("stop") or when withdrawn (`abort`)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 from l3.engine.attention import BACKENDS, Segment
 from l3.engine.loader import LoadedModel
 from l3.engine.model import DecoderRunner
+from l3.engine.sampling import GREEDY, Sampler, SamplingParams
 from l3.errors import EngineError
 from l3.sched import Topology, build_scheduler
 from l3.sched.kv import BlockTables
@@ -40,6 +42,7 @@ class Output:
     prompt: list[int]
     tokens: list[int] = field(default_factory=list)
     finished: bool = False
+    finish_reason: str | None = None  # "length", "stop" or "abort"
 
     def ids(self, a: int, b: int) -> list[int]:
         """Tokens a .. b - 1 of prompt + generated (without joining the two)."""
@@ -78,13 +81,23 @@ class Engine:
                                            **extra)  # fmt: skip
         self.outputs: dict[int, Output] = {}
         self.stop_ids: dict[int, set[int]] = {}
+        self.sampling: dict[int, SamplingParams] = {}
+        self.sampler = Sampler()
         self.t0 = time.perf_counter()
         self.iterations = 0
         self.pim_simulated_s = 0.0  # the pim backend: the device model's decode-attention time, summed over steps
         self.logits: dict[int, list[np.ndarray]] | None = None  # set to {} to keep each produced token's logits
 
     # --- requests -----------------------------------------------------------------------------------
-    def add_request(self, prompt: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> int:
+    @property
+    def max_request_tokens(self) -> int:
+        """The most tokens (prompt + new) one request may have: the model's context and the KV capacity."""
+        limit = self.scheduler.max_request_tokens()
+        window = self.model.spec.max_context
+        return limit if window is None else min(limit, window)
+
+    def add_request(self, prompt: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = (),
+                    sampling: SamplingParams = GREEDY) -> int:  # fmt: skip
         """Queue a request (token ids); returns its id. A prompt the KV can never hold is an EngineError."""
         if not len(prompt) or max_new_tokens < 1:
             raise EngineError("a request needs at least one prompt token and max_new_tokens >= 1")
@@ -100,7 +113,32 @@ class Engine:
                               f"{self.table.reject_reason[rid]}")  # fmt: skip
         self.outputs[rid] = Output(rid, list(prompt))
         self.stop_ids[rid] = set(stop_ids)
+        self.sampling[rid] = sampling
+        self.sampler.add(rid, sampling)
         return rid
+
+    def abort(self, rid: int) -> bool:
+        """Withdraw a request between iterations (its client went away): its KV is freed now. False if it had
+        already finished."""
+        if not self.scheduler.abort(rid, self._clock()):
+            return False
+        self._finish(rid, "abort")
+        return True
+
+    def forget(self, rid: int) -> Output:
+        """Drop a finished request's tokens and settings (a server's requests would otherwise pile up); returns
+        its output. Its row in the request table (a few numbers) stays."""
+        if not self.outputs[rid].finished:
+            raise EngineError(f"request {rid} has not finished; abort it first")
+        self.stop_ids.pop(rid)
+        self.sampling.pop(rid)
+        return self.outputs.pop(rid)
+
+    def _finish(self, rid: int, reason: str) -> None:
+        out = self.outputs[rid]
+        out.finished, out.finish_reason = True, reason
+        self._release(rid)
+        self.sampler.drop(rid)
 
     def _clock(self) -> float:
         return time.perf_counter() - self.t0
@@ -124,10 +162,10 @@ class Engine:
             out.tokens.append(tok)
             if tok in self.stop_ids[rid]:
                 self.table.output[rid] = self.table.generated[rid] + 1
+                out.finish_reason = "stop"
         self.scheduler.observe(plan, timing)
-        for rid in self.scheduler.commit(plan, start + timing.duration):
-            self.outputs[int(rid)].finished = True
-            self._release(int(rid))
+        for rid in self.scheduler.commit(plan, start + timing.duration).tolist():
+            self._finish(rid, self.outputs[rid].finish_reason or "length")
         self.iterations += 1
         return produced
 
@@ -196,8 +234,9 @@ class Engine:
         if self.logits is not None:
             for (rid, _), row in zip(sampled, logits.cpu().numpy(), strict=True):
                 self.logits.setdefault(rid, []).append(row)
-        nxt = logits.argmax(dim=-1).tolist()
-        return [(rid, tok) for (rid, _), tok in zip(sampled, nxt, strict=True)]
+        rids = [rid for rid, _ in sampled]
+        nxt = self.sampler(logits, rids, [self.sampling[r] for r in rids])
+        return list(zip(rids, nxt, strict=True))
 
     # --- conveniences -------------------------------------------------------------------------------
     def stream(self) -> Iterator[tuple[int, int]]:

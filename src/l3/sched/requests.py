@@ -20,6 +20,7 @@ class Status(IntEnum):
     RUNNING = 2
     DONE = 3
     REJECTED = 4
+    ABORTED = 5  # withdrawn by its client (engine only)
 
 
 # Columns of the request table: name -> (dtype, value of a newly added request). `prefill_target` starts at the
@@ -110,6 +111,9 @@ class WaitingQueue:
 
     def pop(self) -> int:
         return self._q.popleft()
+
+    def remove(self, rid: int) -> None:
+        self._q.remove(rid)
 
     def push_front(self, rid: int) -> None:
         self.table.status[rid] = Status.WAITING

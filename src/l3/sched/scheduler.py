@@ -69,6 +69,22 @@ class ContinuousBatchingScheduler:
         window = self.model.max_context
         return (need > window if window is not None else False) | (need > self.max_request_tokens())
 
+    def abort(self, rid: int, now: float) -> bool:
+        """Withdraw a waiting or running request (its client went away) between iterations: out of the queue or
+        the batch, its KV freed. False if it had already ended."""
+        t = self.table
+        if t.status[rid] == Status.WAITING:
+            self.queue.remove(rid)
+        elif t.status[rid] == Status.RUNNING:
+            self.running = self.running[self.running != rid]
+            self.kv.free(int(t.kv_blocks[rid]), int(t.kv_tier[rid]))
+            t.kv_blocks[rid] = 0
+        else:
+            return False
+        t.status[rid] = Status.ABORTED
+        t.finish_s[rid] = now
+        return True
+
     # --- admission control ------------------------------------------------------------------------
     def max_request_tokens(self) -> int:
         """Largest prompt + output a request may have and still fit this replica alone."""

@@ -1,0 +1,69 @@
+"""Choosing each request's next token from its logits: greedy (temperature 0) or temperature + nucleus (top-p)
+sampling with a per-request random stream, so a request's tokens depend on its seed alone, not on what it was
+batched with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from l3.errors import EngineError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """`temperature` 0 is greedy (argmax); `top_p` keeps the smallest set of most likely tokens whose probability
+    reaches it; `seed` fixes the request's random stream (None: drawn from the engine's generator)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise EngineError(f"temperature {self.temperature}: expected a number >= 0")
+        if not 0 < self.top_p <= 1:
+            raise EngineError(f"top_p {self.top_p}: expected a number in (0, 1]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+GREEDY = SamplingParams()
+
+
+class Sampler:
+    """Next tokens of a batch of rows, each row with its request's parameters and random stream."""
+
+    def __init__(self, seed: int = 0):
+        self._seeds = torch.Generator().manual_seed(seed)  # draws a stream's seed when a request gives none
+        self._streams: dict[int, torch.Generator] = {}
+
+    def add(self, rid: int, params: SamplingParams) -> None:
+        if params.greedy:
+            return
+        seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
+        self._streams[rid] = torch.Generator().manual_seed(seed)
+
+    def drop(self, rid: int) -> None:
+        self._streams.pop(rid, None)
+
+    def __call__(self, logits: torch.Tensor, rids: list[int], params: list[SamplingParams]) -> list[int]:
+        """`logits`: [rows, vocab]; one token id per row."""
+        tokens = logits.argmax(dim=-1).tolist()
+        for i, (rid, p) in enumerate(zip(rids, params, strict=True)):
+            if not p.greedy:
+                tokens[i] = self._draw(logits[i].float().cpu(), p, self._streams[rid])
+        return tokens
+
+    @staticmethod
+    def _draw(logits: torch.Tensor, p: SamplingParams, stream: torch.Generator) -> int:
+        probs = torch.softmax(logits / p.temperature, dim=-1)
+        if p.top_p < 1:
+            sorted_p, order = probs.sort(descending=True)
+            before = sorted_p.cumsum(0) - sorted_p  # mass of the tokens more likely than each
+            sorted_p[before >= p.top_p] = 0  # the most likely token always stays (before = 0)
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+        return int(torch.multinomial(probs, 1, generator=stream))

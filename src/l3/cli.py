@@ -313,6 +313,21 @@ def _engine_imports() -> None:
         raise EngineError("the engine needs PyTorch and transformers: pip install -e '.[engine]'") from None
 
 
+def _load_for_engine(model: str, backend: str, dtype: str):
+    """(the loaded model, its dense device) after checking the backend name (before the slow load)."""
+    import torch
+
+    from l3.engine.attention import BACKENDS
+    from l3.engine.loader import load_model
+    from l3.errors import EngineError
+
+    if backend not in BACKENDS:
+        raise EngineError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with console.status(f"loading {model}"):
+        return load_model(model, dtype=dtype, device=device), device
+
+
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="the prompt (an instruct model's chat template is applied)")],
@@ -326,18 +341,10 @@ def generate(
 ) -> None:
     """Generate with the real engine (greedy), streaming tokens to the terminal."""
     _engine_imports()
-    import torch
-
-    from l3.engine.attention import BACKENDS
     from l3.engine.engine import Engine
-    from l3.engine.loader import load_model
     from l3.errors import EngineError
 
-    if backend not in BACKENDS:  # before the model loads
-        raise EngineError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with console.status(f"loading {model}"):
-        lm = load_model(model, dtype=dtype, device=device)
+    lm, device = _load_for_engine(model, backend, dtype)
     tok = lm.tokenizer
     if tok is None:
         raise EngineError(f"model {model}: no tokenizer in its folder; expected tokenizer files beside config.json")
@@ -400,6 +407,98 @@ def bench_engine(
     console.print(f"cpu attention backend, 32K-token fp16 KV (8 KV heads x 128): {bw:.1f} GB/s = "
                   f"{res['cpu_attention_bw_fraction']:.0%} of this machine's DRAM read bandwidth "
                   f"({res['dram_read_bw_bytes_per_s']/1e9:.1f} GB/s, measured in the same run)")  # fmt: skip
+
+
+def _serve_imports() -> None:
+    """The server needs the `serve` extra as well as the engine's; say so in one line if it is missing."""
+    from l3.errors import EngineError
+
+    _engine_imports()
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise EngineError("the server needs FastAPI, uvicorn and prometheus-client: pip install -e '.[serve]'") \
+            from None
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Option(help="a model folder (config.json + safetensors), a .gguf file, or smollm2")]
+    = "smollm2",
+    backend: Annotated[str, typer.Option(help="where decode attention runs: cpu, pim or gpu")] = "cpu",
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="port to listen on")] = 8000,
+    kv_tokens: Annotated[int, typer.Option(min=16, help="KV cache capacity, tokens")] = 16384,
+    dtype: Annotated[str, typer.Option(help="weights and activations: float32, float16 or bfloat16")] = "float32",
+    max_waiting: Annotated[int, typer.Option(min=1, help="requests waiting for admission before new ones get 429")]
+    = 256,
+    served_model_name: Annotated[str | None, typer.Option(help="the model id clients use (default: the model's name)")]
+    = None,
+) -> None:
+    """Serve the engine over an OpenAI-compatible HTTP API (completions, chat, streaming, /metrics)."""
+    _serve_imports()
+    import uvicorn
+
+    from l3.engine.engine import Engine
+    from l3.engine.server.app import create_app
+
+    lm, device = _load_for_engine(model, backend, dtype)
+    name = served_model_name or Path(model).stem
+    api = create_app(Engine(lm, backend=backend, kv_tokens=kv_tokens), name, max_waiting)
+    console.print(f"serving [bold]{name}[/bold] (backend {backend} on {device}) at http://{host}:{port}/v1")
+    uvicorn.run(api, host=host, port=port, log_level="warning")
+
+
+@app.command()
+def loadtest(
+    url: Annotated[str, typer.Option(help="the server's base URL (this machine only)")] = "http://127.0.0.1:8000",
+    concurrency: Annotated[int, typer.Option(min=1, help="requests in flight at a time")] = 4,
+    requests: Annotated[int, typer.Option(min=1, help="requests to send")] = 32,
+    workload: Annotated[str, typer.Option(help="whose prompt and output lengths to replay (see `l3 list`)")]
+    = "azure-conv-sample",
+    max_seconds: Annotated[float, typer.Option(help="wall-time bound; unfinished requests are cancelled")] = 600.0,
+    seed: Annotated[int, typer.Option(help="seeds the requests' choice and their prompt tokens")] = 0,
+    out: Annotated[Path | None, typer.Option(help="also write the summary as JSON to this file")] = None,
+) -> None:
+    """Replay a workload's lengths against a running `l3 serve`; print throughput and TTFT/TBT percentiles."""
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from l3.engine.server.loadtest import check_url, run_loadtest
+
+    url = check_url(url)  # before the progress bar shows
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=Console(stderr=True)) as bar:  # fmt: skip
+        task = bar.add_task("requests", total=None)
+        res = run_loadtest(url, workload, concurrency, requests, max_seconds, seed,
+                           on_start=lambda n: bar.update(task, total=n),
+                           on_done=lambda: bar.advance(task))  # fmt: skip
+    t = Table(title=f"{res['model']} at {res['url']} · {res['workload']} lengths · concurrency {concurrency} "
+                    "(measured by the client)", show_header=False)  # fmt: skip
+    t.add_column("metric", style="bold")
+    t.add_column("value", justify="right")
+    ms = lambda d: f"{_fmt(d['p50'] and d['p50'] * 1e3, ' ms')} / {_fmt(d['p99'] and d['p99'] * 1e3, ' ms')}"  # noqa: E731
+    for k, v in (
+        ("requests completed / failed / unfinished", f"{res['completed']} / {res['failed']} / {res['unfinished']}"),
+        ("scaled to the server's context", f"{res['scaled_to_context']} (context {res['context']} tokens)"),
+        ("prompt / output tokens", f"{res['prompt_tokens']} / {res['output_tokens']}"),
+        ("wall time", _fmt(res["wall_s"], " s")),
+        ("output throughput", _fmt(res["throughput_tok_s"], " tok/s", 4)),
+        ("requests per second", _fmt(res["requests_per_s"])),
+        ("TTFT p50 / p99", ms(res["ttft_s"])),
+        ("TBT p50 / p99", ms(res["tbt_s"])),
+        ("latency p50 / p99", ms(res["latency_s"])),
+    ):
+        t.add_row(k, v)
+    console.print(t)
+    if res["first_error"]:
+        console.print(f"[red]first error:[/red] {res['first_error']}")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=2))
 
 
 @app.command("list")

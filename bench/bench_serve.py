@@ -3,7 +3,7 @@ prompt and output lengths) replayed at each concurrency; prints a markdown table
 percentiles as the client measured them.
 
 Usage: python bench/bench_serve.py [--model smollm2] [--backend cpu] [--concurrency 1,4,16] [--requests 32]
-       [--workload azure-conv-sample]"""
+       [--workload azure-conv-sample] [--max-batched-tokens N]"""
 
 from __future__ import annotations
 
@@ -34,12 +34,15 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--workload", default="azure-conv-sample")
+    ap.add_argument("--max-batched-tokens", type=int, help="passed to l3 serve (default: the system's)")
     a = ap.parse_args()
     l3 = str(Path(sys.executable).with_name("l3"))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([l3, "serve", "--model", a.model, "--backend", a.backend, "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    cmd = [l3, "serve", "--model", a.model, "--backend", a.backend, "--port", str(port)]
+    if a.max_batched_tokens:
+        cmd += ["--max-batched-tokens", str(a.max_batched_tokens)]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
         while time.time() < deadline:
@@ -62,7 +65,8 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=60)
     r0 = rows[0]
-    print(f"l3 serve --model {a.model} --backend {a.backend} on {platform.processor() or platform.machine()} "
+    shown = " ".join(["l3", *cmd[1:6], *cmd[8:]])  # the server's command without its port
+    print(f"{shown} on {platform.processor() or platform.machine()} "
           f"({os.cpu_count()} cores); {a.requests} requests of {a.workload} ({r0['prompt_tokens']} prompt and "
           f"{r0['output_tokens']} output tokens; {r0['scaled_to_context']} scaled to the {r0['context']}-token "
           "context), the same requests at each concurrency; measured by the client\n")

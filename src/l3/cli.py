@@ -313,16 +313,21 @@ def _engine_imports() -> None:
         raise EngineError("the engine needs PyTorch and transformers: pip install -e '.[engine]'") from None
 
 
-def _load_for_engine(model: str, backend: str, dtype: str):
-    """(the loaded model, its dense device) after checking the backend name (before the slow load)."""
-    import torch
-
-    from l3.engine.attention import BACKENDS
-    from l3.engine.loader import load_model
+def _check_backend(backend: str) -> None:
+    """A bad --backend fails at once, before the engine's imports and the model's load."""
+    from l3.engine import BACKEND_NAMES
     from l3.errors import EngineError
 
-    if backend not in BACKENDS:
-        raise EngineError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend not in BACKEND_NAMES:
+        raise EngineError(f"--backend {backend!r}: expected one of {', '.join(BACKEND_NAMES)}")
+
+
+def _load_for_engine(model: str, backend: str, dtype: str):
+    """(the loaded model, its dense device)."""
+    import torch
+
+    from l3.engine.loader import load_model
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with console.status(f"loading {model}"):
         return load_model(model, dtype=dtype, device=device), device
@@ -340,6 +345,7 @@ def generate(
     raw: Annotated[bool, typer.Option("--raw", help="feed the prompt as is, without the chat template")] = False,
 ) -> None:
     """Generate with the real engine (greedy), streaming tokens to the terminal."""
+    _check_backend(backend)
     _engine_imports()
     from l3.engine.engine import Engine
     from l3.errors import EngineError
@@ -434,10 +440,13 @@ def serve(
     dtype: Annotated[str, typer.Option(help="weights and activations: float32, float16 or bfloat16")] = "float32",
     max_waiting: Annotated[int, typer.Option(min=1, help="requests waiting for admission before new ones get 429")]
     = 256,
+    max_batched_tokens: Annotated[int | None, typer.Option(min=1, help="tokens per iteration, decodes + prefill "
+                                                           "chunks (default: the system's, 2048)")] = None,
     served_model_name: Annotated[str | None, typer.Option(help="the model id clients use (default: the model's name)")]
     = None,
 ) -> None:
     """Serve the engine over an OpenAI-compatible HTTP API (completions, chat, streaming, /metrics)."""
+    _check_backend(backend)
     _serve_imports()
     import uvicorn
 
@@ -446,7 +455,8 @@ def serve(
 
     lm, device = _load_for_engine(model, backend, dtype)
     name = served_model_name or Path(model).stem
-    api = create_app(Engine(lm, backend=backend, kv_tokens=kv_tokens), name, max_waiting)
+    engine = Engine(lm, backend=backend, kv_tokens=kv_tokens, max_batched_tokens=max_batched_tokens)
+    api = create_app(engine, name, max_waiting)
     console.print(f"serving [bold]{name}[/bold] (backend {backend} on {device}) at http://{host}:{port}/v1")
     uvicorn.run(api, host=host, port=port, log_level="warning")
 

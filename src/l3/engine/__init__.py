@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 CACHE_ENV = "L3_CACHE_DIR"
+BACKEND_NAMES = ("gpu", "cpu", "pim")  # attention.BACKENDS' keys, here for a check that needs no torch
 
 
 def cache_dir() -> Path:

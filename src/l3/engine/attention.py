@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch.nn.attention.bias import causal_lower_right
 
+from l3.engine import BACKEND_NAMES
+
 PIECE_TOKENS = 1024  # keys per partial in the cpu backend: a piece's fp32 copy (a few MB at most) stays in cache
 
 
@@ -359,4 +361,5 @@ class PimAttention(AttentionBackend):
 
 
 BACKENDS: dict[str, type[AttentionBackend]] = {b.name: b for b in (GpuAttention, CpuAttention, PimAttention)}
+assert tuple(BACKENDS) == BACKEND_NAMES
 

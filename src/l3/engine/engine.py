@@ -53,18 +53,21 @@ class Output:
 class Engine:
     def __init__(self, model: LoadedModel, backend: str = "cpu", kv_tokens: int = DEFAULT_KV_TOKENS,
                  block_size: int = 16, kv_dtype: str | None = None, system: SystemSpec | None = None,
-                 threads: int | None = None):  # fmt: skip
+                 threads: int | None = None, max_batched_tokens: int | None = None):  # fmt: skip
         """`backend`: where decode attention runs (attention.BACKENDS); `kv_tokens`: KV capacity; `kv_dtype`:
         storage of the paged KV (default: the model's dtype); `system`: the scheduler and coordination specs
         (default: `l3` for a memory-side backend, `gpu-only` for `gpu`); `threads`: the host threads PyTorch
-        uses (default: as set)."""
+        uses (default: as set); `max_batched_tokens`: tokens per iteration, decodes + prefill chunks (default:
+        the system's; smaller chunks shorten the steps that decoding requests wait on)."""
         if backend not in BACKENDS:
             raise EngineError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
         self.model, self.backend_name = model, backend
         self.runner = DecoderRunner(model.hf, model.family)
         memory_side = backend != "gpu"
         base = system or get_system("l3" if memory_side else "gpu-only")
-        scheduler = base.scheduler.model_copy(update={"block_size": block_size})
+        update = {"block_size": block_size} | ({} if max_batched_tokens is None else
+                                                {"max_batched_tokens": max_batched_tokens})  # fmt: skip
+        scheduler = base.scheduler.model_copy(update=update)
         self.system = base.model_copy(update={"scheduler": scheduler})
         self.table = RequestTable()
         self.queue = WaitingQueue(self.table)

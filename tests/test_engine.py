@@ -283,3 +283,12 @@ def test_fp16_kv_on_the_cpu_backend_agrees_with_the_gpu_backend(tiny_models, mon
     (a, la), (b, lb) = runs
     assert a == b
     assert max(float(np.abs(x - y).max()) for r in la for x, y in zip(la[r], lb[r], strict=True)) < 1e-4
+
+
+def test_a_long_running_engine_keeps_a_bounded_record_of_predictor_errors(tiny_models):
+    engine = Engine(tiny_models["llama"], backend="cpu")
+    engine.scheduler.keep_recent(5)
+    engine.generate(prompts_for(300)[:4], 40)
+    errors = engine.scheduler.pim_err.errors, engine.scheduler.gpu_err.errors
+    assert all(len(e) == 5 for e in errors)  # 40 iterations measured, the last 5 kept
+    assert engine.scheduler.report()["gpu_predictor_error"]["n"] == 5

@@ -32,6 +32,7 @@ from l3.sched.timing import IterationTiming
 from l3.specs.system import SystemSpec, get_system
 
 DEFAULT_KV_TOKENS = 16_384  # KV capacity when none is given (tokens; SmolLM2 in fp32: 0.75 GB)
+RECENT_ITERATIONS = 100_000  # per-iteration records (predictor errors) an engine keeps: a server runs for days
 
 
 @dataclass
@@ -73,6 +74,7 @@ class Engine:
         self.queue = WaitingQueue(self.table)
         topology = Topology(kv_tiers=(kv_tokens,), slots=1 if memory_side else None)
         self.scheduler = build_scheduler(self.system, model.spec, topology, self.table, self.queue)
+        self.scheduler.keep_recent(RECENT_ITERATIONS)
         self.blocks = BlockTables(self.scheduler.kv)
         r = self.runner
         dtype = getattr(torch, kv_dtype) if kv_dtype else next(model.hf.parameters()).dtype

@@ -10,6 +10,8 @@ Each keeps a sliding window of recent observations and refits as it grows.
 
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 from sklearn.ensemble import RandomForestRegressor
 
@@ -122,10 +124,14 @@ class ForestPredictor(_Windowed):
 
 
 class ErrorLog:
-    """Relative errors |predicted - measured| / measured of one predictor."""
+    """Relative errors |predicted - measured| / measured of one predictor: all of them, or the last `window`
+    (a long-running server keeps a bounded record)."""
 
-    def __init__(self):
-        self.errors: list[float] = []
+    def __init__(self, window: int | None = None):
+        self.errors: deque[float] = deque(maxlen=window)  # all of them where window is None
+
+    def keep_last(self, window: int) -> None:
+        self.errors = deque(self.errors, maxlen=window)
 
     def add(self, predicted: float, measured: float) -> None:
         if np.isfinite(predicted) and measured > 0:

@@ -223,6 +223,10 @@ class ContinuousBatchingScheduler:
         """Policy-specific figures for the run summary."""
         return {}
 
+    def keep_recent(self, window: int) -> None:
+        """Keep only the last `window` entries of what is logged per iteration (a long-running executor, e.g. a
+        server; this policy logs nothing)."""
+
     def commit(self, plan: Plan, end_s: float) -> np.ndarray:
         """Apply a finished plan (all its steps); returns the ids of requests that completed."""
         t = self.table

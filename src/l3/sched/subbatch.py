@@ -431,6 +431,10 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
                     last = self.pim_features(dec, sb.prefill_ids, sb.prefill_chunks, plan.steps - 1)
                     self.pim_pred.add(last, timing.sub_mem_s[-1, x])
 
+    def keep_recent(self, window: int) -> None:
+        self.pim_err.keep_last(window)
+        self.gpu_err.keep_last(window)
+
     def report(self) -> dict:
         return {"policy": self.coord.policy, "pim_predictor_error": self.pim_err.summary(),
                 "gpu_predictor_error": self.gpu_err.summary(), "prefill_chunks_shortened": self.chunked,

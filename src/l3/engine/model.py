@@ -1,7 +1,8 @@
 """The dense half of a decoder, run layer by layer on a flat batch of tokens with attention delegated.
 
-The weights are the loaded transformers module's own (its Linear, norm, MLP and rotary modules are called as
-they are), so the dense arithmetic is the reference's; only attention and the KV cache are the engine's.
+The weights are the loaded transformers module's own (its norm, activation and rotary modules are called as
+they are, its Linear layers through `linear`), so the dense arithmetic is the reference's up to the order of
+summation; attention and the KV cache are the engine's.
 Llama, Mistral and Qwen2 share one layout (pre-norm, rotary, gated MLP; Qwen2 with Q/K/V biases); OPT has
 learned positions (offset 2), LayerNorm, a plain MLP and Q pre-scaled by 1/sqrt(head_dim)."""
 
@@ -13,6 +14,19 @@ import torch
 
 # attention(layer, q (T, H, E), k (T, KVH, E), v (T, KVH, E)) -> (T, H, E): the engine's backend stores k, v
 Attention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+# Rows (tokens) up to which a CPU projection runs as (W x^T)^T: PyTorch's CPU GEMM for x W^T with 2-64 rows reads
+# SmolLM2's weights at 2-5 GB/s on the 2-core machine of docs/benchmarks.md, the transposed form at 1.5-2x that
+# (the same products, summed in another order); one row (GEMV) and long prefill chunks are fast as they are.
+FEW_ROWS = 64
+
+
+def linear(mod: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`mod(x)` for a 2-D x, through the faster form on the CPU when x has few rows."""
+    if x.device.type != "cpu" or not 1 < x.shape[0] <= FEW_ROWS:
+        return mod(x)
+    y = (mod.weight @ x.t()).t()
+    return y if mod.bias is None else y + mod.bias
 
 
 class DecoderRunner:
@@ -55,9 +69,9 @@ class DecoderRunner:
 
     def _qkv(self, attn, h, rope):
         t = h.shape[0]
-        q = attn.q_proj(h).view(t, self.n_heads, self.head_dim)
-        k = attn.k_proj(h).view(t, self.n_kv_heads, self.head_dim)
-        v = attn.v_proj(h).view(t, self.n_kv_heads, self.head_dim)
+        q = linear(attn.q_proj, h).view(t, self.n_heads, self.head_dim)
+        k = linear(attn.k_proj, h).view(t, self.n_kv_heads, self.head_dim)
+        v = linear(attn.v_proj, h).view(t, self.n_kv_heads, self.head_dim)
         if self.opt:
             return q * attn.scaling, k, v
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -71,16 +85,17 @@ class DecoderRunner:
             attn = layer.self_attn
             h = layer.self_attn_layer_norm(x) if layer.do_layer_norm_before else x
             q, k, v = self._qkv(attn, h, rope)
-            x = x + attn.out_proj(attention(i, q, k, v).reshape(x.shape[0], -1))
+            x = x + linear(attn.out_proj, attention(i, q, k, v).reshape(x.shape[0], -1))
             if not layer.do_layer_norm_before:
                 x = layer.self_attn_layer_norm(x)
             h = layer.final_layer_norm(x) if layer.do_layer_norm_before else x
-            x = x + layer.fc2(layer.activation_fn(layer.fc1(h)))
+            x = x + linear(layer.fc2, layer.activation_fn(linear(layer.fc1, h)))
             return x if layer.do_layer_norm_before else layer.final_layer_norm(x)
         attn = layer.self_attn
         q, k, v = self._qkv(attn, layer.input_layernorm(x), rope)
-        x = x + attn.o_proj(attention(i, q, k, v).reshape(x.shape[0], -1))
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+        x = x + linear(attn.o_proj, attention(i, q, k, v).reshape(x.shape[0], -1))
+        mlp, h = layer.mlp, layer.post_attention_layernorm(x)  # the gated MLP of Llama, Mistral and Qwen2
+        return x + linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, h)) * linear(mlp.up_proj, h))
 
     def _head(self, x):
         d = self.decoder
@@ -91,4 +106,4 @@ class DecoderRunner:
                 x = d.project_out(x)
         else:
             x = d.norm(x)
-        return self.hf.lm_head(x)
+        return linear(self.hf.lm_head, x)

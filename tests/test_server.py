@@ -263,6 +263,30 @@ def test_more_waiting_requests_than_the_bound_get_429(model):
         assert r.status_code == 200  # served again once the queue drained
 
 
+def test_an_engine_failure_fails_its_requests_and_the_server_keeps_serving(model):
+    engine = Engine(model, backend="cpu", kv_tokens=KV_TOKENS)
+    real, fail = engine.step, [True]
+
+    def step():
+        if fail[0]:
+            fail[0] = False
+            raise RuntimeError("injected")
+        return real()
+
+    engine.step = step
+    body = {"model": NAME, "prompt": "hi", "max_tokens": 4}
+    with serving(create_app(engine, NAME)) as url:
+        r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 500 and r.json()["error"]["code"] == "engine_error"
+        fail[0] = True
+        with httpx.stream("POST", url + "/v1/completions", json=body | {"stream": True}, timeout=60) as r:
+            events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert r.status_code == 200 and '"engine_error"' in events[-1]  # the stream's last event is the error
+        assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 200
+        assert metric(url, "l3_requests_finished_total", '{reason="error"}') == 2
+        assert metric(url, "l3_kv_blocks_used", '{tier="0"}') == 0
+
+
 def test_the_load_test_replays_a_workload_and_reports_percentiles(server):
     url, _ = server
     res = run_loadtest(url, "fixed:40:8", concurrency=4, n_requests=8, max_seconds=120)

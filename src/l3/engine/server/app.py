@@ -161,8 +161,12 @@ def create_app(engine: Engine, model_name: str, max_waiting: int = DEFAULT_MAX_W
         if body.stream:
 
             async def events() -> AsyncIterator[str]:
-                async for piece, reason in gen.pieces():
-                    yield f"data: {json.dumps(chunk(piece, reason))}\n\n"
+                try:
+                    async for piece, reason in gen.pieces():
+                        yield f"data: {json.dumps(chunk(piece, reason))}\n\n"
+                except APIError as exc:  # the status was sent already: the error is the stream's last event
+                    yield f"data: {json.dumps(exc.body())}\n\n"
+                    return
                 if body.stream_options and body.stream_options.include_usage:
                     yield f"data: {json.dumps(chunk(None, None) | {'choices': [], 'usage': usage()})}\n\n"
                 yield "data: [DONE]\n\n"

@@ -25,7 +25,7 @@ from l3.engine.loader import load_model  # noqa: E402
 from l3.engine.sampling import Sampler, SamplingParams  # noqa: E402
 from l3.engine.server.app import create_app, serving  # noqa: E402
 from l3.engine.server.loadtest import check_url, run_loadtest  # noqa: E402
-from l3.engine.server.text import TextStream  # noqa: E402
+from l3.engine.text import TextStream  # noqa: E402
 from l3.errors import EngineError  # noqa: E402
 
 NAME = "tiny"

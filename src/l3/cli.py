@@ -343,11 +343,17 @@ def generate(
     kv_tokens: Annotated[int, typer.Option(min=16, help="KV cache capacity, tokens")] = 16384,
     dtype: Annotated[str, typer.Option(help="weights and activations: float32, float16 or bfloat16")] = "float32",
     raw: Annotated[bool, typer.Option("--raw", help="feed the prompt as is, without the chat template")] = False,
+    temperature: Annotated[float, typer.Option(min=0, help="0 is greedy; above, sampled")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0, max=1, help="nucleus: the most likely tokens up to this mass")]
+    = 1.0,
+    seed: Annotated[int | None, typer.Option(help="fixes the sampled tokens")] = None,
 ) -> None:
-    """Generate with the real engine (greedy), streaming tokens to the terminal."""
+    """Generate with the real engine (greedy unless --temperature), streaming text to the terminal."""
     _check_backend(backend)
     _engine_imports()
     from l3.engine.engine import Engine
+    from l3.engine.sampling import SamplingParams
+    from l3.engine.text import TextStream
     from l3.errors import EngineError
 
     lm, device = _load_for_engine(model, backend, dtype)
@@ -361,19 +367,16 @@ def generate(
         ids = tok(prompt)["input_ids"]
     engine = Engine(lm, backend=backend, kv_tokens=kv_tokens)
     stop = [t for t in (tok.eos_token_id,) if t is not None]
-    engine.add_request(ids, max_tokens, stop_ids=stop)
-    out: list[int] = []
-    shown = ""
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
+    engine.add_request(ids, max_tokens, stop_ids=stop, sampling=sampling)
+    text = TextStream(tok)
     for _, token in engine.stream():
-        out.append(token)
-        text = tok.decode([t for t in out if t not in stop], skip_special_tokens=True)
-        sys.stdout.write(text[len(shown) :])
+        sys.stdout.write(text.push(token))
         sys.stdout.flush()
-        shown = text
-    sys.stdout.write("\n")
+    sys.stdout.write(text.flush() + "\n")
     policy = engine.scheduler.report().get("policy", "one batch")
-    Console(stderr=True).print(f"[dim]{len(out)} tokens, {engine.iterations} iterations, backend {backend} on "
-                               f"{device}, {len(ids)} prompt tokens; scheduler: {policy}[/dim]")  # fmt: skip
+    Console(stderr=True).print(f"[dim]{len(text.tokens)} tokens, {engine.iterations} iterations, backend {backend} "
+                               f"on {device}, {len(ids)} prompt tokens; scheduler: {policy}[/dim]")  # fmt: skip
 
 
 @app.command("bench-engine")

@@ -27,7 +27,7 @@ from l3.engine.sampling import SamplingParams
 from l3.engine.server.metrics import ServerMetrics
 from l3.engine.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, Sampling
 from l3.engine.server.runner import EngineThread, Overloaded
-from l3.engine.server.text import TextStream
+from l3.engine.text import TextStream
 from l3.errors import EngineError
 
 DEFAULT_MAX_WAITING = 256  # requests waiting for admission before new ones get 429

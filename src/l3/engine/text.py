@@ -1,4 +1,5 @@
-"""A request's text as its tokens arrive: what is safe to send so far, and where a stop string cuts it.
+"""A request's text as its tokens arrive (`l3 generate`, `l3 serve`): what is safe to send so far, and where a
+stop string cuts it.
 
 Text is decoded from all the request's tokens each time (byte-level BPE merges can change the last characters),
 and held back while it ends in an incomplete UTF-8 sequence (U+FFFD) or could still be the start of a stop

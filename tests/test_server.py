@@ -336,12 +336,13 @@ def test_the_sampler_keeps_to_the_nucleus_and_its_seed():
     sampler = Sampler()
     p = SamplingParams(temperature=1.0, top_p=0.8, seed=1)
     sampler.add(0, p)
-    draws = np.array([sampler(logits, [0], [p])[0] for _ in range(4000)])
+    draws = np.array([sampler(logits, [0])[0] for _ in range(4000)])
     nucleus = 2  # p0 + p1 = 0.83 >= 0.8, reached with the two most likely tokens
     assert set(draws.tolist()) == {0, 1}
     want = probs[:nucleus] / probs[:nucleus].sum()
     assert np.allclose(np.bincount(draws, minlength=nucleus) / len(draws), want, atol=0.03)
     again = Sampler()
     again.add(5, p)
-    assert [again(logits, [5], [p])[0] for _ in range(50)] == draws[:50].tolist()  # the seed alone fixes them
-    assert sampler(logits, [9], [SamplingParams()]) == [0]  # greedy
+    assert [again(logits, [5])[0] for _ in range(50)] == draws[:50].tolist()  # the seed alone fixes them
+    sampler.add(9, SamplingParams())
+    assert sampler(logits, [9]) == [0]  # greedy

@@ -493,7 +493,9 @@ def loadtest(
                     "(measured by the client)", show_header=False)  # fmt: skip
     t.add_column("metric", style="bold")
     t.add_column("value", justify="right")
-    ms = lambda d: f"{_fmt(d['p50'] and d['p50'] * 1e3, ' ms')} / {_fmt(d['p99'] and d['p99'] * 1e3, ' ms')}"  # noqa: E731
+    def ms(d: dict) -> str:
+        return " / ".join("-" if d[k] is None else f"{d[k] * 1e3:.3g} ms" for k in ("p50", "p99"))
+
     for k, v in (
         ("requests completed / failed / unfinished", f"{res['completed']} / {res['failed']} / {res['unfinished']}"),
         ("scaled to the server's context", f"{res['scaled_to_context']} (context {res['context']} tokens)"),

@@ -204,6 +204,23 @@ class PagedBackend(AttentionBackend):
         """K, V at padded slots idx (B, L): (B, KVH, L, E)."""
         return self.k[layer][:, idx].transpose(0, 1), self.v[layer][:, idx].transpose(0, 1)
 
+    def _chunk_reads(self, segments: list[Segment]) -> list[tuple[Segment, torch.Tensor, object]]:
+        """(segment, the key slots it attends, `chunk_mask`) of each prefill chunk: the request's keys from the
+        start of its window (or position 0) to the chunk's end."""
+        dev, out = self.k.device, []
+        for s in segments:
+            if s.n > 1:
+                lo = 0 if self.window is None else max(0, s.ctx0 - self.window + 1)
+                reads = torch.from_numpy(_slots(s.blocks, lo, s.end, self.block_size)).to(dev)
+                out.append((s, reads, chunk_mask(s.ctx0, s.n, lo, s.end - lo, self.window, dev)))
+        return out
+
+    def _chunks_attend(self, layer: int, q: torch.Tensor, out: torch.Tensor) -> None:
+        """Each prefill chunk's rows of `out` from its queries in `q` (fused attention over its gathered keys)."""
+        for s, reads, mask in self._chunks:
+            out[s.start : s.start + s.n] = chunk_attention(q[s.start : s.start + s.n], self.k[layer][:, reads],
+                                                           self.v[layer][:, reads], mask, self.scale)  # fmt: skip
+
 
 class GpuAttention(PagedBackend):
     """Everything on the dense device: decodes attended together over their keys gathered into one padded batch,
@@ -219,8 +236,7 @@ class GpuAttention(PagedBackend):
         if decodes:
             idx, valid = padded_reads(decodes, self.block_size, self.window)
             self._decode_idx, self._decode_valid = torch.from_numpy(idx).to(dev), torch.from_numpy(valid).to(dev)
-        self._chunks = [(s, torch.from_numpy(_slots(s.blocks, 0, s.end, self.block_size)).to(dev),
-                         chunk_mask(s.ctx0, s.n, 0, s.end, self.window, dev)) for s in segments if s.n > 1]  # fmt: skip
+        self._chunks = self._chunk_reads(segments)
 
     def __call__(self, layer, q, k, v):
         self._store(layer, k, v)
@@ -228,20 +244,19 @@ class GpuAttention(PagedBackend):
         if len(self._decode_rows):
             kg, vg = self._gather(layer, self._decode_idx)
             out[self._decode_rows] = batched_decode(q[self._decode_rows], kg, vg, self._decode_valid, self.scale)
-        for s, reads, mask in self._chunks:
-            out[s.start : s.start + s.n] = chunk_attention(q[s.start : s.start + s.n], self.k[layer][:, reads],
-                                                           self.v[layer][:, reads], mask, self.scale)  # fmt: skip
+        self._chunks_attend(layer, q, out)
         return out.to(q.dtype)
 
 
 class CpuAttention(PagedBackend):
     """KV in host memory, attention by the host's threads (PyTorch's intra-op pool, `torch.set_num_threads`) with
     fp32 accumulation. Decodes whose keys fit one piece are attended together over one padded gather (few bytes,
-    one set of operations per layer); longer contexts and prefill chunks are cut into pieces of contiguous keys
-    read in place, each widened to fp32 in a reused buffer and reduced to a partial, the partials merged exactly.
-    Long decodes over fp16 KV go to the fused C kernel (`host_kernel`) where it builds: one pass per contiguous
-    run, KV heads split over the host threads. (A pool of Python threads over PyTorch pieces was measured slower
-    on 2 cores: the operations already use every core and the pool adds its hand-offs.)"""
+    one set of operations per layer); longer decodes are cut into pieces of contiguous keys read in place, each
+    widened to fp32 in a reused buffer and reduced to a partial, the partials merged exactly; over fp16 KV they go
+    to the fused C kernel (`host_kernel`) where it builds instead: one pass per contiguous run, KV heads split over
+    the host threads. Prefill chunks (compute-bound) attend with PyTorch's fused attention over gathered keys.
+    (A pool of Python threads over PyTorch pieces was measured slower on 2 cores: the operations already use
+    every core and the pool adds its hand-offs.)"""
 
     name = "cpu"
     storage = "host"
@@ -263,12 +278,7 @@ class CpuAttention(PagedBackend):
         self._long = [s for s in segments if s.n == 1 and s.end > PIECE_TOKENS]
         whole = self.n_blocks * self.block_size  # the kernel takes a whole contiguous run in one pass
         self._pieces = [self._pieces_of(s, whole if self.kernel else PIECE_TOKENS) for s in self._long]
-        self._chunks = []  # prefill chunks: compute-bound, so their keys are gathered for the fused kernel
-        for s in segments:
-            if s.n > 1:
-                lo = 0 if self.window is None else max(0, s.ctx0 - self.window + 1)
-                reads = torch.from_numpy(_slots(s.blocks, lo, s.end, self.block_size))
-                self._chunks.append((s, reads, chunk_mask(s.ctx0, s.n, lo, s.end - lo, self.window)))
+        self._chunks = self._chunk_reads(segments)  # compute-bound: their keys are gathered for the fused kernel
 
     def _pieces_of(self, s: Segment, limit: int) -> list[tuple[int, int, torch.Tensor | None]]:
         """(first slot, last slot + 1, mask or None where every key is visible) of each piece of at most `limit`
@@ -300,9 +310,7 @@ class CpuAttention(PagedBackend):
             else:
                 parts = [partial_attention(qs, kl[:, a:b], vl[:, a:b], ok, self.scale) for a, b, ok in pieces]
             out[s.start : s.start + s.n] = merge(parts)
-        for s, reads, mask in self._chunks:
-            out[s.start : s.start + s.n] = chunk_attention(qh[s.start : s.start + s.n], kl[:, reads], vl[:, reads],
-                                                           mask, self.scale)  # fmt: skip
+        self._chunks_attend(layer, qh, out)
         return out.to(q.device, q.dtype)
 
 

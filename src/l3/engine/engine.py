@@ -86,7 +86,6 @@ class Engine:
                                            **extra)  # fmt: skip
         self.outputs: dict[int, Output] = {}
         self.stop_ids: dict[int, set[int]] = {}
-        self.sampling: dict[int, SamplingParams] = {}
         self.sampler = Sampler()
         self.t0 = time.perf_counter()
         self.iterations = 0
@@ -118,7 +117,6 @@ class Engine:
                               f"{self.table.reject_reason[rid]}")  # fmt: skip
         self.outputs[rid] = Output(rid, list(prompt))
         self.stop_ids[rid] = set(stop_ids)
-        self.sampling[rid] = sampling
         self.sampler.add(rid, sampling)
         return rid
 
@@ -136,7 +134,6 @@ class Engine:
         if not self.outputs[rid].finished:
             raise EngineError(f"request {rid} has not finished; abort it first")
         self.stop_ids.pop(rid)
-        self.sampling.pop(rid)
         return self.outputs.pop(rid)
 
     def _finish(self, rid: int, reason: str) -> None:
@@ -240,7 +237,7 @@ class Engine:
             for (rid, _), row in zip(sampled, logits.cpu().numpy(), strict=True):
                 self.logits.setdefault(rid, []).append(row)
         rids = [rid for rid, _ in sampled]
-        nxt = self.sampler(logits, rids, [self.sampling[r] for r in rids])
+        nxt = self.sampler(logits, rids)
         return list(zip(rids, nxt, strict=True))
 
     # --- conveniences -------------------------------------------------------------------------------

@@ -39,23 +39,23 @@ class Sampler:
 
     def __init__(self, seed: int = 0):
         self._seeds = torch.Generator().manual_seed(seed)  # draws a stream's seed when a request gives none
-        self._streams: dict[int, torch.Generator] = {}
+        self._sampled: dict[int, tuple[SamplingParams, torch.Generator]] = {}  # requests not greedy
 
     def add(self, rid: int, params: SamplingParams) -> None:
         if params.greedy:
             return
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
-        self._streams[rid] = torch.Generator().manual_seed(seed)
+        self._sampled[rid] = params, torch.Generator().manual_seed(seed)
 
     def drop(self, rid: int) -> None:
-        self._streams.pop(rid, None)
+        self._sampled.pop(rid, None)
 
-    def __call__(self, logits: torch.Tensor, rids: list[int], params: list[SamplingParams]) -> list[int]:
-        """`logits`: [rows, vocab]; one token id per row."""
+    def __call__(self, logits: torch.Tensor, rids: list[int]) -> list[int]:
+        """`logits`: [rows, vocab], row i request rids[i]'s; one token id per row."""
         tokens = logits.argmax(dim=-1).tolist()
-        for i, (rid, p) in enumerate(zip(rids, params, strict=True)):
-            if not p.greedy:
-                tokens[i] = self._draw(logits[i].float().cpu(), p, self._streams[rid])
+        for i, rid in enumerate(rids):
+            if rid in self._sampled:
+                tokens[i] = self._draw(logits[i].float().cpu(), *self._sampled[rid])
         return tokens
 
     @staticmethod

@@ -36,10 +36,15 @@ Seconds = Annotated[float, Field(ge=0)]
 
 
 class MemoryKernel(SpecModel):
-    """A class of memory-bound kernels: time = max(latency_s, HBM bytes / (bw_fraction x peak HBM bandwidth))."""
+    """A class of memory-bound kernels: time = max(latency_s, bytes / (fraction x peak HBM bandwidth)), the fraction
+    being `l2_bw_fraction` while the kernel's bytes fit in the GPU's L2 cache (its input, just written by the
+    kernel before, is still there) and the class gains from it, else `bw_fraction`."""
 
     latency_s: Seconds  # seconds the kernel takes however little it moves (its one-token time)
     bw_fraction: Fraction  # achieved fraction of the GPU's peak HBM bandwidth once bandwidth-bound
+    # achieved rate, as a fraction of peak HBM bandwidth (above 1 where L2 outruns HBM), while the bytes fit in L2;
+    # None for a class that runs no faster there
+    l2_bw_fraction: Annotated[float, Field(gt=0)] | None = None
 
 
 class GpuModelParams(SpecModel):
@@ -58,11 +63,11 @@ class GpuModelParams(SpecModel):
     gemm_overhead_s: Seconds = 5.2e-6  # per GEMM kernel: launch and tail; derived: fit_gemm_latencies
     kernel_overhead_s: Seconds = 1.5e-6  # fixed latency of the kernels the profiles lack: attention, merge (assumption)
     # memory-bound kernel classes; derived: derive_memory_kernels
-    norm: MemoryKernel = MemoryKernel(latency_s=6e-6, bw_fraction=0.332)
+    norm: MemoryKernel = MemoryKernel(latency_s=6e-6, bw_fraction=0.332, l2_bw_fraction=0.387)
     rope: MemoryKernel = MemoryKernel(latency_s=3e-6, bw_fraction=0.463)
-    act: MemoryKernel = MemoryKernel(latency_s=3e-6, bw_fraction=0.566)
-    add: MemoryKernel = MemoryKernel(latency_s=1e-6, bw_fraction=0.985)
-    emb: MemoryKernel = MemoryKernel(latency_s=2e-6, bw_fraction=0.177)
+    act: MemoryKernel = MemoryKernel(latency_s=3e-6, bw_fraction=0.572)
+    add: MemoryKernel = MemoryKernel(latency_s=1e-6, bw_fraction=0.984, l2_bw_fraction=1.04)
+    emb: MemoryKernel = MemoryKernel(latency_s=2e-6, bw_fraction=0.178)
     allreduce_floor_s: Seconds = 38e-6  # least time of one all-reduce; derived: derive_allreduce
     allreduce_bw_fraction: Fraction = 0.72  # achieved share of NVLink bandwidth in the ring; derived: derive_allreduce
 
@@ -124,10 +129,14 @@ class GpuCostModel:
 
     def memory_kernel(self, kind: str, nbytes) -> np.ndarray:
         """Time of one memory-bound kernel of class `kind` (norm, rope, act, add, emb) moving `nbytes` bytes of HBM
-        traffic, seconds: its latency, or its traffic at the class's achieved bandwidth, whichever is longer."""
+        traffic, seconds: its latency, or its traffic at the class's achieved bandwidth (the in-L2 one while the bytes
+        fit in the L2 cache), whichever is longer."""
         c: MemoryKernel = getattr(self.p, kind)
         nbytes = np.asarray(nbytes, dtype=float)
-        return np.where(nbytes > 0, np.maximum(c.latency_s, nbytes / (c.bw_fraction * self.gpu.hbm_bw)), 0.0)
+        fraction = c.bw_fraction
+        if c.l2_bw_fraction is not None:
+            fraction = np.where(nbytes <= self.gpu.l2_bytes, c.l2_bw_fraction, c.bw_fraction)
+        return np.where(nbytes > 0, np.maximum(c.latency_s, nbytes / (fraction * self.gpu.hbm_bw)), 0.0)
 
     def allreduce(self, nbytes) -> np.ndarray:
         """Ring all-reduce of `nbytes` bytes per GPU over the TP group of t GPUs, seconds: 2(t-1) steps, each a

@@ -28,6 +28,7 @@ REL = Path("gpu_profiles/vidur/compute/h100")
 ALLREDUCE_REL = Path("network/h100_dgx/all_reduce.csv")  # beside compute/ under gpu_profiles/vidur
 GPU, LINK = "h100-sxm", "nvlink4"
 BANDWIDTH_TOKENS = 2048  # memory-bound kernels at >= this many tokens give their achieved bandwidth
+L2_TOKENS = 256  # ... and those fitting in L2 at >= this many tokens (fewer are latency-bound) their in-L2 rate
 SMALL_MESSAGE_BYTES = 2**20  # all-reduces up to this size give the per-collective floor
 LARGE_MESSAGE_BYTES = 16 * 2**20  # all-reduces from this size give the ring's achieved bandwidth
 
@@ -104,17 +105,20 @@ def error_table(points: pd.DataFrame, by=("model", "operator")) -> pd.DataFrame:
 
 def derive_memory_kernels(profiles: Path) -> dict[str, MemoryKernel]:
     """Each memory-bound kernel class's parameters from the profiles' points of its operators (all models and TP
-    degrees): latency_s is the median time at 1 token; bw_fraction is the median, over points of at least
-    BANDWIDTH_TOKENS tokens, of the kernel's HBM bytes / (time x peak HBM bandwidth)."""
+    degrees), with rate = the kernel's bytes / (time x peak HBM bandwidth): latency_s is the median time at 1
+    token; bw_fraction the median rate of the points of at least BANDWIDTH_TOKENS tokens whose bytes exceed the
+    L2 cache; l2_bw_fraction the median rate of those of at least L2_TOKENS tokens whose bytes fit in it, kept
+    only where it is the higher of the two (elsewhere the smaller sizes are slower for reasons other than L2)."""
     pts = profile_points(profiles, ops=tuple(MEMORY_OPS))
     pts["kind"] = pts["operator"].map(MEMORY_OPS)
-    out = {}
+    gpu, out = get_gpu(GPU), {}
     for kind, g in pts.groupby("kind"):
-        big = g[g["tokens"] >= BANDWIDTH_TOKENS]
-        out[kind] = MemoryKernel(
-            latency_s=round(float(g.loc[g["tokens"] == 1, "measured_s"].median()), 7),
-            bw_fraction=round(float((big["bytes"] / big["measured_s"]).median() / get_gpu(GPU).hbm_bw), 3),
-        )
+        rate = g["bytes"] / g["measured_s"] / gpu.hbm_bw
+        fits = g["bytes"] <= gpu.l2_bytes
+        hbm = round(float(rate[(g["tokens"] >= BANDWIDTH_TOKENS) & ~fits].median()), 3)
+        l2 = round(float(rate[(g["tokens"] >= L2_TOKENS) & fits].median()), 3)
+        out[kind] = MemoryKernel(latency_s=round(float(g.loc[g["tokens"] == 1, "measured_s"].median()), 7),
+                                 bw_fraction=hbm, l2_bw_fraction=l2 if l2 > hbm else None)
     return out
 
 

@@ -15,11 +15,12 @@ class GpuSpec(SpecModel):
     hbm_bw: float  # bytes/s
     hbm_bytes: int
     sm_count: int
+    l2_bytes: int  # last-level (L2) cache
     source: str = ""
 
     @model_validator(mode="after")
     def _check(self) -> GpuSpec:
-        require_positive(self, ("peak_flops", "hbm_bw", "hbm_bytes", "sm_count"))
+        require_positive(self, ("peak_flops", "hbm_bw", "hbm_bytes", "sm_count", "l2_bytes"))
         return self
 
 
@@ -89,11 +90,17 @@ GPU_PRESETS: dict[str, GpuSpec] = {
     g.name: g
     for g in [
         GpuSpec(name="a100-80gb", peak_flops=312e12, hbm_bw=2.039e12, hbm_bytes=80 * 2**30, sm_count=108,
-                source="NVIDIA A100 datasheet (SXM4 80GB): 312 TFLOP/s FP16 dense, 2,039 GB/s HBM2e"),
+                l2_bytes=40 * 2**20,
+                source="NVIDIA A100 datasheet (SXM4 80GB): 312 TFLOP/s FP16 dense, 2,039 GB/s HBM2e; "
+                       "A100 architecture whitepaper: 40 MB L2"),
         GpuSpec(name="h100-sxm", peak_flops=989.4e12, hbm_bw=3.35e12, hbm_bytes=80 * 2**30, sm_count=132,
-                source="NVIDIA H100 datasheet (SXM5): 989.4 TFLOP/s FP16 dense, 3.35 TB/s HBM3"),
+                l2_bytes=50 * 2**20,
+                source="NVIDIA H100 datasheet (SXM5): 989.4 TFLOP/s FP16 dense, 3.35 TB/s HBM3; "
+                       "H100 architecture whitepaper: 50 MB L2"),
         GpuSpec(name="h200", peak_flops=989.4e12, hbm_bw=4.8e12, hbm_bytes=141 * 10**9, sm_count=132,
-                source="NVIDIA H200 datasheet (SXM): 989.4 TFLOP/s FP16 dense, 4.8 TB/s, 141 GB HBM3e"),
+                l2_bytes=50 * 2**20,
+                source="NVIDIA H200 datasheet (SXM): 989.4 TFLOP/s FP16 dense, 4.8 TB/s, 141 GB HBM3e; the H100's "
+                       "GH100 die, 50 MB L2"),
     ]
 }  # fmt: skip
 

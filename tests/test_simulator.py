@@ -63,6 +63,8 @@ def test_every_request_ends_completed_or_rejected(wl, dp, max_batch):
         rows = s[s[:, 0] == r]
         assert np.all(np.diff(rows[:, 1]) >= 0) and np.all(rows[1:, 1] >= rows[:-1, 2] - 1e-9)
     assert res.simulated_time_s >= s[:, 2].max(initial=0) - 1e-9
+    if max_batch:  # never more requests in a batch than allowed, even when several are admitted at once
+        assert s[:, 4].max(initial=0) <= max_batch
 
 
 @settings(max_examples=25, deadline=None)

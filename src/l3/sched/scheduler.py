@@ -90,17 +90,19 @@ class ContinuousBatchingScheduler:
         """Largest prompt + output a request may have and still fit this replica alone."""
         return int((self.kv.tier_capacity - self._watermark_blocks).max()) * self.kv.block_size
 
-    def _batch_full(self) -> bool:
-        return 0 < self.spec.max_batch_size <= len(self.running)
+    def _batch_full(self, admitting: int = 0) -> bool:
+        """The batch holds `max_batch_size` requests, counting `admitting` ones not yet running."""
+        return 0 < self.spec.max_batch_size <= len(self.running) + admitting
 
     def _fits(self, rid: int, tier: int) -> bool:
         need = int(self.kv.blocks(self.table.prefill_target[rid]))
         return need + int(self._watermark_blocks[tier]) <= self.kv.free_in(tier)
 
-    def _head_tier(self) -> int | None:
-        """The tier the head of the queue would be admitted to now, or None if it cannot be admitted."""
+    def _head_tier(self, admitting: int = 0) -> int | None:
+        """The tier the head of the queue would be admitted to now (with `admitting` requests admitted before it
+        in this round), or None if it cannot be admitted."""
         rid = self.queue.peek()
-        if rid is None or self._batch_full():
+        if rid is None or self._batch_full(admitting):
             return None
         return self.choose_tier(rid)
 
@@ -112,7 +114,7 @@ class ContinuousBatchingScheduler:
         pending = int((t.prefill_target[self.running] - t.prefilled[self.running]).sum())
         budget = self.admission_budget()
         admitted = []
-        while pending < budget and (tier := self._head_tier()) is not None:
+        while pending < budget and (tier := self._head_tier(len(admitted))) is not None:
             rid = self.queue.pop()
             blocks = int(self.kv.blocks(t.prefill_target[rid]))
             self.kv.allocate(blocks, tier)

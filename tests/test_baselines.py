@@ -128,7 +128,7 @@ def test_mechanism_cpu_is_bandwidth_bound_for_mha_and_compute_bound_with_few_cor
     refresh = 560 / 12480  # DDR4-3200 tRFC / tREFI
     assert mech_work(s, ctx)[0] == pytest.approx(bytes_ / (409.6e9 / dp * (1 - refresh)))
     few = dict(name="tiny", sockets=1, cores_per_socket=4, clock_ghz=2.0, fp32_flops_per_cycle=32,
-               fp16_to_fp32_per_cycle=8, memory="ddr4-3200", channels=16, memory_bytes=2**40)  # fmt: skip
+               fp16_to_fp32_per_cycle=8, memory="ddr4-3200", channels=16, memory_bytes=2**40, tdp_w=100)  # fmt: skip
     weak = system("cpu-offload-mech", attention={"cpu": few})
     elements = ctx.sum() * m.kv_bytes_per_token_layer / 2
     cycles = elements * (1 / 8 + 2 * 1 / 32)  # widen + one FMA (2 FLOP) per element for MHA

@@ -183,7 +183,7 @@ def test_run_length_equals_expanded(stream, serial, staggered):
     eng = RankEngine(DRAM, spec)
     a = eng.run(stream, serial=serial)
     b = eng.run(expand(stream), serial=serial)
-    assert (a.cycles, a.breakdown, a.refreshes) == (b.cycles, b.breakdown, b.refreshes)
+    assert (a.cycles, a.breakdown, a.refreshes, a.counts) == (b.cycles, b.breakdown, b.refreshes, b.counts)
     assert sum(a.breakdown.values()) == a.cycles
 
 

@@ -202,7 +202,7 @@ def compare_cmd(
                     " - simulated")  # fmt: skip
     common = "common_requests" in r0
     cols = ["system", "attention", "TPxDP", "tok/s total", "steady", "speedup", "bound (reached)", "batch",
-            "TBT p50/p99 s", "rej.", "KV GiB", "attn TB/s"]  # fmt: skip
+            "TBT p50/p99 s", "rej.", "KV GiB", "attn TB/s", "J/token", "tokens/J"]  # fmt: skip
     if common:
         cols[6:6] = [f"common steady ({r0['common_requests']} req.)", "common speedup"]
     for col in cols:
@@ -213,7 +213,8 @@ def compare_cmd(
                _fmt(r["steady_throughput_tok_s"], "", 4), oom or _ratio(r["speedup"]),
                f"{_fmt(r['bound_tok_s'], '', 4)} ({_pct(r['bound_fraction'])})", f"{r['mean_batch_size']:.1f}",
                f"{_fmt(r['tbt_p50_s'])}/{_fmt(r['tbt_p99_s'])}", str(r["requests_rejected"]),
-               f"{r['kv_capacity_bytes'] / 2**30:,.0f}", f"{r['attention_peak_bw_bytes_per_s'] / 1e12:.1f}"]
+               f"{r['kv_capacity_bytes'] / 2**30:,.0f}", f"{r['attention_peak_bw_bytes_per_s'] / 1e12:.1f}",
+               _fmt(r["energy_j_per_token"], "", 3), _fmt(r["tokens_per_j"], "", 3)]
         if common:
             row[6:6] = [_fmt(r["common_steady_throughput_tok_s"], "", 4), _ratio(r["common_speedup"])]
         t.add_row(*row)
@@ -224,7 +225,8 @@ def compare_cmd(
                   "(share reached); " + ("common: every system re-run on the requests all of them served, at its "
                   "TP x DP; " if common else "") + "KV: capacity for KV over all replicas; attn: peak bandwidth "
                   "decode attention reads the KV at; attention: ideal = at that peak (the paper's idealisation), "
-                  "mechanism = from the device's mechanisms[/dim]")  # fmt: skip
+                  "mechanism = from the device's mechanisms; J/token: the run's energy (every device, static power "
+                  "over the makespan included; docs/energy.md) per output token[/dim]")  # fmt: skip
     if out is not None:
         write_compare(results, out)
         console.print(f"wrote {out}/compare.json, compare.csv, compare.png")
@@ -232,7 +234,8 @@ def compare_cmd(
 
 @app.command()
 def study(
-    name: Annotated[str, typer.Argument(help="main | main-mech | capacity | scaling | ablation | tbt | long-context")],
+    name: Annotated[str, typer.Argument(help="main | main-mech | capacity | scaling | ablation | tbt | long-context "
+                                             "| energy")],
     out: Annotated[Path, typer.Option(help="directory for report.md, results.json and figures")] = Path("out/study"),
     requests: Annotated[int, typer.Option(min=1, help="requests per run (the paper uses 1000)")] = 1000,
     jobs: Annotated[int, typer.Option(min=1, help="parallel processes")] = 2,
@@ -255,10 +258,12 @@ def pim(
     batch: Annotated[int, typer.Option(min=1, help="decode requests in the step")] = 64,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     ablate: Annotated[bool, typer.Option(help="also time the step with each hardware fix disabled")] = True,
+    area: Annotated[bool, typer.Option("--area", help="also the PUs' area and its growth with GQA reuse")] = False,
 ) -> None:
-    """The DIMM-PIM device: capacity, bandwidth, and one decode step's attention time by mechanism."""
+    """The DIMM-PIM device: capacity, bandwidth, one decode step's attention time and energy by mechanism."""
     import json
 
+    from l3.devices.pim.area import area_sweep, pim_area
     from l3.devices.pim.report import ablation, pim_report
     from l3.errors import SpecError
     from l3.specs.model import get_model
@@ -271,6 +276,9 @@ def pim(
     rep = pim_report(dram, spec.pim.pu, m, context, batch)
     if ablate:
         rep["ablation"] = ablation(dram, spec.pim.pu, m, context, batch)
+    if area:
+        rep["area"] = pim_area(dram, spec.pim.pu)
+        rep["area_by_gqa_reuse"] = area_sweep(dram, spec.pim.pu)
     if as_json:
         print(json.dumps(rep, indent=2))
         return
@@ -283,6 +291,9 @@ def pim(
     t.add_row("peak attention read bandwidth", f"{rep['peak_attention_bw_bytes_per_s'] / 1e12:.2f} TB/s")
     t.add_row("effective attention bandwidth", f"{rep['effective_attention_bw_bytes_per_s'] / 1e12:.2f} TB/s")
     t.add_row("one step's attention (slowest rank)", f"{rep['step_attention_time_s'] * 1e3:.3f} ms")
+    t.add_row("one step's energy (whole device)", f"{rep['energy_j'] * 1e3:.2f} mJ = "
+              f"{rep['energy_j_per_token'] * 1e3:.3f} mJ per token, {rep['energy_j_per_kv_byte'] * 1e12:.1f} pJ per "
+              "KV byte")  # fmt: skip
     console.print(t)
     b = Table(title="where the time goes (slowest rank, all layers)")
     for col in ("mechanism", "ms", "share", "what it is"):
@@ -292,6 +303,25 @@ def pim(
         if v > 0:
             b.add_row(k, f"{v * 1e3:.3f}", f"{v / total:.1%}", rep["mechanisms"][k])
     console.print(b)
+    en = Table(title="where the energy goes (whole device, one step)")
+    for col in ("component", "mJ", "share", "what it is"):
+        en.add_column(col)
+    for k, v in rep["energy_breakdown_j"].items():
+        if v > 0:
+            en.add_row(k, f"{v * 1e3:.3f}", f"{v / rep['energy_j']:.1%}", rep["energy_components"][k])
+    console.print(en)
+    if area:
+        a = rep["area"]
+        ar = Table(title=f"area the PUs add (mm^2; DRAM die {a['die_mm2']:.0f} mm^2, assumed)")
+        for col in ("GQA reuse (N_cmr)", "MAC lanes / bank", "bank PU", "shared buffer", "per chip",
+                    "of a die", "rank PU (buffer chip)"):  # fmt: skip
+            ar.add_column(col, justify="right")
+        for r in rep["area_by_gqa_reuse"]:
+            mark = " (this spec)" if r["gqa_reuse_max"] == spec.pim.pu.bank_pu.gqa_reuse_max else ""
+            ar.add_row(f"{r['gqa_reuse_max']}{mark}", str(r["mac_lanes_per_bank"]), f"{r['bank_pu_mm2']:.3f}",
+                       f"{r['shared_buffer_mm2']:.3f}", f"{r['chip_mm2']:.2f}", f"{r['die_fraction']:.1%}",
+                       f"{r['rank_pu_mm2']:.2f}")  # fmt: skip
+        console.print(ar)
     if ablate:
         a = Table(title="hardware fixes disabled one at a time")
         for col in ("fix disabled", "step (ms)", "slowdown", "prefill KV write (s)", "mechanism"):

@@ -201,6 +201,25 @@ class GpuCostModel:
         return (md.n_layers * self._layer_weights * md.dtype_bytes / self._bw,
                 self._vocab_weights * md.dtype_bytes / self._bw)  # fmt: skip
 
+    def energy(self, n_tokens, n_sampled, attn_flops, attn_bytes, passes=1.0, kv_write_bytes=0.0) -> dict:
+        """Dynamic energy (J) of iterations on one TP group (sched.timing.ENERGY_PARTS): `gpu_compute`, the GEMMs'
+        FLOPs (as `roofline` counts them) plus `attn_flops` at the GPU's energy per FLOP; `gpu_memory`, HBM bytes:
+        every weight used read `passes` times (once per sub-batch), each layer's memory-bound kernels' bytes
+        (memory_op_bytes), `attn_bytes` of KV read and `kv_write_bytes` written; `nvlink`, the ring all-reduces'
+        bytes (2(t-1)/t of each message per GPU: two per layer and the embedding's). attn_flops, attn_bytes and
+        kv_write_bytes are the whole group's."""
+        md, t, g = self.model, self.tp, self.gpu
+        n_tokens, n_sampled = np.asarray(n_tokens, float), np.asarray(n_sampled, float)
+        flops = 2.0 * t * (n_tokens * md.n_layers * self._layer_weights + n_sampled * self._vocab_weights)
+        weights = t * md.dtype_bytes * (np.where(n_tokens > 0, md.n_layers * self._layer_weights, 0.0)
+                                        + np.where(n_sampled > 0, self._vocab_weights, 0.0)) * passes  # fmt: skip
+        kernels = self.memory_op_bytes(n_tokens)
+        act = t * (md.n_layers * sum(b for op, b in kernels.items() if op != "emb") + kernels["emb"])
+        hbm = weights + act + np.asarray(attn_bytes, float) + np.asarray(kv_write_bytes, float)
+        ring = 2.0 * (t - 1) * (2 * md.n_layers + 1) * self._hidden_bytes(n_tokens)
+        return {"gpu_compute": (flops + np.asarray(attn_flops, float)) * g.flop_j,
+                "gpu_memory": hbm * 8 * g.hbm_pj_per_bit * 1e-12, "nvlink": ring * 8 * self.nvlink.pj_per_bit * 1e-12}
+
     def roofline(self, n_tokens, n_sampled, attn_flops, attn_bytes) -> np.ndarray:
         """A lower bound on one iteration's GPU time (all layers, one TP group), seconds: the GEMMs' FLOPs plus
         `attn_flops` at the achievable FLOP rate, or every weight used read once plus `attn_bytes` at the

@@ -30,7 +30,8 @@ COLUMNS = {  # compare.csv / table column -> summary key
     "requests_rejected": "requests_rejected", "common_requests": "common_requests",
     "common_throughput_tok_s": "common_throughput_tok_s", "common_steady_throughput_tok_s":
     "common_steady_throughput_tok_s", "common_speedup": "common_speedup", "kv_capacity_bytes": "kv_capacity_bytes",
-    "attention_peak_bw_bytes_per_s": "attention_peak_bw_bytes_per_s", "wall_time_s": "wall_time_s",
+    "attention_peak_bw_bytes_per_s": "attention_peak_bw_bytes_per_s", "energy_j_per_token": "energy_j_per_token",
+    "tokens_per_j": "tokens_per_j", "wall_time_s": "wall_time_s",
 }  # fmt: skip
 SPEEDUP_OF = "steady_throughput_tok_s"  # the measure speedups are taken of (docs/evaluation.md)
 
@@ -80,6 +81,7 @@ def compare(systems: list[str], model: str, workload: str, n: int | None, seed: 
     for r in results:
         r["speedup"] = _speedup(r, base, SPEEDUP_OF, "requests_rejected")
         r["speedup_baseline"] = base["system"]
+        r["tokens_per_j"] = tokens_per_j(r)
     rejected = sorted(set().union(*(ids for _, ids in out)))
     total = results[0]["requests_total"]
     if rejected and len(rejected) < total:
@@ -100,6 +102,12 @@ def compare(systems: list[str], model: str, workload: str, n: int | None, seed: 
 
 def compare_frame(results: list[dict]) -> pd.DataFrame:
     return pd.DataFrame([{col: r.get(key) for col, key in COLUMNS.items()} for r in results])
+
+
+def tokens_per_j(summary: dict) -> float | None:
+    """Output tokens per joule of a run (None where it made none)."""
+    e = summary.get("energy_j_per_token")
+    return 1.0 / e if e else None
 
 
 def tbt_cdf(summary: dict) -> tuple[np.ndarray, np.ndarray]:

@@ -24,6 +24,7 @@ import numpy as np
 from l3.errors import L3Error
 from l3.report.summary import summarize
 from l3.run import deploy
+from l3.sched.timing import ENERGY_PARTS
 from l3.sim.simulator import Simulator
 from l3.specs.model import get_model
 from l3.specs.system import ParallelSpec, SystemSpec, get_system, with_overrides
@@ -461,6 +462,64 @@ def long_context_study(n: int) -> tuple[list[Run], Callable]:
     return runs, report
 
 
+def energy_study(n: int) -> tuple[list[Run], Callable]:
+    """Energy per output token of gpu-only and l3 over the paper's matrix, each at its best parallelism, with the
+    breakdown by component (docs/energy.md)."""
+    systems = ("gpu-only", "l3")
+    runs = [Run(f"{s} {m} {w}", s, m, w, n, parallel="auto") for m in PAPER_MODELS for w in PAPER_WORKLOADS
+            for s in systems]  # fmt: skip
+    parts = list(ENERGY_PARTS)
+
+    def cell(r: dict) -> str:
+        if r["requests_rejected"]:
+            return f"OOM ({r['requests_rejected']} rejected)"
+        return f"{r['energy_j_per_token']:.3f}"
+
+    def top(r: dict) -> str:
+        b = r["energy_breakdown_j"]
+        return ", ".join(f"{k} {v / r['energy_j']:.0%}" for k, v in sorted(b.items(), key=lambda kv: -kv[1])[:3])
+
+    def report(res: list[dict], out: Path) -> str:
+        by = {(r["system"], r["model"], r["workload"]): r for r in res}
+        lines = ["| model | workload | gpu-only: TP x DP, J/token | l3: TP x DP, J/token | l3 / gpu-only | "
+                 "gpu-only: largest parts | l3: largest parts |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        fig, axes = plt.subplots(1, len(PAPER_MODELS), figsize=(16, 4.5))
+        colors = plt.get_cmap("tab10")
+        for ax, m in zip(axes, PAPER_MODELS, strict=True):
+            ticks = []
+            for wi, w in enumerate(PAPER_WORKLOADS):
+                g, l3 = by["gpu-only", m, w], by["l3", m, w]
+                both = not (g["requests_rejected"] or l3["requests_rejected"])
+                ratio = f"{l3['energy_j_per_token'] / g['energy_j_per_token']:.2f}x" if both else "-"
+                d = {k: f"{r['deployment']['tp']} x {r['deployment']['dp']}" for k, r in (("g", g), ("l", l3))}
+                lines.append(f"| {m} | {w} | {d['g']}, {cell(g)} | {d['l']}, {cell(l3)} | {ratio} | {top(g)} | "
+                             f"{top(l3)} |")  # fmt: skip
+                for k, r in enumerate((g, l3)):
+                    x = wi + (k - 0.5) * 0.4
+                    ticks.append((x, f"{w}\n{('gpu', 'l3')[k]}"))
+                    if r["requests_rejected"]:
+                        ax.text(x, 0.0, "OOM", rotation=90, ha="center", va="bottom", fontsize=7)
+                        continue
+                    bottom = 0.0
+                    for pi, p in enumerate(parts):
+                        v = r["energy_breakdown_j"][p] / r["output_tokens"]
+                        ax.bar(x, v, 0.38, bottom=bottom, color=colors(pi), label=p if (wi, k) == (0, 0) else None)
+                        bottom += v
+            ax.set_xticks([t[0] for t in ticks], [t[1] for t in ticks], fontsize=6)
+            ax.set_title(m)
+        axes[0].set_ylabel("energy per output token (J)")
+        axes[-1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "energy.png", dpi=110)
+        plt.close(fig)
+        return "\n".join(["Energy per output token: the run's energy (every device's dynamic energy, plus its static "
+                          "power over the whole makespan) over its output tokens, by component (docs/energy.md). "
+                          "Each system at its best parallelism (auto, the same rule for both); OOM: the system "
+                          "rejected requests, so no ratio is taken.", "", *lines, "", "![energy](energy.png)"])
+
+    return runs, report
+
+
 STUDIES: dict[str, Callable[[int], tuple[list[Run], Callable]]] = {
     "main": main_study,
     "main-mech": lambda n: main_study(n, MECH_SYSTEMS, "main-mech"),
@@ -469,6 +528,7 @@ STUDIES: dict[str, Callable[[int], tuple[list[Run], Callable]]] = {
     "ablation": ablation_study,
     "tbt": tbt_study,
     "long-context": long_context_study,
+    "energy": energy_study,
 }
 
 

@@ -11,6 +11,7 @@ from l3.sched.kv import HBM_TIER
 from l3.sched.predictors import ErrorLog
 from l3.sched.requests import Status
 from l3.sched.subbatch import SubBatchScheduler
+from l3.sched.timing import ENERGY_PARTS
 from l3.sim.simulator import SimResult
 
 
@@ -71,6 +72,7 @@ def summarize(res: SimResult, wall_parts: dict[str, float] | None = None) -> dic
         "t50_output_s": _finite(t50),
         "t90_output_s": _finite(t90),
         **bound_summary(res, out_tokens),
+        **energy_summary(res, out_tokens),
         "mean_batch_size": m.mean_batch_size,
         "iterations": m.steps,
         "preemptions": int(t.preemptions.sum()),
@@ -97,6 +99,20 @@ def summarize(res: SimResult, wall_parts: dict[str, float] | None = None) -> dic
 
 def _finite(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
+
+
+def energy_summary(res: SimResult, out_tokens: int) -> dict:
+    """The run's energy (docs/energy.md): the iterations' dynamic energy plus every replica's static power
+    (SystemModel.static_power) over the whole run, joules by sched.timing.ENERGY_PARTS (they sum to
+    `energy_j`), and per output token."""
+    parts = dict.fromkeys(ENERGY_PARTS, 0.0)
+    for k, v in res.metrics.energy_j.items():
+        parts[k] += v
+    for k, w in res.system.static_power().items():
+        parts[k] += w * res.system.replicas * res.simulated_time_s
+    total = sum(parts.values())
+    return {"energy_j": total, "energy_j_per_token": total / out_tokens if out_tokens else None,
+            "energy_breakdown_j": parts}
 
 
 def bound_summary(res: SimResult, out_tokens: int) -> dict:

@@ -32,11 +32,26 @@ class IterationTiming:
     intervals: list[Interval] = field(default_factory=list)  # only for single steps, when asked
     bound: np.ndarray | None = None  # per step: the hardware's lower bound on its duration (see LOSSES)
     losses: dict[str, np.ndarray] = field(default_factory=dict)  # per step: duration - bound, by cause (LOSSES)
+    energy: dict[str, np.ndarray] = field(default_factory=dict)  # per step: dynamic joules by ENERGY_PARTS
 
     @property
     def duration(self) -> float:
         return float(self.durations.sum())
 
+
+# Where a run's energy goes (joules; docs/energy.md). Iterations report the dynamic parts (work done); the static
+# parts (gpu_idle, and dram_background's standby and refresh) are the system's static power over the whole run.
+ENERGY_PARTS = {
+    "gpu_compute": "tensor-core FLOPs of the dense layers, the LM head and attention run on the GPUs",
+    "gpu_memory": "HBM bytes: weights read once per sub-batch, activations of the memory-bound kernels, KV",
+    "gpu_idle": "the GPUs' static power over the whole run, computing or waiting",
+    "nvlink": "tensor-parallel all-reduce bytes over NVLink",
+    "pcie": "bytes over the GPUs' host links: Q/K/V up, outputs and partials down, KV moving between tiers",
+    "dram_background": "DRAM standby (precharged; active while a unit works) and refresh of the memory-side DIMMs",
+    "dram_access": "DRAM row activations, column reads and writes (host and processing units), HBM-PIM reads",
+    "pim_compute": "PIM logic: bank-PU multiply-accumulates, rank-PU adds and softmax, rank links and buffers",
+    "cpu": "host CPU cores attending (CPU offloading), merging partials or re-laying out KV",
+}
 
 # Where an iteration's time beyond its bound goes. The bound is max(GPU side, memory side): the GPU side is the
 # dense work at the GPU model's FLOP rate or every weight read once at its HBM rate (GpuCostModel.roofline);

@@ -75,6 +75,7 @@ class Metrics:
         self.stats: dict[str, float] = {}  # sums over steps of system-specific quantities
         self.bound_s = 0.0  # sum over replicas' steps of the hardware's lower bound on each step's duration
         self.losses: dict[str, float] = {}  # sums over steps of duration - bound, by cause (sched.timing.LOSSES)
+        self.energy_j: dict[str, float] = {}  # sums over steps of dynamic energy, by sched.timing.ENERGY_PARTS
         self.kv_block_s: np.ndarray | None = None  # per KV tier: blocks held x seconds, summed over replicas
         self.sample = TimelineSample(timeline_plans)
         # replica, t0, t1, steps, batch, tokens, bound (s: the sum of the plan's steps' bounds)
@@ -97,6 +98,8 @@ class Metrics:
         self.bound_s += bound
         for key, v in timing.losses.items():
             self.losses[key] = self.losses.get(key, 0.0) + float(np.sum(v))
+        for key, v in timing.energy.items():
+            self.energy_j[key] = self.energy_j.get(key, 0.0) + float(np.sum(v))
         t1 = t0 + float(np.sum(durations))
         tokens = n_decode * k + int(plan.prefill_completes.sum())
         self._series.append((replica, t0, t1, k, plan.batch_size, tokens, bound))

@@ -127,4 +127,5 @@ def truncate(t: IterationTiming, steps: int) -> IterationTiming:
 
     return IterationTiming(t.durations[:steps], {d: b[:steps] for d, b in t.busy.items()}, cut(t.sub_gpu_s),
                            cut(t.sub_mem_s), {k: v[:steps] for k, v in t.stats.items()}, bound=cut(t.bound),
-                           losses={k: v[:steps] for k, v in t.losses.items()})  # fmt: skip
+                           losses={k: v[:steps] for k, v in t.losses.items()},
+                           energy={k: v[:steps] for k, v in t.energy.items()})  # fmt: skip

@@ -7,9 +7,47 @@ channel, or one 32-bit DDR5 subchannel (a DDR5 DIMM has two), as in Ramulator2.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from pydantic import model_validator
 
 from l3.specs.base import SpecModel, lookup, require_positive
+
+
+class DramPower(SpecModel):
+    """Datasheet supply voltage (V) and IDD currents (mA) of one DRAM device, as DRAMsim3 and the Micron power
+    calculator use them: activate-precharge IDD0, precharge standby IDD2N, active standby IDD3N, burst read /
+    write IDD4R / IDD4W, all-bank refresh burst IDD5B."""
+
+    vdd: float
+    idd0: float
+    idd2n: float
+    idd3n: float
+    idd4r: float
+    idd4w: float
+    idd5b: float
+    source: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> DramPower:
+        require_positive(self, ("vdd", "idd0", "idd2n", "idd3n", "idd4r", "idd4w", "idd5b"))
+        if not self.idd2n <= self.idd3n < min(self.idd4r, self.idd4w, self.idd5b):
+            raise ValueError("expected idd2n <= idd3n < idd4r, idd4w, idd5b")
+        return self
+
+
+@dataclass(frozen=True)
+class ChipEnergy:
+    """One device's energy per command (J) and standby power (W), DRAMsim3's increments: an activation (with
+    its precharge) costs VDD (IDD0 tRC - IDD3N tRAS - IDD2N tRP); a burst read or write VDD (IDD4R|W - IDD3N)
+    over the burst; a refresh VDD (IDD5B - IDD3N) tRFC; standby VDD IDD3N with a row open, VDD IDD2N without."""
+
+    act_j: float
+    read_j: float
+    write_j: float
+    refresh_j: float
+    active_w: float
+    precharged_w: float
 
 
 class DramTiming(SpecModel):
@@ -35,6 +73,7 @@ class DramTiming(SpecModel):
     rtrs: int = 1  # rank-to-rank data-bus switch
     rfc: int  # all-bank refresh cycle time
     refi: int  # refresh interval
+    power: DramPower  # the device's currents at this speed bin (datasheets give IDD per speed bin)
     source: str = ""
 
     @model_validator(mode="after")
@@ -58,6 +97,23 @@ class DramTiming(SpecModel):
 
     def ns(self, cycles: float) -> float:
         return cycles * self.tck_ns
+
+    def stream_j_per_byte(self, write: bool = False, width_bits: int = 8, page_bytes: int = 1024) -> float:
+        """Energy per byte of streaming whole rows through x`width_bits` devices of `page_bytes` pages (one
+        activation per page, a burst per column), J/B."""
+        e, burst = self.chip_energy(), width_bits * 2 * self.burst_cycles / 8
+        return ((e.write_j if write else e.read_j) + e.act_j * burst / page_bytes) / burst
+
+    def chip_energy(self) -> ChipEnergy:
+        """Per-device command energies and standby powers from `power` (mA x V x ns = pJ)."""
+        p, ns = self.power, self.tck_ns
+        pj = 1e-12
+        return ChipEnergy(
+            act_j=p.vdd * (p.idd0 * self.rc - p.idd3n * self.ras - p.idd2n * self.rp) * ns * pj,
+            read_j=p.vdd * (p.idd4r - p.idd3n) * self.burst_cycles * ns * pj,
+            write_j=p.vdd * (p.idd4w - p.idd3n) * self.burst_cycles * ns * pj,
+            refresh_j=p.vdd * (p.idd5b - p.idd3n) * self.rfc * ns * pj,
+            active_w=p.vdd * p.idd3n * 1e-3, precharged_w=p.vdd * p.idd2n * 1e-3)  # fmt: skip
 
     @property
     def refresh_fraction(self) -> float:
@@ -163,20 +219,27 @@ class DramSpec(SpecModel):
         return self.channel_peak_bw * self.org.channels
 
 
+_DDR4_POWER = DramPower(vdd=1.2, idd0=57, idd2n=37, idd3n=52, idd4r=168, idd4w=150, idd5b=250,
+                        source="DRAMsim3 configs/DDR4_8Gb_x8_3200.ini [power]")
 _DDR4_3200 = DramTiming(
     name="ddr4-3200", tck_ns=0.625, burst_cycles=4, cl=22, cwl=16, rcd=22, rp=22, ras=52, rc=74,
     ccd_s=4, ccd_l=8, rrd_s=4, rrd_l=8, faw=34, wtr_s=4, wtr_l=12, wr=24, rtp=12, rtrs=1, rfc=560, refi=12480,
-    source="L3 paper Table I; DRAMsim3 configs/DDR4_8Gb_x8_3200.ini (tFAW, tRFC 350 ns, tREFI 7.8 us, tRTRS)",
+    power=_DDR4_POWER,
+    source="L3 paper Table I; DRAMsim3 configs/DDR4_8Gb_x8_3200.ini (tFAW, tRFC 350 ns, tREFI 7.8 us, tRTRS, IDD)",
 )  # fmt: skip
 
 _DDR5_SRC = "Ramulator2 python/ramulator/dram/ddr5.py timing_presets (JEDEC-style AN bins); tRFC1 16Gb"
+# No DDR5 IDD table is among our sources (DRAMsim3 stops at DDR4): our assumption is DDR4-3200's currents at
+# DDR5's 1.1 V core supply (docs/energy.md).
+_DDR5_POWER = _DDR4_POWER.model_copy(update={"vdd": 1.1, "source": "assumption: DDR4-3200 currents (DRAMsim3) at "
+                                                                   "DDR5's 1.1 V VDD"})
 
 
 def _ddr5(rate, tck, cl, ras, rc, cwl, wr, rtp, ccd_l, ccd_l_wr, wtr_s, wtr_l, rrd_s, rrd_l, faw, rfc, refi):
     return DramTiming(
         name=f"ddr5-{rate}", tck_ns=tck, burst_cycles=8, cl=cl, cwl=cwl, rcd=cl, rp=cl, ras=ras, rc=rc,
         ccd_s=8, ccd_l=ccd_l, ccd_l_wr=ccd_l_wr, rrd_s=rrd_s, rrd_l=rrd_l, faw=faw, wtr_s=wtr_s, wtr_l=wtr_l,
-        wr=wr, rtp=rtp, rtrs=2, rfc=rfc, refi=refi, source=_DDR5_SRC,
+        wr=wr, rtp=rtp, rtrs=2, rfc=rfc, refi=refi, power=_DDR5_POWER, source=_DDR5_SRC,
     )  # fmt: skip
 
 

@@ -56,6 +56,49 @@ class PimFeatures(SpecModel):
     n_hc: int | None = None  # chips per head; None = largest value meeting the bubble-free condition
 
 
+# Energy (pJ) and area (um^2) of logic and SRAM at 45 nm: Horowitz, "Computing's energy problem", ISSCC 2014
+# (FP16 add 0.4 pJ / 1,360 um^2, FP16 multiply 1.1 pJ / 1,640 um^2, FP32 add 0.9 pJ / 4,184 um^2, FP32 multiply
+# 3.7 pJ / 7,700 um^2, an 8 KB SRAM's 64-bit access 10 pJ); SRAM area from a 0.346 um^2 6T cell (Intel 45 nm) at
+# 50% array efficiency (assumption). Other nodes scale energy and area by (node / 45) and (node / 45)^2
+# (assumption, docs/energy.md).
+LOGIC_45NM = {"fp16_add_pj": 0.4, "fp16_mul_pj": 1.1, "fp32_add_pj": 0.9, "fp32_mul_pj": 3.7,
+              "sram_pj_per_byte": 10 / 8, "fp16_add_um2": 1360.0, "fp16_mul_um2": 1640.0, "fp32_add_um2": 4184.0,
+              "fp32_mul_um2": 7700.0, "sram_um2_per_byte": 8 * 0.346 / 0.5}  # fmt: skip
+
+
+class PimEnergySpec(SpecModel):
+    """Energy of the DIMM-PIM's logic beyond the DRAM commands (docs/energy.md): technology nodes the 45 nm
+    figures (LOGIC_45NM) scale to, and what has no 45 nm figure. Area uses the same nodes."""
+
+    # The bank PUs are built in the DRAM process, whose logic (few metal layers, slow high-Vt transistors) we take
+    # as equivalent to 45 nm logic in energy per operation (assumption) ...
+    bank_pu_node_nm: float = 45.0
+    # ... and `dram_logic_area_factor` times its area (assumption: DRAM-process logic is that much less dense).
+    dram_logic_area_factor: float = 3.0
+    # A bank PU's column access costs this fraction of a burst read's energy (IDD4R beyond IDD3N, which also
+    # drives the chip's global data path and serializer toward its pins). 1.0: the upper bound; we have no sourced
+    # split. The HBM-PIM baselines' bank reads use the same fraction of an HBM access.
+    bank_read_fraction: float = 1.0
+    # The rank PU sits on the DIMM's buffer chip, a logic die (our assumption: a 28 nm node).
+    rank_pu_node_nm: float = 28.0
+    softmax_ops_per_value: float = 4.0  # FP32 multiply-adds per exponential or rescale (assumption: a short
+    # polynomial after range reduction)
+    rank_link_pj_per_bit: float = 2.0  # rank PU <-> chips over the DIMM's short traces (assumption)
+    host_cpu_w: float = 450.0  # host CPUs re-laying out KV without in-flight re-layout: 2 x 225 W TDP (EPYC 7742)
+    dram_die_mm2: float = 110.0  # one DRAM die, for area fractions (assumption: a 32 Gb die, 2x a ~55 mm^2 8 Gb die
+    # scaled by density)
+
+    @model_validator(mode="after")
+    def _check(self) -> PimEnergySpec:
+        for f in ("bank_pu_node_nm", "dram_logic_area_factor", "rank_pu_node_nm", "softmax_ops_per_value",
+                  "rank_link_pj_per_bit", "host_cpu_w", "dram_die_mm2", "bank_read_fraction"):  # fmt: skip
+            if getattr(self, f) <= 0:
+                raise ValueError(f"{f} must be > 0")
+        if self.bank_read_fraction > 1:
+            raise ValueError("bank_read_fraction must be <= 1")
+        return self
+
+
 class PimSpec(SpecModel):
     bank_pu: BankPuSpec = BankPuSpec()
     rank_pu: RankPuSpec = RankPuSpec()
@@ -73,6 +116,7 @@ class PimSpec(SpecModel):
     # 8 AVX2 shuffle/blend micro-ops, one per cycle, so 8 B per core-cycle: 128 x 2.25e9 x 8 = 2.3 TB/s.
     host_relayout_bw: float = 128 * 2.25e9 * 8
     features: PimFeatures = PimFeatures()
+    energy: PimEnergySpec = PimEnergySpec()
 
     @model_validator(mode="after")
     def _check(self) -> PimSpec:

@@ -126,6 +126,9 @@ class AttentionDeviceSpec(SpecModel):
     flops: float | None = None  # FLOP/s, whole machine, for the attention arithmetic; 0 = never the limit
     cpu: str | CpuSpec | None = None  # CPU preset name or inline table (KV in its DRAM, attention on its cores)
     hbm: HbmPimSpec | None = None  # bank-level PIM in HBM stacks
+    # Where the KV lives, for energy: "hbm" (bank PUs in HBM stacks) or "dimm" (DIMMs: rank PUs, or the CPU's
+    # cores when `cpu` is given). Derived from `cpu`, `hbm` or capacity "hbm"; give it otherwise.
+    memory: Literal["hbm", "dimm"] | None = None
     link: Literal["host", "none"] = "host"  # "host": Q/K/V and outputs cross the GPUs' host links
     source: str = ""
 
@@ -137,7 +140,7 @@ class AttentionDeviceSpec(SpecModel):
             as_field_error(get_cpu, self.cpu)
         if self.variant == "mechanism" and self.cpu is None and self.hbm is None:
             raise ValueError('variant = "mechanism" needs a cpu preset or an [attention.hbm] section')
-        for f in ("capacity_bytes", "bandwidth", "write_bandwidth"):
+        for f in ("capacity_bytes", "bandwidth", "write_bandwidth", "memory"):
             if self.resolved(f) is None:
                 raise ValueError(f"{f} must be given (or derived from a cpu preset or an hbm section)")
         if self.capacity_bytes not in (None, "hbm") and self.capacity_bytes <= 0:
@@ -154,6 +157,10 @@ class AttentionDeviceSpec(SpecModel):
         given = getattr(self, field)
         if given is not None:
             return given
+        if field == "memory":
+            if self.cpu is not None:
+                return "dimm"
+            return "hbm" if self.hbm is not None or self.capacity_bytes == "hbm" else None
         if self.cpu is not None:
             cpu = self.cpu_spec()
             return {"capacity_bytes": cpu.memory_bytes, "bandwidth": cpu.peak_bw, "write_bandwidth": cpu.peak_bw,

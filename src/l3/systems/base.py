@@ -40,6 +40,11 @@ class SystemModel(ABC):
         """What the scheduler of one replica knows of it (no memory-side attention here: one batch)."""
         return Topology(kv_tiers=self.kv_tiers, groups=self.groups)
 
+    def static_power(self) -> dict[str, float]:
+        """Power one replica draws whatever it does, W, by sched.timing.ENERGY_PARTS: its GPUs' static power
+        (and, where KV lives in DIMMs, their standby and refresh)."""
+        return {"gpu_idle": self.dep.tp * self.groups * self.dep.gpu.idle_w}
+
     @property
     @abstractmethod
     def attention_bw(self) -> float:

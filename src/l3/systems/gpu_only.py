@@ -44,10 +44,18 @@ class GpuOnlySystem(SystemModel):
         label = "prefill+decode" if shape.prefill_tokens else "decode"
         intervals = [Interval("gpu", 0.0, float(t[0]), label)] if record else []
         bound = np.broadcast_to(self.bound(shape), t.shape)
-        return IterationTiming(t, {"gpu": t}, intervals=intervals, bound=bound, losses={"gpu_overheads": t - bound})
+        flops, nbytes = self._attention_work(shape)
+        energy = self.gpu.energy(shape.n_tokens, shape.n_sampled, flops, nbytes,
+                                 kv_write_bytes=shape.n_tokens * self.dep.model.kv_bytes_per_token)  # fmt: skip
+        return IterationTiming(t, {"gpu": t}, intervals=intervals, bound=bound, losses={"gpu_overheads": t - bound},
+                               energy={k: np.broadcast_to(v, t.shape) for k, v in energy.items()})  # fmt: skip
+
+    def _attention_work(self, shape: BatchShape) -> tuple[np.ndarray, np.ndarray]:
+        """FLOPs and KV bytes of the iteration's prefill and decode attention (all on the GPUs)."""
+        pf, pb = self.gpu.attention_work(shape.prefill_pairs, shape.prefill_kv_tokens)
+        df, db = self.gpu.attention_work(shape.decode_ctx, shape.decode_ctx)
+        return pf + df, pb + db
 
     def bound(self, shape: BatchShape) -> np.ndarray:
         """The roofline of the iteration: dense work, prefill and decode attention (their KV is in HBM)."""
-        pf, pb = self.gpu.attention_work(shape.prefill_pairs, shape.prefill_kv_tokens)
-        df, db = self.gpu.attention_work(shape.decode_ctx, shape.decode_ctx)
-        return self.gpu.roofline(shape.n_tokens, shape.n_sampled, pf + df, pb + db)
+        return self.gpu.roofline(shape.n_tokens, shape.n_sampled, *self._attention_work(shape))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from l3.devices.pim.device import PimDevice
+from l3.devices.pim.energy import COMPONENTS
 from l3.devices.pim.timing import CATEGORIES
 from l3.specs.dram import DramSpec
 from l3.specs.hardware import get_cpu
@@ -44,7 +45,9 @@ class L3System(AttentionOffloadSystem):
         # A partial: the unnormalised output (FP32, it is not bounded by |v|) and a running max and sum per
         # query head (FP32); a whole output: FP16 per query head.
         self._partial_bytes = m.n_heads * (m.head_dim + 2) * 4
-        self._host_flops = get_cpu(sysspec.pim.host_cpu).peak_flops / self.replicas  # this replica's share
+        host = get_cpu(sysspec.pim.host_cpu)
+        self._host_flops = host.peak_flops / self.replicas  # this replica's share
+        self.host_merge_w = host.tdp_w / self.replicas
 
     def _shard(self, n_hc: int) -> int:
         """Channels a request-layer's heads are split over: the largest divisor S of the channels such that
@@ -73,6 +76,10 @@ class L3System(AttentionOffloadSystem):
     def attention_bw(self) -> float:
         """Bank-level read bandwidth of the replica's ranks."""
         return self.pim.peak_attention_bw
+
+    def static_power(self) -> dict[str, float]:
+        """The GPUs' static power and every rank's standby and refresh."""
+        return super().static_power() | {"dram_background": self.n_ranks * self.pim.energy.static_w}
 
     # --- memory side --------------------------------------------------------------------------------
     @property
@@ -127,27 +134,34 @@ class L3System(AttentionOffloadSystem):
         return self.pim_layer_work_split(ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets, pre_prefix)[0]
 
     def pim_layer_work_split(self, ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets,
-                             pre_prefix=None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-        """`pim_layer_work` and the part of it each rank is blocked by transfers into and out of the DIMMs (Q,
-        K/V and prefill writes, output reads; without rankset overlap, every write of the rank's channel)."""
+                             pre_prefix=None) -> tuple[np.ndarray, np.ndarray, dict]:  # fmt: skip
+        """`pim_layer_work`, the part of it each rank is blocked by transfers into and out of the DIMMs (Q,
+        K/V and prefill writes, output reads; without rankset overlap, every write of the rank's channel), and
+        the layer's dynamic energy at each offset (every rank's work above its static power: the device model's
+        commands and PU operations, the prefill writes)."""
         R, C, n, k = self.ranksets, self.channels, self.n_ranks, self.slots
         # Requests sharing a slot share their ranks in every layer, and each of the slot's S ranks holds the
         # same share of their heads; layer residue rho only moves a slot to other ranks of the same channels.
         pre_w = np.zeros(k)
+        pre_e = np.zeros(len(COMPONENTS))
         if len(pre_ids):
             before = np.zeros(len(pre_ids)) if pre_prefix is None else np.asarray(pre_prefix, float)
             _, slot_a, held_a = self.spread(pre_place, before)
             _, slot_b, held_b = self.spread(pre_place, before + pre_tokens)
             tokens = np.bincount(slot_b, weights=held_b, minlength=k) - np.bincount(slot_a, held_a, minlength=k)
             pre_w = np.asarray(self.pim.kv_write_time(tokens, layers=1), float)
+            pre_e = self.pim.kv_write_energy(tokens, layers=1, dynamic=True).sum(axis=0)
         work = np.zeros((len(offsets), R, n))
         stalled = np.zeros_like(work)
+        energy = np.zeros((len(offsets), len(COMPONENTS)))
         for si, j in enumerate(offsets):
             comp, host = np.zeros(k), np.zeros(k)
             if len(ids):
                 _, slot, held = self.spread(placement, ctx + j)
-                comp, cat = self.pim.layer_attention_time(held, slot, breakdown=True)
+                comp, cat, e = self.pim.layer_attention(held, slot, dynamic=True)
                 comp, host = comp[:k], cat[:k, self._host_cats].sum(axis=1)
+                energy[si] = e[:k].sum(axis=0)
+            energy[si] = self.shard * (energy[si] + pre_e)  # each of a slot's S ranks holds a 1/S share
             for rho in range(R):
                 ranks = self._slot_ranks[rho]  # (k, S)
                 comp_r, host_r, pre_r = (np.zeros(n) for _ in range(3))
@@ -162,7 +176,7 @@ class L3System(AttentionOffloadSystem):
                     active = comp_r + pre_r > 0
                     work[si, rho] = np.where(active, comp_r - host_r + channel_writes, 0.0)
                     stalled[si, rho] = np.where(active, channel_writes, 0.0)
-        return work, stalled
+        return work, stalled, self.pim.energy.parts(energy)
 
     # --- attention outputs ----------------------------------------------------------------------------
     def outputs(self, ctx: np.ndarray, placement: np.ndarray, offsets: np.ndarray) -> dict[str, np.ndarray]:

@@ -67,12 +67,11 @@ class AttentionOffloadSystem(SystemModel):
         slots. Prefill requests `pre_ids` at slots `pre_place` write `pre_tokens` tokens of KV per layer, after
         the `pre_prefix` they already hold (None: 0)."""
 
+    @abstractmethod
     def pim_layer_work_split(self, ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets,
-                             pre_prefix=None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-        """`pim_layer_work` and the part of it each unit is blocked by transfers rather than attending (here:
-        not told apart, zero)."""
-        work = self.pim_layer_work(ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets, pre_prefix)
-        return work, np.zeros_like(work)
+                             pre_prefix=None) -> tuple[np.ndarray, np.ndarray, dict]:  # fmt: skip
+        """`pim_layer_work`, the part of it each unit is blocked by transfers rather than attending, and the
+        layer's dynamic energy on the memory side at each offset (J by sched.timing.ENERGY_PARTS, (offsets,))."""
 
     def topology(self) -> Topology:
         """Decode attention on the memory side: the scheduler places requests on its slots and sub-batches."""
@@ -101,7 +100,7 @@ class AttentionOffloadSystem(SystemModel):
         grow = np.arange(steps, dtype=float)  # each step every decode request attends one token more
         subs = []
         whole = {"tokens": 0, "sampled": 0, "flops": np.zeros(steps), "bytes": np.zeros(steps),
-                 "device_ctx": np.zeros(steps)}  # the whole batch, for the bound  # fmt: skip
+                 "device_ctx": np.zeros(steps), "hbm_kv_tokens": 0}  # the whole batch: bound, energy  # fmt: skip
         for s in (0, 1):
             sb = plan.sub_batch(s)
             if sb.empty:
@@ -113,9 +112,9 @@ class AttentionOffloadSystem(SystemModel):
             dev, pre = sb.decode_ids[~on_gpu], ~self._on_gpu(table, sb.prefill_ids)
             pre_ids, pre_chunks = sb.prefill_ids[pre], sb.prefill_chunks[pre]
             # The memory side serves the whole sub-batch, whichever GPU group each request is dealt to.
-            work, stalled = self.pim_layer_work_split(dev, ctx[~on_gpu], table.placement[dev], pre_ids, pre_chunks,
-                                                      table.placement[pre_ids], offsets,
-                                                      pre_prefix=sb.prefill_prefix[pre])  # fmt: skip
+            work, stalled, energy = self.pim_layer_work_split(
+                dev, ctx[~on_gpu], table.placement[dev], pre_ids, pre_chunks, table.placement[pre_ids], offsets,
+                pre_prefix=sb.prefill_prefix[pre])  # fmt: skip
             shape = BatchShape.of(sb, ctx)
             gpu_ctx = ctx[on_gpu].sum() + on_gpu.sum() * grow
             flops, nbytes = self.gpu.attention_work(shape.prefill_pairs + gpu_ctx, shape.prefill_kv_tokens + gpu_ctx)
@@ -124,6 +123,7 @@ class AttentionOffloadSystem(SystemModel):
             whole["flops"] += flops
             whole["bytes"] += nbytes
             whole["device_ctx"] += ctx[~on_gpu].sum() + len(dev) * grow
+            whole["hbm_kv_tokens"] += int(on_gpu.sum() + sb.prefill_chunks[~pre].sum())
             shares = [(sb, ctx, on_gpu, pre, shape)] if self.groups == 1 else [
                 (g, ctx[d], on_gpu[d], pre[p], BatchShape.of(g, ctx[d])) for g, d, p in deal(sb, self.groups)]
             per_group = [self._group_parts(*share, table.placement, offsets, steps, grow) for share in shares]
@@ -136,11 +136,14 @@ class AttentionOffloadSystem(SystemModel):
                 parts["host_merge"] = sum(p["host_merge"] for p in per_group)
                 mean = {k: sum(p[k] for p in per_group) / len(per_group) for k in mean}
             down_bg = self.pcie(migrating * self._kv_layer)
+            energy = {k: interpolate_steps(np.asarray(v, float), offsets, steps) for k, v in energy.items()}
             subs.append({"s": s, "n_dec": len(dev), "work": interpolate_steps(work, offsets, steps),
                          "stalled": interpolate_steps(stalled, offsets, steps), **parts,
-                         "down_bg": down_bg, "mean": mean | {"down_bg": down_bg}})  # fmt: skip
+                         "down_bg": down_bg, "mean": mean | {"down_bg": down_bg},
+                         "energy": energy,
+                         "pcie_bytes": mean["pcie_bytes"] * len(per_group) + migrating * self._kv_layer})  # fmt: skip
         timing = self._schedule(subs, L, steps, record)
-        return self._with_bound(timing, subs, whole)
+        return self._with_energy(self._with_bound(timing, subs, whole), subs, whole)
 
     def _group_parts(self, sb: Plan, ctx: np.ndarray, on_gpu: np.ndarray, pre_dev: np.ndarray, shape: BatchShape,
                      placement: np.ndarray, offsets: np.ndarray, steps: int, grow: np.ndarray) -> dict:  # fmt: skip
@@ -155,8 +158,10 @@ class AttentionOffloadSystem(SystemModel):
             parts = parts | {"pattn": parts["pattn"] + self.gpu.decode_attention(on_gpu.sum(), gpu_ctx)}
         outs = {k: interpolate_steps(v, offsets, steps)
                 for k, v in self.outputs(ctx[~on_gpu], placement[dev], offsets).items()}  # fmt: skip
+        down_bytes = outs.get("down_bytes", parts["down_bytes"])
         return parts | {"down": self.pcie(outs["down_bytes"]) if "down_bytes" in outs else parts["down"],
-                        "merge": outs.get("merge_gpu_s", 0.0), "host_merge": outs.get("merge_host_s", 0.0)}
+                        "merge": outs.get("merge_gpu_s", 0.0), "host_merge": outs.get("merge_host_s", 0.0),
+                        "pcie_bytes": parts["up_bytes"] + down_bytes}  # fmt: skip
 
     def _on_gpu(self, table: RequestTable, ids: np.ndarray) -> np.ndarray:
         """Which of these requests keep their KV in GPU HBM (only under asymmetric pipelining)."""
@@ -168,9 +173,11 @@ class AttentionOffloadSystem(SystemModel):
         """Per-layer GPU and PCIe seconds of a sub-batch (the same shapes recur: cached). n_decode and
         prefill_tokens count only the requests whose KV lives on the memory side (what crosses the link)."""
         pre, post = self._dense(n_tokens)
+        up, down = n_decode * self._qkv_bytes + prefill_tokens * self._kv_layer, n_decode * self._out_bytes
         return {"pre": pre, "pattn": float(self.gpu.prefill_attention(pairs, kv_tokens)), "post": post,
                 "head": self._head(n_tokens, n_sampled), "up": self.pcie(n_decode * self._qkv_bytes),
-                "up_bg": self.pcie(prefill_tokens * self._kv_layer), "down": self.pcie(n_decode * self._out_bytes)}
+                "up_bg": self.pcie(prefill_tokens * self._kv_layer), "down": self.pcie(n_decode * self._out_bytes),
+                "up_bytes": float(up), "down_bytes": float(down)}  # fmt: skip
 
     def _dense_uncached(self, n_tokens: int) -> tuple[float, float]:
         """Per-layer GPU seconds of the dense work before and after attention for n_tokens tokens (token counts
@@ -350,6 +357,28 @@ class AttentionOffloadSystem(SystemModel):
                   "imbalance": on(~gpu_side, m_max - m_act), "transfers": transfers,
                   "serialisation": wait - transfers}  # fmt: skip
         return dataclasses.replace(timing, bound=np.maximum(g_bound, m_bound), losses=losses)
+
+
+    host_merge_w = 0.0  # power of the host CPUs' share while they merge partial outputs (L3: its replica's share)
+
+    def _with_energy(self, timing: IterationTiming, subs: list[dict], whole: dict) -> IterationTiming:
+        """`timing` with each step's dynamic energy (J by sched.timing.ENERGY_PARTS): the GPUs' work (every
+        weight read once per sub-batch and GPU group), the bytes over the host links, the memory side's work
+        (per layer, from the device) and the host's merging of partial outputs."""
+        L, m = self.dep.model.n_layers, self.dep.model
+        energy = self.gpu.energy(whole["tokens"], whole["sampled"], whole["flops"], whole["bytes"],
+                                 passes=len(subs) * self.groups,
+                                 kv_write_bytes=whole["hbm_kv_tokens"] * m.kv_bytes_per_token)  # fmt: skip
+        pcie = sum(x["pcie_bytes"] for x in subs) * L * 8 * self.dep.host_link.pj_per_bit * 1e-12
+        energy["pcie"] = np.asarray(pcie, float)
+        for x in subs:
+            for k, v in x["energy"].items():
+                energy[k] = energy.get(k, 0.0) + L * v
+        if self.host_merge_w:
+            energy["cpu"] = energy.get("cpu", 0.0) + timing.stats["merge_host_s"] * self.host_merge_w
+        steps = len(timing.durations)
+        return dataclasses.replace(timing, energy={k: np.broadcast_to(np.asarray(v, float), (steps,)).copy()
+                                                   for k, v in energy.items()})  # fmt: skip
 
 
 def deal(plan: Plan, groups: int) -> list[tuple[Plan, np.ndarray, np.ndarray]]:

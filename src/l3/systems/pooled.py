@@ -11,22 +11,53 @@ from __future__ import annotations
 
 import numpy as np
 
-from l3.devices.attention_pool import IdealPool
+from l3.devices.attention_pool import IdealPool, PoolEnergy
 from l3.devices.cpu import CpuAttention
 from l3.devices.hbm_pim import HbmPimAttention
+from l3.specs.dram import get_timing
+from l3.specs.pim import LOGIC_45NM, PimEnergySpec
 from l3.specs.system import Deployment
 from l3.systems.offload import AttentionOffloadSystem
 
+DIE_BYTES = 4 * 2**30  # DIMM chips holding the KV: 32 Gb dies, as on the L3 platform (specs.dram ddr4-l3-2tb)
+DIMM_TIMING = "ddr4-3200"  # the DIMMs of a device without a CPU preset (R-PIM: the L3 platform's)
+
 
 def build_device(dep: Deployment):
-    """The attention device of one replica of a pooled-attention system."""
+    """The attention device of one replica of a pooled-attention system, with its energy figures."""
     spec, m, share = dep.system.attention, dep.model, 1.0 / dep.dp
     write_bw = spec.resolved("write_bandwidth")
     if spec.variant == "mechanism" and spec.cpu is not None:
-        return CpuAttention(spec.cpu_spec(), m, write_bw, share)
-    if spec.variant == "mechanism":
-        return HbmPimAttention(spec.hbm, m, write_bw, share)
-    return IdealPool(m, spec.resolved("bandwidth"), write_bw, spec.resolved("flops"), share)
+        device = CpuAttention(spec.cpu_spec(), m, write_bw, share)
+    elif spec.variant == "mechanism":
+        device = HbmPimAttention(spec.hbm, m, write_bw, share)
+    else:
+        device = IdealPool(m, spec.resolved("bandwidth"), write_bw, spec.resolved("flops"), share)
+    device.energy_spec = pool_energy(dep)
+    return device
+
+
+def pool_energy(dep: Deployment) -> PoolEnergy:
+    """Energy figures of one replica's share of a pooled device (docs/energy.md). HBM: every byte at the GPU's
+    HBM energy per bit (reads by the bank PUs at L3's `bank_read_fraction` of it), multiply-accumulates in bank
+    PUs as L3's (PimEnergySpec defaults). DIMMs: bytes at the
+    DRAM's row-streaming energy, standby and refresh of every chip; the arithmetic on the CPU's cores (their
+    share of its TDP while attending) or in rank PUs (L3's rank-PU node)."""
+    spec, share, pu = dep.system.attention, 1.0 / dep.dp, PimEnergySpec()
+    mac_45 = (LOGIC_45NM["fp16_mul_pj"] + LOGIC_45NM["fp32_add_pj"]) * 1e-12
+    if spec.resolved("memory") == "hbm":
+        per_byte = dep.gpu.hbm_pj_per_bit * 8e-12
+        return PoolEnergy(per_byte * pu.bank_read_fraction, per_byte, mac_45 * pu.bank_pu_node_nm / 45.0,
+                          "pim_compute", 0.0, 0.0)  # fmt: skip
+    cpu = spec.cpu_spec()
+    timing = cpu.timing if cpu is not None else get_timing(DIMM_TIMING)
+    chip = timing.chip_energy()
+    chips = spec.resolved("capacity_bytes") / DIE_BYTES * share
+    static = chips * (chip.precharged_w + chip.refresh_j / (timing.refi * timing.tck_ns * 1e-9))
+    read, write = timing.stream_j_per_byte(), timing.stream_j_per_byte(write=True)
+    if cpu is not None:
+        return PoolEnergy(read, write, 0.0, "cpu", cpu.tdp_w * share, static)
+    return PoolEnergy(read, write, mac_45 * pu.rank_pu_node_nm / 45.0, "pim_compute", 0.0, static)
 
 
 class PooledAttentionSystem(AttentionOffloadSystem):
@@ -68,8 +99,17 @@ class PooledAttentionSystem(AttentionOffloadSystem):
     def pcie(self, nbytes: float) -> float:
         return super().pcie(nbytes) if self.spec.link == "host" else 0.0
 
+    def static_power(self) -> dict[str, float]:
+        return super().static_power() | {"dram_background": self.device.energy_spec.static_w}
+
     def pim_layer_work(self, ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets,
                        pre_prefix=None) -> np.ndarray:  # fmt: skip
+        return self.pim_layer_work_split(ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets, pre_prefix)[0]
+
+    def pim_layer_work_split(self, ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets,
+                             pre_prefix=None) -> tuple[np.ndarray, np.ndarray, dict]:  # fmt: skip
         steps_ctx = ctx[None, :] + np.asarray(offsets, float)[:, None]  # (offsets, requests) tokens attended
-        work = self.device.read_seconds(steps_ctx) + self.device.write_seconds(float(np.sum(pre_tokens)))
-        return work.reshape(len(offsets), 1, 1)
+        written = float(np.sum(pre_tokens))
+        work = self.device.read_seconds(steps_ctx) + self.device.write_seconds(written)
+        energy = self.device.energy(steps_ctx, written, work)
+        return work.reshape(len(offsets), 1, 1), np.zeros((len(offsets), 1, 1)), energy

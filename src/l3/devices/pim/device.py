@@ -12,10 +12,11 @@ import functools
 
 import numpy as np
 
+from l3.devices.pim.energy import COMPONENTS, PimEnergy
 from l3.devices.pim.geometry import PimGeometry
 from l3.devices.pim.kernels import rank_layer_stream
 from l3.devices.pim.surrogate import PimSurrogate
-from l3.devices.pim.timing import CATEGORIES, RankEngine
+from l3.devices.pim.timing import CATEGORIES, COUNTS, RankEngine
 from l3.specs.dram import DramSpec
 from l3.specs.model import ModelSpec
 from l3.specs.pim import PimSpec
@@ -38,6 +39,7 @@ class PimDevice:
         self.geometry = PimGeometry(dram, pim)
         self.surrogate = shared_surrogate(dram.model_dump_json(), pim.model_dump_json(), model.model_dump_json())
         self.shape = self.surrogate.shape
+        self.energy = PimEnergy(dram, pim, self.shape)
         self._tck_s = dram.timing.tck_ns * 1e-9
 
     # --- organisation ----------------------------------------------------------------------------
@@ -95,6 +97,31 @@ class PimDevice:
         cyc = self.surrogate.rank_cycles(contexts, rank, self.n_ranks) * self._tck_s
         return (cyc.sum(axis=1), cyc) if breakdown else cyc.sum(axis=1)
 
+    def layer_attention(self, contexts: np.ndarray, rank: np.ndarray,
+                        dynamic: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+        """`layer_attention_time` with its breakdown (seconds per rank; (n_ranks, categories)) and each rank's
+        energy while it works, (n_ranks, energy.COMPONENTS) joules (`dynamic`: above the ranks' static power,
+        see PimEnergy.of)."""
+        cyc, counts, refreshes = self.surrogate.rank_work(contexts, rank, self.n_ranks)
+        total = cyc.sum(axis=1)
+        return total * self._tck_s, cyc * self._tck_s, self.energy.of(counts, total, refreshes, dynamic)
+
+    def step_attention_energy(self, contexts: np.ndarray, channels: np.ndarray | None = None) -> dict:
+        """Energy of the whole device over one decode step (`step_attention_time`'s `max`), joules by
+        energy.COMPONENTS: each layer's working ranks, and every rank idle for the rest of the step."""
+        contexts = np.asarray(contexts, dtype=np.int64)
+        channels = self.default_channels(len(contexts)) if channels is None else np.asarray(channels)
+        r, n_layers = self.n_ranksets, self.model.n_layers
+        busy_s, total = 0.0, np.zeros(len(COMPONENTS))
+        for pattern in range(min(r, n_layers)):  # layer l and l + R load the ranks identically
+            count = len(range(pattern, n_layers, r))
+            t, _, e = self.layer_attention(contexts, self.layer_ranks(pattern, channels))
+            busy_s += count * t.sum()
+            total += count * e.sum(axis=0)
+        step = self.step_attention_time(contexts, channels)["max"]
+        total += self.energy.idle(self.n_ranks * step - busy_s)
+        return dict(zip(COMPONENTS, total.tolist(), strict=True))
+
     def step_attention_time(self, contexts: np.ndarray, channels: np.ndarray | None = None) -> dict:
         """One decode step over all layers. Returns seconds: `max` (sum over layers of the slowest rank: the
         step's attention time), `mean` (sum over layers of the mean over all ranks) and `breakdown` (the
@@ -129,6 +156,22 @@ class PimDevice:
         if self.shape.host_passes > 1:
             t = t + kv / (self.pim.host_relayout_bw / self.dram.org.channels)
         return t
+
+    def kv_write_energy(self, tokens: np.ndarray | float, layers: int | None = None,
+                        dynamic: bool = False) -> np.ndarray:  # fmt: skip
+        """Energy (..., energy.COMPONENTS) of writing `tokens` tokens' K and V of `layers` layers (default: all)
+        into one rank's share, as `kv_write_time` times it: one rank-wide burst per line (without in-flight
+        re-layout: written, read back, re-laid out by the host CPUs, rewritten), a row activation per page
+        stripe filled, and standby while the writes take the bus."""
+        layers = self.model.n_layers if layers is None else layers
+        kv = np.asarray(tokens, float) * layers * self.model.kv_bytes_per_token_layer
+        bursts = kv / self.shape.line_bytes
+        counts = np.zeros((*kv.shape, len(COUNTS)))
+        counts[..., COUNTS.index("write")] = bursts * (1 if self.shape.host_passes == 1 else 2)
+        counts[..., COUNTS.index("read")] = bursts * (self.shape.host_passes > 1)
+        counts[..., COUNTS.index("act")] = kv / (self.shape.page_bytes * self.dram.org.chips_per_rank)
+        counts[..., COUNTS.index("host_bytes")] = kv * (self.shape.host_passes > 1)
+        return self.energy.of(counts, np.asarray(self.kv_write_time(tokens, layers)) / self._tck_s, 0.0, dynamic)
 
     def engine_layer_attention_time(self, contexts: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, list]:
         """The command-level engine's answer for `layer_attention_time`: (seconds per rank, per-rank

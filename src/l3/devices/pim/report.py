@@ -37,6 +37,20 @@ _FIXES = {
 }
 
 
+ENERGY_COMPONENTS = {
+    "background": "DRAM standby: active (rows open) while a rank works, precharged while it idles (IDD3N, IDD2N).",
+    "refresh": "All-bank refreshes: (IDD5B - IDD3N) x tRFC each, one per tREFI per rank.",
+    "activate": "Row activations with their precharge: IDD0 over tRC beyond standby, per bank and chip.",
+    "host_io": "Host bursts into and out of the rank: Q, new K/V, outputs (IDD4W / IDD4R beyond standby).",
+    "bank_read": "Column reads by the bank PUs, each charged a full burst read (IDD4R beyond standby).",
+    "bank_mac": "Bank-PU FP16 multiplies and accumulates: one per value read and query head served.",
+    "rank_pu": "Rank-PU FP32 adds (cross-chip and cross-bank sums) and softmax values.",
+    "rank_link": "Bytes between the chips and the rank PU over the DIMM.",
+    "buffers": "Shared, result and rank-PU buffer accesses (SRAM energy per byte).",
+    "host_cpu": "Host CPUs re-laying out KV (only without in-flight re-layout).",
+}
+
+
 def _check_fits(dev: PimDevice, context: int, batch: int) -> None:
     """SpecError unless `batch` requests of `context` tokens fit the device's KV capacity."""
     if batch * context > dev.kv_capacity_tokens:
@@ -53,6 +67,7 @@ def pim_report(dram: DramSpec, pim: PimSpec, model: ModelSpec, context: int, bat
     dev = PimDevice(dram, pim, model)
     _check_fits(dev, context, batch)
     step = dev.step_attention_time(np.full(batch, context))
+    energy = dev.step_attention_energy(np.full(batch, context))
     kv_read = batch * context * model.kv_bytes_per_token
     return {
         "model": model.name,
@@ -68,6 +83,12 @@ def pim_report(dram: DramSpec, pim: PimSpec, model: ModelSpec, context: int, bat
         "mean_rank_time_s": step["mean"],
         "breakdown": step["breakdown"],
         "mechanisms": MECHANISMS,
+        # the whole device (every rank, working or idle) over the step, joules by energy.COMPONENTS
+        "energy_j": sum(energy.values()),
+        "energy_j_per_token": sum(energy.values()) / batch,
+        "energy_j_per_kv_byte": sum(energy.values()) / kv_read,
+        "energy_breakdown_j": energy,
+        "energy_components": ENERGY_COMPONENTS,
     }
 
 

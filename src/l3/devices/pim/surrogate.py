@@ -21,6 +21,10 @@ them with numpy:
   refresh inside one round long enough for eight (measured once): refresh grows with time, at the kernel's own
   long-round cost, instead of repeating a short round's.
 
+Energy rides along: every piece carries the engine's energy counts (timing.COUNTS) beside its time categories,
+composed the same way; each refresh adds the activations that re-open the rows it closed (measured once), and
+the caller turns counts, cycles and refreshes into joules (energy.PimEnergy).
+
 Measured pieces are cached per slot count, so cost is paid once per distinct s (in the measured range).
 """
 
@@ -32,14 +36,16 @@ import math
 import numpy as np
 
 from l3.devices.pim.kernels import KernelShape, rank_layer_stream
-from l3.devices.pim.timing import CATEGORIES, EngineResult, RankEngine
+from l3.devices.pim.timing import CATEGORIES, COUNTS, EngineResult, RankEngine
 from l3.specs.dram import DramSpec
 from l3.specs.model import ModelSpec
 from l3.specs.pim import PimSpec
 
 _NC = len(CATEGORIES)
+_NV = _NC + len(COUNTS)  # a piece: its cycles per category, then its energy counts
 _REFRESH = CATEGORIES.index("refresh")
-_COLS = 2 * _NC + 3
+_ACT = _NC + COUNTS.index("act")
+_COLS = 2 * _NV + 3
 
 
 class PimSurrogate:
@@ -55,9 +61,9 @@ class PimSurrogate:
         self._k = min(sh.rounds, 3)  # rounds per request measured
         self.period = sh.period
         self.s_hi = self._warm_up() * self.period
-        self._tab = np.full((self.s_hi + 1, _COLS), np.nan)  # per s: B, E (cycles/category), tail, c_1, c_ref
-        self._x = np.zeros(_NC)
-        self._c1_long = self._first_round_refresh()
+        self._tab = np.full((self.s_hi + 1, _COLS), np.nan)  # per s: B, E (cycles/category, counts), tail, c_1, c_ref
+        self._x = np.zeros(_NV)
+        self._c1_long, self.acts_per_refresh = self._first_round_refresh()
         k = self._k
         self._h = self._vec(self._run(k, [sh.n_bk, sh.n_bk])) - self._vec(self._run(k, [sh.n_bk]))
         self._h -= k * self._lookup(np.array([1]))[0][0]
@@ -73,7 +79,7 @@ class PimSurrogate:
 
     @staticmethod
     def _vec(res: EngineResult) -> np.ndarray:
-        return np.array([res.breakdown[c] for c in CATEGORIES], dtype=float)
+        return np.array([res.breakdown[c] for c in CATEGORIES] + [res.counts[c] for c in COUNTS], dtype=float)
 
     def _measure(self, s: int) -> tuple[np.ndarray, np.ndarray, float, float, float]:
         """(B, E, bank-side tail, c_1, c_ref) of slot count s, cycles. With k = min(R, 3) rounds measured:
@@ -86,7 +92,7 @@ class PimSurrogate:
             t = {r: self._run(r, [ctx]) for r in range(1, max(k, 2) + 1)}
             m = max(k, 2)
             b = self._vec(t[m]) - self._vec(t[m - 1])
-            rounds = max(m, math.ceil(6 * self.refi / b.sum()))
+            rounds = max(m, math.ceil(6 * self.refi / b[:_NC].sum()))
             off = t[m] if rounds == m else self._run(rounds, [ctx])
             on = self._run(rounds, [ctx], refresh=True)
             c_ref = (on.cycles - off.cycles) / max(1, on.refreshes)
@@ -101,22 +107,24 @@ class PimSurrogate:
         transients and link-bound starts over), at most what one score-buffer segment holds."""
         p = self.period
         k_ref = min(self.shape.segment // p, 64)
-        d_ref = self._measure(k_ref * p)[0].sum() - self._measure((k_ref - 1) * p)[0].sum()
+        d_ref = self._measure(k_ref * p)[0][:_NC].sum() - self._measure((k_ref - 1) * p)[0][:_NC].sum()
         k = 4
         while k < k_ref:
-            b = [self._measure(j * p)[0].sum() for j in (k - 2, k - 1, k)]
+            b = [self._measure(j * p)[0][:_NC].sum() for j in (k - 2, k - 1, k)]
             if all(abs(d - d_ref) <= 1e-4 * b[2] for d in (b[1] - b[0], b[2] - b[1])):
                 break
             k = min(2 * k, k_ref)
         return min(k, k_ref)
 
-    def _first_round_refresh(self) -> float:
-        """c_1 for first rounds longer than the measured range: one round long enough for eight refreshes."""
+    def _first_round_refresh(self) -> tuple[float, float]:
+        """c_1 for first rounds longer than the measured range, and the activations per refresh (re-opening the
+        rows it closed), from one round long enough for eight refreshes."""
         s = self.s_hi
         while (off := self._run(1, [s * self.shape.n_bk])).bank_cycles < 8 * self.refi and s < 1 << 16:
             s *= 2
         on = self._run(1, [s * self.shape.n_bk], refresh=True)
-        return (on.cycles - off.cycles) / max(1, on.refreshes)
+        n = max(1, on.refreshes)
+        return (on.cycles - off.cycles) / n, (on.counts["act"] - off.counts["act"]) / n
 
     def _fill(self, s: np.ndarray) -> None:
         for v in s[np.isnan(self._tab[s, 0])]:
@@ -125,13 +133,14 @@ class PimSurrogate:
 
     # --- composition ---------------------------------------------------------------------------------
     def _lookup(self, s: np.ndarray, segments: bool = True) -> tuple[np.ndarray, ...]:
-        """B (n, categories), E (n, categories), bank tail, c_1 and c_ref (n,) for slot counts s >= 1."""
+        """B (n, categories + counts), E (n, categories + counts), bank tail, c_1 and c_ref (n,) for slot counts
+        s >= 1."""
         p, big = self.period, s > self.s_hi
         q = np.where(big, -(-(s - self.s_hi) // p), 0)
         r = s - q * p
         self._fill(np.unique(np.concatenate([r, r[big] - p])))
         row = self._tab[r]
-        b = row[:, :_NC] + q[:, None] * (row[:, :_NC] - self._tab[np.where(big, r - p, r), :_NC])
+        b = row[:, :_NV] + q[:, None] * (row[:, :_NV] - self._tab[np.where(big, r - p, r), :_NV])
         if segments and self.shape.mapped:
             b = b + ((s - 1) // self.shape.segment)[:, None] * self._x
         # Past the measured range: a round hides the delay of its edge refreshes as the sample it extends does
@@ -139,14 +148,15 @@ class PimSurrogate:
         # inside one long round of this kernel (measured): c_ref(s) = c_long - h / B(s).
         c_ref = row[:, -1]
         c_ref = np.where(big, self._c1_long - (self._c1_long - c_ref) * row[:, :_NC].sum(axis=1)
-                         / np.maximum(b.sum(axis=1), 1.0), c_ref)  # fmt: skip
-        return b, row[:, _NC : 2 * _NC], row[:, -3], np.where(big, self._c1_long, row[:, -2]), c_ref
+                         / np.maximum(b[:, :_NC].sum(axis=1), 1.0), c_ref)  # fmt: skip
+        return b, row[:, _NV : 2 * _NV], row[:, -3], np.where(big, self._c1_long, row[:, -2]), c_ref
 
     def _with_refresh(self, t: np.ndarray, tail: np.ndarray, first: np.ndarray, c_1: np.ndarray,
-                      c_ref: np.ndarray) -> np.ndarray:  # fmt: skip
-        """Add refresh to breakdowns t (ranks, categories) whose bank side ends `tail` before the end and
-        whose first round takes about `first` cycles (refreshes there cost c_1, later ones c_ref)."""
-        busy = t.sum(axis=1) - tail
+                      c_ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """Add refresh to pieces t (ranks, categories + counts) whose bank side ends `tail` before the end and
+        whose first round takes about `first` cycles (refreshes there cost c_1, later ones c_ref, and each
+        re-opens the rows it closed). Returns t and the refreshes per rank."""
+        busy = t[:, :_NC].sum(axis=1) - tail
         c = np.where(busy > 0, (c_1 * np.minimum(first, busy) + c_ref * np.maximum(busy - first, 0))
                      / np.maximum(busy, 1), c_ref)  # fmt: skip
         half = self.refi // 2
@@ -155,17 +165,23 @@ class PimSurrogate:
             end = busy + n * c
             n = np.where(end >= half, np.floor((end - half) / self.refi) + 1, 0)
         t[:, _REFRESH] += n * c
-        return t
+        t[:, _ACT] += n * self.acts_per_refresh
+        return t, n
 
     def rank_cycles(self, contexts: np.ndarray, rank: np.ndarray, n_ranks: int) -> np.ndarray:
         """Per-rank breakdown (n_ranks, categories) in cycles of one layer's attention. Request i (context
         contexts[i] tokens) runs on rank rank[i]; each rank serves its requests in input order."""
+        return self.rank_work(contexts, rank, n_ranks)[0]
+
+    def rank_work(self, contexts: np.ndarray, rank: np.ndarray,
+                  n_ranks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+        """`rank_cycles`, with each rank's energy counts (n_ranks, COUNTS) and refreshes (n_ranks,)."""
         contexts, rank = np.asarray(contexts, dtype=np.int64), np.asarray(rank, dtype=np.int64)
-        out = np.zeros((n_ranks, _NC))
+        out, n_ref = np.zeros((n_ranks, _NV)), np.zeros(n_ranks)
         if contexts.size == 0:
-            return out
+            return out[:, :_NC], out[:, _NC:], n_ref
         b, e, tail, c_1, c_ref = self._lookup(-(-contexts // self.shape.n_bk))
-        for k in range(_NC):
+        for k in range(_NV):
             out[:, k] = np.bincount(rank, weights=b[:, k], minlength=n_ranks) * self.shape.rounds
         n = np.bincount(rank, minlength=n_ranks)
         last, first = np.full(n_ranks, -1), np.full(n_ranks, len(rank))
@@ -173,12 +189,12 @@ class PimSurrogate:
         np.minimum.at(first, rank, np.arange(len(rank)))
         on = n > 0
         out[on] += (n[on] - 1)[:, None] * self._h + e[last[on]]
-        weight = b.sum(axis=1)  # refresh delay per event: c_ref of the rank's requests, weighted by time
+        weight = b[:, :_NC].sum(axis=1)  # refresh delay per event: c_ref of the rank's requests, weighted by time
         c_rank = np.bincount(rank, weights=weight * c_ref, minlength=n_ranks)[on] / np.bincount(
             rank, weights=weight, minlength=n_ranks)[on]  # fmt: skip
         f = first[on]
-        out[on] = self._with_refresh(out[on], tail[last[on]], b[f].sum(axis=1), c_1[f], c_rank)
-        return out
+        out[on], n_ref[on] = self._with_refresh(out[on], tail[last[on]], weight[f], c_1[f], c_rank)
+        return out[:, :_NC], out[:, _NC:], n_ref
 
     def uniform_cycles(self, n_requests: np.ndarray, context: np.ndarray) -> np.ndarray:
         """Total cycles of ranks each holding n_requests[j] requests of context[j] tokens (0 for none);
@@ -186,4 +202,4 @@ class PimSurrogate:
         n, ctx = np.asarray(n_requests, dtype=np.int64), np.maximum(np.asarray(context, dtype=np.int64), 1)
         b, e, tail, c_1, c_ref = self._lookup(-(-ctx // self.shape.n_bk))
         t = (n * self.shape.rounds)[:, None] * b + (n - 1)[:, None] * self._h + e
-        return self._with_refresh(t, tail, b.sum(axis=1), c_1, c_ref).sum(axis=1) * (n > 0)
+        return self._with_refresh(t, tail, b[:, :_NC].sum(axis=1), c_1, c_ref)[0][:, :_NC].sum(axis=1) * (n > 0)

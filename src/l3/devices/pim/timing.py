@@ -20,6 +20,10 @@ overlap; a run may `wait` for tagged runs of any unit):
 - the rank PU's adder (RPU_SUM) and softmax unit (RPU_SOFTMAX): ceil(size / lanes) rank-PU cycles each.
 - the channel data bus for host reads / writes of the rank PU window: one burst per command.
 
+The engine also counts what energy is charged on (`COUNTS`, see energy.py): bank activations (refresh re-opens
+included), column bursts per chip of host reads and writes to banks and to the rank PU window, all-bank column
+accesses (bank x command) of the PUs, bytes over the rank link, rank-PU operations and host re-layout bytes.
+
 Runs of identical commands are scheduled in closed form between refreshes; `expand`ed streams give the same
 answer. The breakdown charges the bank side's timeline: command occupancy (column commands: their spacing) to
 the run's category, idle gaps to the binding constraint (DRAM rule -> row_switch, write turnaround ->
@@ -44,6 +48,12 @@ from l3.specs.pim import PimSpec
 
 CATEGORIES = ("compute", "row_switch", "refresh", "bubble", "rank_transfer", "rank_compute", "host_write",
               "host_read")  # fmt: skip
+# What the engine counts for energy, per rank: bank ACTs; host column bursts to banks (read, write) and to the
+# rank PU window (pu_read, pu_write); all-bank column accesses of the bank PUs (mac: PIM_MAC, load: PIM_LD_SB,
+# stream: RD_AB's column reads) counted per bank; rank-link bytes per chip; rank-PU adds and softmax values; host
+# CPU re-layout bytes.
+COUNTS = ("act", "read", "write", "pu_read", "pu_write", "mac", "load", "stream", "link_bytes", "rpu_add",
+          "rpu_softmax", "host_bytes")  # fmt: skip
 _NEVER = -(10**12)
 _COLUMN_READS = (Cmd.PIM_MAC, Cmd.PIM_LD_SB, Cmd.RD)
 
@@ -55,6 +65,7 @@ class EngineResult:
     breakdown: dict[str, int]  # cycles per category (CATEGORIES), summing to `cycles`
     refreshes: int
     bank_cycles: int  # end of the bank side's last command (the rest is the rank-side / host tail)
+    counts: dict[str, float]  # COUNTS: what energy is charged on
 
     @property
     def seconds(self) -> float:
@@ -80,6 +91,7 @@ class RankEngine:
         self.lanes = {Cmd.RPU_SUM: pim.rank_pu.adder_lanes, Cmd.RPU_SOFTMAX: pim.rank_pu.softmax_lanes}
         self.cpu_bytes_per_cycle = pim.host_relayout_bw / org.ranks * t.tck_ns * 1e-9  # this rank's share
         self.staggered = pim.all_bank_act == "staggered"
+        self.burst_bytes = dram.burst_bytes_per_chip
         self.refresh = refresh
         self.rtw = t.cl + t.burst_cycles + 2 - t.cwl
         self.wr_gap = t.ccd_l_wr or t.ccd_l
@@ -104,6 +116,7 @@ class RankEngine:
         self._reset()
         prev_unit, prev_done = None, (0, "bubble")
         for r in stream:
+            self._count(r)
             unit = self._unit(r)
             dep_t, dep_cat = 0, r.cat
             for w in r.wait:
@@ -147,6 +160,7 @@ class RankEngine:
         self.chan_t = 0
         self.next_due = self.t.refi // 2
         self.refreshes = 0
+        self.counts = dict.fromkeys(COUNTS, 0.0)
         self.unit_free: dict[str, int] = {}
         self.tags: dict = {}
         self.cur = 0  # bank-side timeline charged so far
@@ -155,6 +169,24 @@ class RankEngine:
         # completions of `count` commands of one run at first, first + step, ...
         self.pending: list[tuple[int, int, int, str]] = []
         self.end = 0
+
+    def _count(self, r: Run) -> None:
+        """Add run `r` to the energy counts (activations are counted as they are committed)."""
+        c, k = self.counts, r.count
+        if r.cmd in (Cmd.RD, Cmd.WR):
+            c[("pu_" if r.bank == PU else "") + ("read" if r.cmd == Cmd.RD else "write")] += k
+        elif r.cmd in (Cmd.PIM_MAC, Cmd.PIM_LD_SB):
+            c["mac" if r.cmd == Cmd.PIM_MAC else "load"] += k * self.nbk
+        elif r.cmd in LINK_CMDS:
+            c["link_bytes"] += k * r.size
+            if r.cmd == Cmd.RD_AB:  # the open rows stream out one column access after another
+                c["stream"] += k * r.size / self.burst_bytes
+        elif r.cmd == Cmd.RPU_SUM:
+            c["rpu_add"] += k * r.size
+        elif r.cmd == Cmd.RPU_SOFTMAX:
+            c["rpu_softmax"] += k * r.size
+        elif r.cmd == Cmd.HOST_CPU:
+            c["host_bytes"] += k * r.size
 
     @staticmethod
     def _unit(r: Run) -> str:
@@ -206,7 +238,7 @@ class RankEngine:
                 t = last
             if count > k:
                 heapq.heappush(heap, (at + k * step, cat, step, count - k))
-        return EngineResult(total, self.t.tck_ns, dict(self.bd), self.refreshes, self.cur)
+        return EngineResult(total, self.t.tck_ns, dict(self.bd), self.refreshes, self.cur, dict(self.counts))
 
     # --- bank side ---------------------------------------------------------------------------------
     def _banks(self, r: Run) -> range | tuple[int]:
@@ -262,6 +294,7 @@ class RankEngine:
 
     def _commit_act(self, b: int, row: int, at: int) -> None:
         self.open_row[b], self.t_act[b] = row, at
+        self.counts["act"] += 1
 
     def _commit(self, r: Run, at: int) -> int:
         """Apply one command of `r` issued at `at`; returns the issue time of its last sub-command."""

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from l3.report.plots import save_figure
 from l3.report.summary import summarize
 from l3.run import ParallelChoice, Stopwatch, simulate
 from l3.sched.requests import Status
@@ -158,6 +159,4 @@ def write_compare(results: list[dict], out: Path) -> None:
     for ax in axes[:2]:
         ax.tick_params(axis="x", rotation=30)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out / "compare.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "compare.png")

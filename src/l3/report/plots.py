@@ -11,6 +11,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 
+def save_figure(fig, path: Path) -> None:
+    """Lay out `fig`, write it to `path` as a PNG and free it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _cumulative(series: np.ndarray, col: np.ndarray, edges: np.ndarray) -> np.ndarray:
     """Integral up to each edge of a quantity spread uniformly over each plan's [t0, t1]."""
     t0, t1 = series[:, 1], series[:, 2]
@@ -40,9 +47,7 @@ def plot_over_time(series: np.ndarray, path: Path, title: str, bins: int = 200) 
     ax1.set_title(title, fontsize=10)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def pick_iterations(timeline: list[tuple], series: np.ndarray, targets) -> list[int]:
@@ -95,6 +100,4 @@ def plot_timeline(timeline: list[tuple[int, int, str, float, float, str]], serie
     if kinds:
         handles = [plt.Rectangle((0, 0), 1, 1, color=colors(i % 10)) for i in range(len(kinds))]
         axes[0, 0].legend(handles, kinds, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

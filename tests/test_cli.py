@@ -12,7 +12,8 @@ import pytest
 REQUIRED = ["throughput_tok_s", "requests_completed", "requests_rejected", "mean_batch_size", "ttft_p50_s",
             "ttft_p99_s", "tbt_p50_s", "tbt_p99_s", "simulated_time_s", "wall_time_s", "model", "system",
             "workload", "steady_throughput_tok_s", "t50_output_s", "t90_output_s", "bound_tok_s", "bound_fraction",
-            "time_breakdown", "parallelism", "parallelism_candidates"]  # fmt: skip
+            "time_breakdown", "parallelism", "parallelism_candidates", "energy_j", "energy_j_per_token",
+            "energy_breakdown_j"]  # fmt: skip
 
 
 def l3(*args, check=True):
@@ -85,6 +86,8 @@ def test_pim_json_has_required_fields():
                 "step_attention_time_s", "breakdown"):  # fmt: skip
         assert key in out, key
     assert out["n_hc"] == 1 and 12e12 < out["peak_attention_bw_bytes_per_s"] < 14e12
+    assert out["energy_j"] == pytest.approx(sum(out["energy_breakdown_j"].values()))
+    assert out["energy_j_per_token"] == pytest.approx(out["energy_j"] / 16)
     assert abs(sum(out["breakdown"].values()) - out["step_attention_time_s"]) <= 1e-9 * out["step_attention_time_s"]
 
 
@@ -109,6 +112,9 @@ def test_compare_writes_one_summary_per_system(tmp_path):
             assert key in r, key
         assert r["requests_completed"] + r["requests_rejected"] == 30
     assert results[0]["speedup"] == 1.0
+    for r in results:  # energy columns: tokens per joule is the reciprocal of joules per token
+        assert r["tokens_per_j"] == pytest.approx(1 / r["energy_j_per_token"])
+    assert "J/token" in text and "tokens/J" in text
     assert (out / "compare.csv").read_text().count("\n") == 4
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -162,3 +168,14 @@ def test_compare_strict_refuses_a_trace_with_impossible_rows_before_running(tmp_
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "1 rows refused as impossible" in proc.stderr + proc.stdout
     assert not (tmp_path / "c" / "compare.json").exists()
+
+
+def test_sweep_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('base = "l3"\n')
+    for args, needle in ((("sweep", str(bad)), "models: Field required"),
+                         (("sweep", "report"), "needs the sweep's Parquet file"),
+                         (("sweep", "report", str(tmp_path / "none.parquet")), "no such file"),
+                         (("sweep", "spec.json"), "expected a sweep spec (.toml)")):  # fmt: skip
+        proc = l3(*args, check=False)
+        assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

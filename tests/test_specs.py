@@ -258,3 +258,17 @@ def test_unknown_presets_and_bad_overrides_name_the_file(tmp_path, old, new, mat
     with pytest.raises(SpecError, match=match) as exc:
         get_system(str(f))
     assert str(f) in str(exc.value)
+
+
+def test_platform_presets_beyond_the_paper():
+    from l3.specs.dram import get_org
+    from l3.specs.hardware import get_gpu, get_link
+
+    b200, h100 = get_gpu("b200"), get_gpu("h100-sxm")
+    assert b200.hbm_bw > 2 * h100.hbm_bw and b200.l2_bytes > 2 * h100.l2_bytes
+    assert b200.flop_j == (b200.tdp_w - b200.idle_w) / b200.peak_flops
+    assert get_link("nvlink5").bw == 2 * get_link("nvlink4").bw
+    assert 110e9 < get_link("pcie6-x16").bw < 128e9  # 64 GT/s x 16 lanes, FLIT overhead
+    ddr5 = get_org("ddr5-32gb-x8-12dimm")
+    assert ddr5.dimms == 12 and ddr5.channels == 24  # two subchannels per DIMM
+    assert get_org("ddr4-l3-2tb").dimms == 32

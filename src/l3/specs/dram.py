@@ -132,14 +132,18 @@ class DramOrg(SpecModel):
     banks_per_group: int
     rows: int
     columns: int  # column addresses per row; one column = device_width bits
+    subchannels_per_dimm: int = 1  # channels one DIMM serves (DDR5: its two 32-bit subchannels)
     source: str = ""
 
     @model_validator(mode="after")
     def _check(self) -> DramOrg:
         require_positive(self, ("channels", "dimms_per_channel", "ranks_per_dimm", "chips_per_rank", "bank_groups",
-                                "banks_per_group", "rows", "columns"))  # fmt: skip
+                                "banks_per_group", "rows", "columns", "subchannels_per_dimm"))  # fmt: skip
         if self.device_width_bits not in (4, 8, 16):
             raise ValueError("device_width_bits must be 4, 8 or 16")
+        if self.channels % self.subchannels_per_dimm:
+            raise ValueError(f"channels ({self.channels}) must be a multiple of subchannels_per_dimm "
+                             f"({self.subchannels_per_dimm})")  # fmt: skip
         return self
 
     # --- derived organisation ------------------------------------------------------------------
@@ -165,7 +169,8 @@ class DramOrg(SpecModel):
 
     @property
     def dimms(self) -> int:
-        return self.channels * self.dimms_per_channel
+        """DIMMs installed (a DDR5 DIMM serves two subchannels, each counted as a channel)."""
+        return self.channels * self.dimms_per_channel // self.subchannels_per_dimm
 
     @property
     def bus_width_bits(self) -> int:
@@ -267,9 +272,11 @@ ORG_PRESETS: dict[str, DramOrg] = {
         # DDR5: channel = 32-bit subchannel with 4 x8 chips per rank; 12 DIMM slots x 2 subchannels.
         DramOrg(name="ddr5-32gb-x8-12dimm", channels=24, dimms_per_channel=1, ranks_per_dimm=2, chips_per_rank=4,
                 device_width_bits=8, bank_groups=8, banks_per_group=4, rows=131072, columns=1024,
+                subchannels_per_dimm=2,
                 source="Ramulator2 org_presets DDR5_32Gb_x8; 12 DIMMs (2 subchannels each, 2 ranks) is ours"),
         DramOrg(name="ddr5-16gb-x8-12dimm", channels=24, dimms_per_channel=1, ranks_per_dimm=2, chips_per_rank=4,
                 device_width_bits=8, bank_groups=8, banks_per_group=4, rows=65536, columns=1024,
+                subchannels_per_dimm=2,
                 source="Ramulator2 org_presets DDR5_16Gb_x8; 12 DIMMs (2 subchannels each, 2 ranks) is ours"),
     ]
 }  # fmt: skip

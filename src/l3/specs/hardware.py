@@ -118,6 +118,11 @@ GPU_PRESETS: dict[str, GpuSpec] = {
                 l2_bytes=50 * 2**20, tdp_w=700, idle_w=90, hbm_pj_per_bit=3.9,
                 source="NVIDIA H200 datasheet (SXM): 989.4 TFLOP/s FP16 dense, 4.8 TB/s, 141 GB HBM3e, 700 W; the "
                        "H100's GH100 die, 50 MB L2; idle 90 W and 3.9 pJ/bit (assumptions, as H100)"),
+        GpuSpec(name="b200", peak_flops=2.25e15, hbm_bw=8.0e12, hbm_bytes=180 * 10**9, sm_count=148,
+                l2_bytes=126 * 2**20, tdp_w=1000, idle_w=130, hbm_pj_per_bit=3.9,
+                source="NVIDIA HGX B200 (1,000 W): 2.25 PFLOP/s FP16 dense, 8 TB/s HBM3e, 180 GB per GPU (1.44 TB "
+                       "per 8 GPUs); 148 SMs and 126 MB L2 (Chips and Cheese, B200 microbenchmarks, 2025); idle "
+                       "130 W (assumption: H100's 13% of TDP) and 3.9 pJ/bit (assumption)"),
     ]
 }  # fmt: skip
 
@@ -135,6 +140,12 @@ LINK_PRESETS: dict[str, LinkSpec] = {
                  source="NVLink 3 (A100): 600 GB/s total = 300 GB/s per direction per GPU; 2 us (assumed)"),
         LinkSpec(name="nvlink4", bw=450 * GB, latency_s=2e-6, pj_per_bit=1.5,
                  source="NVLink 4 (H100): 900 GB/s total = 450 GB/s per direction per GPU; 2 us (assumed)"),
+        LinkSpec(name="nvlink5", bw=900 * GB, latency_s=2e-6, pj_per_bit=1.5,
+                 source="NVLink 5 (B200): 1.8 TB/s total = 900 GB/s per direction per GPU; 2 us (assumed)"),
+        # PCIe 6.0: 64 GT/s/lane (PAM4), 256-B FLITs carrying 236 B of TLP payload
+        LinkSpec(name="pcie6-x16", bw=16 * 64e9 / 8 * 236 / 256, latency_s=5e-6, pj_per_bit=5.0,
+                 source="PCIe 6.0: 64 GT/s/lane, FLIT mode (236 of 256 B payload) -> 118 GB/s per direction; 5 us "
+                        "DMA setup (assumed)"),
     ]
 }  # fmt: skip
 

@@ -235,7 +235,7 @@ def compare_cmd(
 @app.command()
 def study(
     name: Annotated[str, typer.Argument(help="main | main-mech | capacity | scaling | ablation | tbt | long-context "
-                                             "| energy")],
+                                             "| energy | platforms")],
     out: Annotated[Path, typer.Option(help="directory for report.md, results.json and figures")] = Path("out/study"),
     requests: Annotated[int, typer.Option(min=1, help="requests per run (the paper uses 1000)")] = 1000,
     jobs: Annotated[int, typer.Option(min=1, help="parallel processes")] = 2,

@@ -510,6 +510,42 @@ def energy_study(n: int) -> tuple[list[Run], Callable]:
     return runs, report
 
 
+PLATFORMS = (("DGX-A100 + DDR4-3200 DIMM-PIM (the paper's)", "gpu-only", "l3"),
+             ("HGX H200 + DDR5-5600 DIMM-PIM", "gpu-only-h200", "l3-h200-ddr5"))  # fmt: skip
+
+
+def platforms_study(n: int) -> tuple[list[Run], Callable]:
+    """L3 and its GPU-only baseline on the paper's platform and on a newer one, the three models on OpenR1, every
+    run at its best parallelism."""
+    runs = [Run(f"{s} {m}", s, m, "openr1", n, parallel="auto") for m in PAPER_MODELS for _, g, l3 in PLATFORMS
+            for s in (g, l3)]  # fmt: skip
+
+    def report(res: list[dict], out: Path) -> str:
+        by = {(r["system"], r["model"]): r for r in res}
+        lines = ["| model | platform | gpu-only: TP x DP, steady / total tok/s | L3: TP x DP, steady / total tok/s | "
+                 "L3 over gpu-only: steady / total | J/token: gpu-only, L3 | L3 bound reached | L3 KV capacity |",
+                 "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for m in PAPER_MODELS:
+            for name, g_sys, l_sys in PLATFORMS:
+                g, l3 = by[g_sys, m], by[l_sys, m]
+
+                def tput(r: dict) -> str:
+                    d = r["deployment"]
+                    if r["requests_rejected"]:
+                        return f"{d['tp']} x {d['dp']}, OOM ({r['requests_rejected']} rejected)"
+                    steady = "-" if r[LEAD] is None else f"{r[LEAD]:.0f}"
+                    return f"{d['tp']} x {d['dp']}, {steady} / {r['throughput_tok_s']:.0f}"
+
+                energy = ", ".join("-" if r["requests_rejected"] else f"{r['energy_j_per_token']:.2f}" for r in (g, l3))
+                lines.append(f"| {m} | {name} | {tput(g)} | {tput(l3)} | {ratio_cell(l3, g)} | {energy} | "
+                             f"{_pct(l3['bound_fraction'])} | {l3['kv_capacity_bytes'] / 2**40:.2f} TiB |")
+        return "\n".join(["Each platform's L3 against the GPU-only machine it extends (same GPUs, links and host), "
+                          "OpenR1, every run at its best parallelism (auto). OOM: the system rejected requests it "
+                          "can never hold, so no ratio is taken.", "", *lines])
+
+    return runs, report
+
+
 STUDIES: dict[str, Callable[[int], tuple[list[Run], Callable]]] = {
     "main": main_study,
     "main-mech": lambda n: main_study(n, MECH_SYSTEMS, "main-mech"),
@@ -519,6 +555,7 @@ STUDIES: dict[str, Callable[[int], tuple[list[Run], Callable]]] = {
     "tbt": tbt_study,
     "long-context": long_context_study,
     "energy": energy_study,
+    "platforms": platforms_study,
 }
 
 

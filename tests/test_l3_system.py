@@ -186,3 +186,20 @@ def test_rankset_overlap_removes_transfer_stalls():
         stalls[overlap] = s["transfer_stall_s"]
         assert sorted(stalls[overlap]) == [f"rankset{q}" for q in range(4)]
     assert all(0 < stalls[True][k] < stalls[False][k] for k in stalls[True])
+
+
+def test_cxl_attached_pim_adds_the_expanders_link_to_every_transfer():
+    from l3.errors import SpecError
+    from l3.specs.hardware import get_link
+
+    model = get_model("llama-2-7b")
+    dimm = L3System(get_system("l3-h200-ddr5").deploy(model, ParallelSpec(tp=2, dp=4)))
+    cxl = L3System(get_system("l3-h200-cxl").deploy(model, ParallelSpec(tp=2, dp=4)))
+    link, devices = cxl.cxl
+    assert dimm.cxl is None and link == get_link("cxl2-x16") and devices == 2  # 8 expanders over 4 replicas
+    for nbytes in (4096.0, 64e6):  # a decode vector (latency-bound), a prefill chunk's KV (bandwidth-bound)
+        extra = cxl.pcie(nbytes) - dimm.pcie(nbytes)
+        assert extra == pytest.approx(link.latency_s + nbytes / devices / link.bw)
+    assert cxl.link_j_per_byte == pytest.approx(dimm.link_j_per_byte + link.pj_per_bit * 8e-12)
+    with pytest.raises(SpecError, match="split evenly over cxl_devices"):
+        with_overrides(get_system("l3-h200-cxl"), {"pim": {"cxl_devices": 7}})

@@ -511,7 +511,8 @@ def energy_study(n: int) -> tuple[list[Run], Callable]:
 
 
 PLATFORMS = (("DGX-A100 + DDR4-3200 DIMM-PIM (the paper's)", "gpu-only", "l3"),
-             ("HGX H200 + DDR5-5600 DIMM-PIM", "gpu-only-h200", "l3-h200-ddr5"))  # fmt: skip
+             ("HGX H200 + DDR5-5600 DIMM-PIM", "gpu-only-h200", "l3-h200-ddr5"),
+             ("HGX H200 + CXL DDR5-5600 PIM expanders", "gpu-only-h200", "l3-h200-cxl"))  # fmt: skip
 
 
 def platforms_study(n: int) -> tuple[list[Run], Callable]:

@@ -280,6 +280,12 @@ ORG_PRESETS: dict[str, DramOrg] = {
                 subchannels_per_dimm=2,
                 source="Ramulator2 org_presets DDR5_32Gb_x8; 2 sockets x 12 channels x 1 DIMM (2 subchannels, "
                        "2 ranks) = 24 DIMMs, 1.5 TiB, is ours"),
+        # Eight CXL memory expanders, each with 4 DDR5 channels of one DIMM: 64 subchannels.
+        DramOrg(name="ddr5-32gb-x8-cxl8x4", channels=64, dimms_per_channel=1, ranks_per_dimm=2, chips_per_rank=4,
+                device_width_bits=8, bank_groups=8, banks_per_group=4, rows=131072, columns=1024,
+                subchannels_per_dimm=2,
+                source="Ramulator2 org_presets DDR5_32Gb_x8; 8 expanders x 4 channels x 1 DIMM (2 subchannels, "
+                       "2 ranks) = 32 DIMMs, 2 TiB, is ours"),
         DramOrg(name="ddr5-16gb-x8-12dimm", channels=24, dimms_per_channel=1, ranks_per_dimm=2, chips_per_rank=4,
                 device_width_bits=8, bank_groups=8, banks_per_group=4, rows=65536, columns=1024,
                 subchannels_per_dimm=2,

@@ -142,6 +142,11 @@ LINK_PRESETS: dict[str, LinkSpec] = {
                  source="NVLink 4 (H100): 900 GB/s total = 450 GB/s per direction per GPU; 2 us (assumed)"),
         LinkSpec(name="nvlink5", bw=900 * GB, latency_s=2e-6, pj_per_bit=1.5,
                  source="NVLink 5 (B200): 1.8 TB/s total = 900 GB/s per direction per GPU; 2 us (assumed)"),
+        # CXL 2.0 over a PCIe 5.0 x16 PHY: 68-B flits carrying 64 B of CXL.mem data; a memory expander's
+        # load-to-use latency beyond local DRAM is our assumption.
+        LinkSpec(name="cxl2-x16", bw=16 * 32e9 * 128 / 130 / 8 * 64 / 68, latency_s=250e-9, pj_per_bit=5.0,
+                 source="CXL 2.0 on PCIe 5.0 x16: 63 GB/s per direction x 64/68 flit payload -> 59.3 GB/s; "
+                        "250 ns per transfer (assumed)"),
         # PCIe 6.0: 64 GT/s/lane (PAM4), 256-B FLITs carrying 236 B of TLP payload
         LinkSpec(name="pcie6-x16", bw=16 * 64e9 / 8 * 236 / 256, latency_s=5e-6, pj_per_bit=5.0,
                  source="PCIe 6.0: 64 GT/s/lane, FLIT mode (236 of 256 B payload) -> 118 GB/s per direction; 5 us "

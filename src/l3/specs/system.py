@@ -96,11 +96,21 @@ class PimMemorySpec(SpecModel):
     # bound to no GPU group (its KV lives in the pool, the weights in every group), so each iteration's work
     # is dealt over the DP groups. False: each replica owns 1/dp of the channels (the paper's partition).
     shared: bool = False
+    # How the PIM memory attaches to the host: "dimm" (its DIMM slots, the paper's) or "cxl" (memory expanders,
+    # each a CXL device holding an equal share of the channels behind one `cxl_link`): every byte between the
+    # GPUs and the PIM then also crosses the expander's link, after the GPU's host link.
+    attach: Literal["dimm", "cxl"] = "dimm"
+    cxl_devices: int = Field(8, ge=1)
+    cxl_link: str = "cxl2-x16"
 
     @model_validator(mode="after")
     def _check(self) -> PimMemorySpec:
-        as_field_error(self.dram)
+        dram = as_field_error(self.dram)
         as_field_error(get_cpu, self.host_cpu)
+        as_field_error(get_link, self.cxl_link)
+        if self.attach == "cxl" and dram.org.channels % self.cxl_devices:
+            raise ValueError(f"the {dram.org.channels} channels must split evenly over cxl_devices "
+                             f"({self.cxl_devices})")  # fmt: skip
         return self
 
     def dram(self) -> DramSpec:

@@ -23,7 +23,7 @@ from l3.devices.pim.energy import COMPONENTS
 from l3.devices.pim.geometry import PimGeometry
 from l3.devices.pim.timing import CATEGORIES
 from l3.specs.dram import DramSpec
-from l3.specs.hardware import get_cpu
+from l3.specs.hardware import get_cpu, get_link
 from l3.specs.system import Deployment
 from l3.systems.offload import AttentionOffloadSystem
 
@@ -41,6 +41,9 @@ class L3System(AttentionOffloadSystem):
         share = m.model_copy(update={"n_heads": m.n_heads // self.shard, "n_kv_heads": m.n_kv_heads // self.shard})
         self.pim = PimDevice(self.dram, sysspec.pim.pu, share)
         self._slot_ranks = [self.ranks_of(np.arange(self.slots), rho) for rho in range(self.ranksets)]
+        pim = sysspec.pim  # CXL expanders: (link, this replica's devices), each holding whole channels
+        self.cxl = None if pim.attach == "dimm" else (
+            get_link(pim.cxl_link), max(1, pim.cxl_devices * channels // full.org.channels))  # fmt: skip
         self._host_cats = [CATEGORIES.index("host_write"), CATEGORIES.index("host_read")]
         self.striped = self.coord.placement == "striped"
         # A partial: the unnormalised output (FP32, it is not bounded by |v|) and a running max and sum per
@@ -77,6 +80,20 @@ class L3System(AttentionOffloadSystem):
     def attention_bw(self) -> float:
         """Bank-level read bandwidth of the replica's ranks."""
         return self.pim.peak_attention_bw
+
+    def pcie(self, nbytes):
+        """A transfer between the GPUs and the PIM: over the GPUs' host links, and with `pim.attach = "cxl"`
+        then over the replica's expanders' CXL links (bytes spread evenly over them, one link latency), seconds."""
+        t = super().pcie(nbytes)
+        if self.cxl is None:
+            return t
+        link, devices = self.cxl
+        cxl = link.transfer_time(np.asarray(nbytes, float) / devices)
+        return t + (float(cxl) if cxl.ndim == 0 else cxl)
+
+    @property
+    def link_j_per_byte(self) -> float:
+        return super().link_j_per_byte + (self.cxl[0].pj_per_bit * 8e-12 if self.cxl is not None else 0.0)
 
     def static_power(self) -> dict[str, float]:
         """The GPUs' static power and every rank's standby and refresh."""

@@ -77,6 +77,11 @@ class AttentionOffloadSystem(SystemModel):
         """Decode attention on the memory side: the scheduler places requests on its slots and sub-batches."""
         return Topology(kv_tiers=self.kv_tiers, slots=self.slots, spread=self.spread, groups=self.groups)
 
+    @property
+    def link_j_per_byte(self) -> float:
+        """Energy of one byte between the GPUs and the memory side (J): the GPU's host link."""
+        return self.dep.host_link.pj_per_bit * 8e-12
+
     def pcie(self, nbytes):
         """One transfer (or an array of them) split over the TP group's host links (one per GPU), seconds."""
         t = self.dep.host_link.transfer_time(np.asarray(nbytes, float) / self.dep.tp)
@@ -369,7 +374,7 @@ class AttentionOffloadSystem(SystemModel):
         energy = self.gpu.energy(whole["tokens"], whole["sampled"], whole["flops"], whole["bytes"],
                                  passes=len(subs) * self.groups,
                                  kv_write_bytes=whole["hbm_kv_tokens"] * m.kv_bytes_per_token)  # fmt: skip
-        pcie = sum(x["pcie_bytes"] for x in subs) * L * 8 * self.dep.host_link.pj_per_bit * 1e-12
+        pcie = sum(x["pcie_bytes"] for x in subs) * L * self.link_j_per_byte
         energy["pcie"] = np.asarray(pcie, float)
         for x in subs:
             for k, v in x["energy"].items():

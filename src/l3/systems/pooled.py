@@ -99,6 +99,10 @@ class PooledAttentionSystem(AttentionOffloadSystem):
     def pcie(self, nbytes: float) -> float:
         return super().pcie(nbytes) if self.spec.link == "host" else 0.0
 
+    @property
+    def link_j_per_byte(self) -> float:
+        return super().link_j_per_byte if self.spec.link == "host" else 0.0
+
     def static_power(self) -> dict[str, float]:
         return super().static_power() | {"dram_background": self.device.energy_spec.static_w}
 

@@ -74,6 +74,7 @@ def test_without_ray_the_sweep_says_how_to_install_it(monkeypatch):
         import_ray()
 
 
+@pytest.mark.slow
 def test_a_failing_point_is_recorded_and_the_sweep_goes_on(tmp_path: Path, local_ray):
     s = spec(axes={"scheduler.block_size": [16, 0]})  # block_size 0 is not a valid system
     counts = run_sweep(s, tmp_path / "r.parquet", jobs=2)
@@ -84,6 +85,7 @@ def test_a_failing_point_is_recorded_and_the_sweep_goes_on(tmp_path: Path, local
     assert df[df["status"] == "ok"]["summary.throughput_tok_s"].iloc[0] > 0
 
 
+@pytest.mark.slow
 def test_sweep_matches_direct_runs_and_resumes_without_recomputing(tmp_path: Path, local_ray):
     out, s = tmp_path / "r.parquet", spec()
     seen = []

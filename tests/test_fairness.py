@@ -75,7 +75,7 @@ def _spec(kind: str, dp: int) -> tuple[SystemSpec, ModelSpec]:
     if kind == "l3":
         return SystemSpec.build(base | {"kind": "l3", "pim": {"org_overrides": {"channels": 2, "rows": 4096}}}), TINY
     return SystemSpec.build(base | {"kind": "pooled-attention", "attention": {
-        "capacity_bytes": 2e9, "bandwidth": 1e12, "write_bandwidth": 5e10}}), TINY  # fmt: skip
+        "capacity_bytes": 2e9, "bandwidth": 1e12, "write_bandwidth": 5e10, "memory": "dimm"}}), TINY  # fmt: skip
 
 
 @pytest.mark.slow

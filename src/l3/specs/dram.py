@@ -104,6 +104,11 @@ class DramTiming(SpecModel):
         e, burst = self.chip_energy(), width_bits * 2 * self.burst_cycles / 8
         return ((e.write_j if write else e.read_j) + e.act_j * burst / page_bytes) / burst
 
+    def chip_static_w(self) -> float:
+        """One device's power with nothing to do, W: precharged standby and a refresh every tREFI."""
+        e = self.chip_energy()
+        return e.precharged_w + e.refresh_j / (self.refi * self.tck_ns * 1e-9)
+
     def chip_energy(self) -> ChipEnergy:
         """Per-device command energies and standby powers from `power` (mA x V x ns = pJ)."""
         p, ns = self.power, self.tck_ns

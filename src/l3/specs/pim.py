@@ -66,6 +66,11 @@ LOGIC_45NM = {"fp16_add_pj": 0.4, "fp16_mul_pj": 1.1, "fp32_add_pj": 0.9, "fp32_
               "fp32_mul_um2": 7700.0, "sram_um2_per_byte": 8 * 0.346 / 0.5}  # fmt: skip
 
 
+def mac_j(node_nm: float, accumulate: str = "fp32") -> float:
+    """Energy of one FP16 multiply-accumulate (FP16 multiply, `accumulate`-precision add) at `node_nm`, J."""
+    return (LOGIC_45NM["fp16_mul_pj"] + LOGIC_45NM[f"{accumulate}_add_pj"]) * node_nm / 45.0 * 1e-12
+
+
 class PimEnergySpec(SpecModel):
     """Energy of the DIMM-PIM's logic beyond the DRAM commands (docs/energy.md): technology nodes the 45 nm
     figures (LOGIC_45NM) scale to, and what has no 45 nm figure. Area uses the same nodes."""

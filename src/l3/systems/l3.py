@@ -140,23 +140,17 @@ class L3System(AttentionOffloadSystem):
         wrap = 0 if D == G else (g0 + pos) // G
         return req, (g0 + pos) % G * R + (o0 + wrap) % R, held[req, pos]
 
-    def pim_layer_work(self, ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets,
-                       pre_prefix=None) -> np.ndarray:  # fmt: skip
-        """Seconds each rank is occupied by one layer's attention of a sub-batch: (offsets, R residues, ranks).
-
-        The device's rank time includes writing each request's Q and new K/V token and reading its output back
-        (striped: per rank holding some of its tokens, a partial); prefill requests `pre_ids` also write
-        `pre_tokens` tokens of KV per layer (after their `pre_prefix` tokens) into the ranks that hold them.
-        With rankset overlap a write blocks only the rank written; without it, every rank of its channel.
-        """
-        return self.pim_layer_work_split(ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets, pre_prefix)[0]
-
     def pim_layer_work_split(self, ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets,
                              pre_prefix=None) -> tuple[np.ndarray, np.ndarray, dict]:  # fmt: skip
         """`pim_layer_work`, the part of it each rank is blocked by transfers into and out of the DIMMs (Q,
         K/V and prefill writes, output reads; without rankset overlap, every write of the rank's channel), and
         the layer's dynamic energy at each offset (every rank's work above its static power: the device model's
-        commands and PU operations, the prefill writes)."""
+        commands and PU operations, the prefill writes).
+
+        The device's rank time includes writing each request's Q and new K/V token and reading its output back
+        (striped: per rank holding some of its tokens, a partial); prefill requests `pre_ids` also write
+        `pre_tokens` tokens of KV per layer (after their `pre_prefix` tokens) into the ranks that hold them.
+        With rankset overlap a write blocks only the rank written; without it, every rank of its channel."""
         R, C, n, k = self.ranksets, self.channels, self.n_ranks, self.slots
         # Requests sharing a slot share their ranks in every layer, and each of the slot's S ranks holds the
         # same share of their heads; layer residue rho only moves a slot to other ranks of the same channels.

@@ -35,6 +35,7 @@ class AttentionOffloadSystem(SystemModel):
     """Units are numbered channel * R + rankset (R = 1 for devices without ranksets)."""
 
     memory_device = "pim"  # name of the memory-side device in reports
+    host_merge_w = 0.0  # power of the host CPUs' share while they merge partial outputs (L3: its replica's share)
 
     def __init__(self, dep: Deployment, ranksets: int, channels: int):
         self.dep = dep
@@ -58,7 +59,6 @@ class AttentionOffloadSystem(SystemModel):
     def slots(self) -> int:
         """Placement positions the scheduler chooses among at admission."""
 
-    @abstractmethod
     def pim_layer_work(self, ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets,
                        pre_prefix=None) -> np.ndarray:  # fmt: skip
         """Seconds each unit is occupied by one layer's attention of a sub-batch: (offsets, R residues, units).
@@ -66,6 +66,7 @@ class AttentionOffloadSystem(SystemModel):
         ctx: tokens attended per decode request at step offset 0 (grows by one per step); `placement`: their
         slots. Prefill requests `pre_ids` at slots `pre_place` write `pre_tokens` tokens of KV per layer, after
         the `pre_prefix` they already hold (None: 0)."""
+        return self.pim_layer_work_split(ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets, pre_prefix)[0]
 
     @abstractmethod
     def pim_layer_work_split(self, ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets,
@@ -363,8 +364,6 @@ class AttentionOffloadSystem(SystemModel):
                   "serialisation": wait - transfers}  # fmt: skip
         return dataclasses.replace(timing, bound=np.maximum(g_bound, m_bound), losses=losses)
 
-
-    host_merge_w = 0.0  # power of the host CPUs' share while they merge partial outputs (L3: its replica's share)
 
     def _with_energy(self, timing: IterationTiming, subs: list[dict], whole: dict) -> IterationTiming:
         """`timing` with each step's dynamic energy (J by sched.timing.ENERGY_PARTS): the GPUs' work (every

@@ -14,13 +14,14 @@ import numpy as np
 from l3.devices.attention_pool import IdealPool, PoolEnergy
 from l3.devices.cpu import CpuAttention
 from l3.devices.hbm_pim import HbmPimAttention
-from l3.specs.dram import get_timing
-from l3.specs.pim import LOGIC_45NM, PimEnergySpec
+from l3.specs.dram import get_org, get_timing
+from l3.specs.pim import PimEnergySpec, mac_j
 from l3.specs.system import Deployment
 from l3.systems.offload import AttentionOffloadSystem
 
-DIE_BYTES = 4 * 2**30  # DIMM chips holding the KV: 32 Gb dies, as on the L3 platform (specs.dram ddr4-l3-2tb)
-DIMM_TIMING = "ddr4-3200"  # the DIMMs of a device without a CPU preset (R-PIM: the L3 platform's)
+# The DIMMs of a pooled device that keeps its KV in DIMMs: the L3 platform's (their dies; their timing where no
+# CPU preset names one, as for R-PIM).
+DIMM_ORG, DIMM_TIMING = "ddr4-l3-2tb", "ddr4-3200"
 
 
 def build_device(dep: Deployment):
@@ -44,20 +45,18 @@ def pool_energy(dep: Deployment) -> PoolEnergy:
     DRAM's row-streaming energy, standby and refresh of every chip; the arithmetic on the CPU's cores (their
     share of its TDP while attending) or in rank PUs (L3's rank-PU node)."""
     spec, share, pu = dep.system.attention, 1.0 / dep.dp, PimEnergySpec()
-    mac_45 = (LOGIC_45NM["fp16_mul_pj"] + LOGIC_45NM["fp32_add_pj"]) * 1e-12
     if spec.resolved("memory") == "hbm":
         per_byte = dep.gpu.hbm_pj_per_bit * 8e-12
-        return PoolEnergy(per_byte * pu.bank_read_fraction, per_byte, mac_45 * pu.bank_pu_node_nm / 45.0,
-                          "pim_compute", 0.0, 0.0)  # fmt: skip
+        return PoolEnergy(per_byte * pu.bank_read_fraction, per_byte, mac_j(pu.bank_pu_node_nm), "pim_compute",
+                          0.0, 0.0)  # fmt: skip
     cpu = spec.cpu_spec()
     timing = cpu.timing if cpu is not None else get_timing(DIMM_TIMING)
-    chip = timing.chip_energy()
-    chips = spec.resolved("capacity_bytes") / DIE_BYTES * share
-    static = chips * (chip.precharged_w + chip.refresh_j / (timing.refi * timing.tck_ns * 1e-9))
+    chips = spec.resolved("capacity_bytes") / get_org(DIMM_ORG).chip_bytes * share
+    static = chips * timing.chip_static_w()
     read, write = timing.stream_j_per_byte(), timing.stream_j_per_byte(write=True)
     if cpu is not None:
         return PoolEnergy(read, write, 0.0, "cpu", cpu.tdp_w * share, static)
-    return PoolEnergy(read, write, mac_45 * pu.rank_pu_node_nm / 45.0, "pim_compute", 0.0, static)
+    return PoolEnergy(read, write, mac_j(pu.rank_pu_node_nm), "pim_compute", 0.0, static)
 
 
 class PooledAttentionSystem(AttentionOffloadSystem):
@@ -105,10 +104,6 @@ class PooledAttentionSystem(AttentionOffloadSystem):
 
     def static_power(self) -> dict[str, float]:
         return super().static_power() | {"dram_background": self.device.energy_spec.static_w}
-
-    def pim_layer_work(self, ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets,
-                       pre_prefix=None) -> np.ndarray:  # fmt: skip
-        return self.pim_layer_work_split(ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets, pre_prefix)[0]
 
     def pim_layer_work_split(self, ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets,
                              pre_prefix=None) -> tuple[np.ndarray, np.ndarray, dict]:  # fmt: skip

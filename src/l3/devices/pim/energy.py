@@ -19,7 +19,7 @@ import numpy as np
 from l3.devices.pim.kernels import FP16_BYTES, KernelShape
 from l3.devices.pim.timing import COUNTS
 from l3.specs.dram import DramSpec
-from l3.specs.pim import LOGIC_45NM, PimSpec
+from l3.specs.pim import LOGIC_45NM, PimSpec, mac_j
 
 COMPONENTS = ("background", "refresh", "activate", "host_io", "bank_read", "bank_mac", "rank_pu", "rank_link",
               "buffers", "host_cpu")  # fmt: skip
@@ -38,9 +38,9 @@ class PimEnergy:
         self.tck_s = dram.timing.tck_ns * 1e-9
         self.active_w, self.precharged_w = n * chip.active_w, n * chip.precharged_w
         self.refresh_j, self.refi_s = n * chip.refresh_j, dram.timing.refi * self.tck_s
+        self.static_w = n * dram.timing.chip_static_w()  # a rank with nothing to do: precharged, refreshing
         bank, rank = e.bank_pu_node_nm / 45.0, e.rank_pu_node_nm / 45.0
-        acc = LOGIC_45NM["fp32_add_pj" if pim.bank_pu.accumulate == "fp32" else "fp16_add_pj"]
-        mac_j = (LOGIC_45NM["fp16_mul_pj"] + acc) * bank * PJ
+        mac = mac_j(e.bank_pu_node_nm, pim.bank_pu.accumulate)
         bank_sram, rank_sram = LOGIC_45NM["sram_pj_per_byte"] * bank * PJ, LOGIC_45NM["sram_pj_per_byte"] * rank * PJ
         burst = dram.burst_bytes_per_chip
         values, heads = burst / FP16_BYTES, shape.gqa / shape.passes  # per bank access: values x heads served
@@ -51,7 +51,7 @@ class PimEnergy:
         u["write"]["host_io"] = u["pu_write"]["host_io"] = n * chip.write_j
         u["pu_read"]["buffers"] = u["pu_write"]["buffers"] = line * rank_sram
         pu_read = n * chip.read_j * e.bank_read_fraction
-        u["mac"] |= {"bank_read": pu_read, "bank_mac": n * values * heads * mac_j,
+        u["mac"] |= {"bank_read": pu_read, "bank_mac": n * values * heads * mac,
                      "buffers": n * values * heads * FP16_BYTES * bank_sram / shape.n_bk}  # fmt: skip
         u["load"] |= {"bank_read": pu_read, "buffers": n * burst * bank_sram}
         u["stream"]["bank_read"] = n * chip.read_j
@@ -72,11 +72,6 @@ class PimEnergy:
         if not dynamic:
             out[..., COMPONENTS.index("refresh")] += np.asarray(refreshes, float) * self.refresh_j
         return out
-
-    @property
-    def static_w(self) -> float:
-        """One rank's power with nothing to do, W: precharged standby and a refresh every tREFI."""
-        return self.precharged_w + self.refresh_j / self.refi_s
 
     def idle(self, seconds) -> np.ndarray:
         """Energy by COMPONENTS of one rank idle (rows closed, refreshing every tREFI) for `seconds`."""

@@ -68,8 +68,9 @@ def test_refreshes_during_a_long_run_are_charged_and_reopen_rows():
     assert on["bank_mac"] == pytest.approx(off["bank_mac"])
 
 
-@pytest.mark.parametrize("model,n_hc,batch,context", [("opt-66b", None, 64, 4096), ("qwen-72b", None, 1, 65536),
-                                                      ("qwen-72b", 2, 130, 12000), ("llama-3-8b", 1, 70, 17)])
+@pytest.mark.parametrize("model,n_hc,batch,context", [  # the two largest with the slow tests
+    pytest.param("opt-66b", None, 64, 4096, marks=pytest.mark.slow), ("qwen-72b", None, 1, 65536),
+    pytest.param("qwen-72b", 2, 130, 12000, marks=pytest.mark.slow), ("llama-3-8b", 1, 70, 17)])
 def test_surrogate_energy_within_two_percent_of_engine(model, n_hc, batch, context):
     dev = PimDevice(DRAM, PimSpec(features=PimFeatures(n_hc=n_hc)), get_model(model))
     contexts = np.full(batch, context)

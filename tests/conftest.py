@@ -50,3 +50,12 @@ def llama7b():
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _pim_store(tmp_path_factory):
+    """One PIM measurement store for the test session, shared by the xdist workers (their temp folders have one
+    parent), so a configuration is measured once per session and never in the user's cache."""
+    root = tmp_path_factory.getbasetemp()
+    shared = root.parent if root.name.startswith("popen-gw") else root
+    os.environ.setdefault("L3_PIM_STORE", str(shared / "pim-measurements.sqlite"))

@@ -164,12 +164,13 @@ def test_batch_shape_counts_causal_pairs():
 
 @given(st.integers(0, 3000), st.integers(1, 12))
 def test_timeline_sample_is_bounded_and_spread_over_the_run(offered, limit):
+    from l3.sched.timing import Interval
     from l3.sim.metrics import TimelineSample
 
     s = TimelineSample(limit)
     for i in range(offered):
         if s.wants():
-            s.add(i, [(0, i, "gpu", 0.0, 1.0, "dense")])
+            s.add(i, (0, float(i), [Interval("gpu", 0.0, 1.0, "dense")]))
     kept = sorted({p for _, p, *_ in s.rows})
     assert len(kept) <= limit
     assert kept == list(range(0, offered, s.stride))[: len(kept)]  # every stride-th iteration, from the first

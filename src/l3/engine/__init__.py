@@ -3,14 +3,5 @@ head) run with PyTorch on the dense device; the KV cache lives in the scheduler'
 attention runs on a memory-side backend (`attention.BACKENDS`: cpu, pim, gpu). The scheduler is `l3.sched`'s,
 the same object the simulator drives. Needs the `engine` extra (torch, transformers)."""
 
-import os
-from pathlib import Path
-
-CACHE_ENV = "L3_CACHE_DIR"
 BACKEND_NAMES = ("gpu", "cpu", "pim")  # attention.BACKENDS' keys, here for a check that needs no torch
 
-
-def cache_dir() -> Path:
-    """Where the engine keeps what it builds once per machine (the host kernel, converted GGUF models):
-    $L3_CACHE_DIR, default ~/.cache/l3."""
-    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "l3"))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from l3.engine import cache_dir
+from l3.cache import cache_dir
 
 SOURCE = Path(__file__).with_name("csrc") / "host_attention.c"
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC"]

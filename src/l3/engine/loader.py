@@ -12,7 +12,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from l3.engine import cache_dir
+from l3.cache import cache_dir
 from l3.errors import EngineError, SpecError
 from l3.specs.model import ModelSpec, model_from_hf_dict
 

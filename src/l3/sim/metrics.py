@@ -48,22 +48,28 @@ class TimelineSample:
         self.stride = 1
         self.offered = 0  # recordable iterations seen so far
         self._pending = -1  # offer index of the iteration being recorded
-        self._plans: dict[int, tuple[int, list]] = {}  # plan index -> (offer index, intervals)
+        self._plans: dict[int, tuple[int, tuple]] = {}  # plan index -> (offer index, (replica, t0, intervals))
 
     def wants(self) -> bool:
         """Ask once per recordable iteration, before it runs: whether to record its intervals."""
         self._pending, self.offered = self.offered, self.offered + 1
         return self.limit > 0 and self._pending % self.stride == 0
 
-    def add(self, plan_no: int, rows: list) -> None:
-        self._plans[plan_no] = (self._pending, rows)
+    def add(self, plan_no: int, intervals: tuple[int, float, list]) -> None:
+        """Keep plan `plan_no`'s (replica, start time, intervals) if the sample still wants it."""
+        self._plans[plan_no] = (self._pending, intervals)
         while len(self._plans) > self.limit:
             self.stride *= 2
             self._plans = {p: v for p, v in self._plans.items() if v[0] % self.stride == 0}
 
     @property
     def rows(self) -> list[tuple[int, int, str, float, float, str]]:
-        return [row for p in sorted(self._plans) for row in self._plans[p][1]]
+        """(replica, plan index, device, start s, end s, label) of the kept plans' intervals."""
+        rows = []
+        for p in sorted(self._plans):
+            replica, t0, intervals = self._plans[p][1]
+            rows += [(replica, p, iv.device, t0 + iv.start, t0 + iv.end, iv.label) for iv in intervals]
+        return rows
 
 
 class Metrics:
@@ -104,9 +110,7 @@ class Metrics:
         tokens = n_decode * k + int(plan.prefill_completes.sum())
         self._series.append((replica, t0, t1, k, plan.batch_size, tokens, bound))
         if timing.intervals:
-            plan_no = len(self._series) - 1
-            self.sample.add(plan_no, [(replica, plan_no, iv.device, t0 + iv.start, t0 + iv.end, iv.label)
-                                      for iv in timing.intervals])  # fmt: skip
+            self.sample.add(len(self._series) - 1, (replica, t0, timing.intervals))
 
     @property
     def timeline(self) -> list[tuple[int, int, str, float, float, str]]:

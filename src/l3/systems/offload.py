@@ -199,95 +199,39 @@ class AttentionOffloadSystem(SystemModel):
         0 has no post-attention work) is the same map of resource times. All updates are max-plus (max and +),
         so that map commutes with a uniform shift: once one such period advances every resource by the same
         amount, every later one does too, and the remaining whole periods are added in one step; the result is
-        exactly that of running them.
+        exactly that of running them. A one-step iteration runs on Python floats (and one row of rank times).
         """
-        R, n = self.ranksets, self.n_ranks
-        zero = np.zeros(steps)
-        free = {"gpu": zero, "up": zero, "down": zero, "ranks": np.zeros((steps, n))}
-        for x in subs:
-            free[f"ret{x['s']}"] = zero
-        intervals: list[Interval] = []
-        seq = not self.coord.pipeline
+        R, n, one = self.ranksets, self.n_ranks, steps == 1
+        clock = _Clock(one, steps, n, seq=not self.coord.pipeline, record=record)
+        parts = [_SubBatchParts(x, R, one) for x in subs]
         used = np.zeros(n, bool)
-        for x in subs:
-            used |= (x["work"] > 0).any(axis=(0, 1))
-
-        def barrier(t):  # without the pipeline every part waits for all earlier parts
-            if seq:
-                free.update(gpu=t, up=t, down=t, ranks=np.repeat(t[:, None], n, axis=1))
-
-        def note(dev, a, b, label, layer=-1):
-            if record and float(b[0]) > float(a[0]):
-                intervals.append(Interval(dev, float(a[0]), float(b[0]), label, layer))
-
-        note.record = record
-
-        def core() -> np.ndarray:  # the resource times that feed later decisions
-            cols = [free["gpu"], free["up"], free["down"]] + [free[f"ret{x['s']}"] for x in subs]
-            return np.column_stack([*cols, free["ranks"][:, used]])
-
+        for p in parts:
+            used |= p.used
         layer, last = 0, None
         while layer < L:
             if layer % R == 0 and layer and not record:
-                now = core()
+                now = clock.state([p.s for p in parts], used)
                 if last is not None:
                     delta = now - last
-                    if (np.ptp(delta, axis=1) <= 1e-12 * np.abs(delta).max(initial=1.0)).all():
+                    if (np.ptp(delta, axis=-1) <= 1e-12 * np.abs(delta).max(initial=1.0)).all():
                         m = (L - layer) // R
-                        shift = m * delta[:, 0]
-                        for k in free:
-                            free[k] = free[k] + (shift[:, None] if free[k].ndim == 2 else shift)
+                        clock.shift(m * (delta[..., 0] if not one else float(delta[0])))
                         layer += m * R
                         last = None
                         if layer >= L:
                             break
                 last = now
-            for x in subs:
-                self._layer(x, layer, free, barrier, note, seq)
+            for p in parts:
+                clock.layer(p, layer)
             layer += 1
-        gpu_free = free["gpu"]
-        for x in subs:
-            start = np.maximum(gpu_free, free[f"ret{x['s']}"])
-            gpu_free = start + x["merge"] + x["post"] + x["head"]
-            note("gpu", start, gpu_free, "AB"[x["s"]] + " dense+head")
-        durations = np.maximum(gpu_free, np.maximum(free["up"], free["down"]))
-        return self._timing(subs, L, steps, durations, intervals)
-
-    def _layer(self, x: dict, layer: int, free: dict, barrier, note, seq: bool) -> None:
-        """One layer of one sub-batch: dense work, Q/K/V up, attention on its ranks, output down."""
-        s, name, R = x["s"], "AB"[x["s"]], self.ranksets
-        start = np.maximum(free["gpu"], free[f"ret{s}"])
-        dense_end = start + (x["merge"] + x["post"] if layer else 0.0) + x["pre"]
-        free["gpu"] = dense_end + x["pattn"]
-        note("gpu", start, dense_end, f"{name} dense", layer)
-        note("gpu", dense_end, free["gpu"], f"{name} attn on GPU (prefill, HBM tier)", layer)
-        barrier(free["gpu"])
-        up_start = np.maximum(dense_end if not seq else free["gpu"], free["up"])
-        up_end = up_start + x["up"]
-        free["up"] = up_end + x["up_bg"]
-        note("pcie_up", up_start, up_end, f"{name} QKV", layer)
-        note("pcie_up", up_end, free["up"], f"{name} prefill KV", layer)
-        barrier(free["up"])
-        work = x["work"][:, layer % R, :]
-        active = work > 0
-        if not active.any():
-            free[f"ret{s}"] = free["gpu"]
-            return
-        ready = (up_end if not seq else free["up"])[:, None]
-        r_start = np.maximum(free["ranks"], ready)
-        r_end = r_start + work
-        free["ranks"] = np.where(active, r_end, free["ranks"])
-        pim_end = np.max(np.where(active, r_end, ready), axis=1)
-        if note.record:
-            for r in np.flatnonzero(active[0]):
-                note(f"rankset{r % R}/rank{r}", r_start[:, r], r_end[:, r], f"{name} attn", layer)
-        barrier(pim_end)
-        dn_start = np.maximum(pim_end + x["host_merge"], free["down"])
-        free[f"ret{s}"] = dn_start + x["down"]
-        free["down"] = free[f"ret{s}"] + x["down_bg"]
-        note("pcie_down", dn_start, free[f"ret{s}"], f"{name} out", layer)
-        note("pcie_down", free[f"ret{s}"], free["down"], f"{name} KV to HBM", layer)
-        barrier(free["down"])
+        gpu_free = clock.gpu
+        for p in parts:
+            start = clock.max(gpu_free, clock.ret[p.s])
+            gpu_free = start + p.merge + p.post + p.head
+            clock.note("gpu", start, gpu_free, p.name + " dense+head")
+        durations = clock.max(gpu_free, clock.max(clock.up, clock.down))
+        durations = np.full(1, durations) if one else durations
+        return self._timing(subs, L, steps, durations, clock.intervals)
 
     def _timing(self, subs, L, steps, durations, intervals) -> IterationTiming:
         R, C = self.ranksets, self.channels
@@ -424,3 +368,117 @@ def interpolate_steps(values: np.ndarray, offsets: np.ndarray, steps: int) -> np
     i = np.clip(np.searchsorted(offsets, k, side="right") - 1, 0, len(offsets) - 2)
     w = ((k - offsets[i]) / (offsets[i + 1] - offsets[i])).reshape(-1, *([1] * (values.ndim - 1)))
     return values[i] * (1 - w) + values[i + 1] * w
+
+
+class _SubBatchParts:
+    """One sub-batch's per-layer times in the form `_Clock` consumes: floats for a one-step iteration, else
+    per-step arrays; per layer residue, the ranks it occupies and their work."""
+
+    def __init__(self, x: dict, ranksets: int, one: bool):
+        self.s, self.name = x["s"], "AB"[x["s"]]
+
+        def form(v):
+            v = np.asarray(v, float)
+            return float(v.reshape(-1)[0]) if one else v
+
+        self.pre, self.pattn, self.post, self.merge, self.head = (form(x[k]) for k in ("pre", "pattn", "post",
+                                                                                       "merge", "head"))  # fmt: skip
+        self.up, self.up_bg, self.down, self.down_bg, self.host_merge = (
+            form(x[k]) for k in ("up", "up_bg", "down", "down_bg", "host_merge"))  # fmt: skip
+        self.used = (x["work"] > 0).any(axis=(0, 1))
+        self.residues = []  # per residue: (ranks with work, their work, per-step mask or None where all work)
+        for rho in range(ranksets):
+            w = x["work"][:, rho, :]
+            act = w > 0
+            idx = np.flatnonzero(act.any(axis=0))
+            mask = act[:, idx]
+            self.residues.append((idx, w[0, idx] if one else w[:, idx], None if mask.all() else mask))
+
+
+class _Clock:
+    """Free times of the GPU, the two host-link directions, each sub-batch's return and every rank, advanced
+    layer by layer (`AttentionOffloadSystem._schedule`). Scalars are floats (one step) or (steps,) arrays; ranks
+    (n,) or (steps, n). `seq`: without the pipeline every part waits for all earlier parts."""
+
+    def __init__(self, one: bool, steps: int, n: int, seq: bool, record: bool):
+        self.one, self.seq, self.record = one, seq, record
+        zero = 0.0 if one else np.zeros(steps)
+        self.gpu = self.up = self.down = zero
+        self.ret = [zero, zero]
+        self.ranks = np.zeros(n) if one else np.zeros((steps, n))
+        self.max = max if one else np.maximum
+        self.intervals: list[Interval] = []
+
+    def note(self, dev: str, a, b, label: str, layer: int = -1) -> None:
+        """Record `dev` busy from a to b (step 0) when recording."""
+        if self.record:
+            a, b = (float(a), float(b)) if self.one else (float(a[0]), float(b[0]))
+            if b > a:
+                self.intervals.append(Interval(dev, a, b, label, layer))
+
+    def _barrier(self, t) -> None:
+        if self.seq:
+            self.gpu = self.up = self.down = t
+            self.ranks[...] = t if self.one else t[:, None]
+
+    def state(self, subs: list[int], used: np.ndarray) -> np.ndarray:
+        """The resource times that feed later decisions (..., resources): those of the sub-batches `subs` and
+        the ranks `used`."""
+        ret = [self.ret[s] for s in subs]
+        if self.one:
+            return np.array([self.gpu, self.up, self.down, *ret, *self.ranks[used]])
+        return np.column_stack([self.gpu, self.up, self.down, *ret, self.ranks[:, used]])
+
+    def shift(self, d) -> None:
+        """Advance every resource by d (float or per step)."""
+        self.gpu, self.up, self.down = self.gpu + d, self.up + d, self.down + d
+        self.ret = [r + d for r in self.ret]
+        self.ranks += d if self.one else d[:, None]
+
+    def layer(self, p: _SubBatchParts, layer: int) -> None:
+        """One layer of sub-batch p: dense work, Q/K/V up, attention on its ranks, output down."""
+        mx, s, name = self.max, p.s, p.name
+        start = mx(self.gpu, self.ret[s])
+        dense_end = start + (p.merge + p.post if layer else 0.0) + p.pre
+        self.gpu = dense_end + p.pattn
+        if self.record:
+            self.note("gpu", start, dense_end, f"{name} dense", layer)
+            self.note("gpu", dense_end, self.gpu, f"{name} attn on GPU (prefill, HBM tier)", layer)
+        self._barrier(self.gpu)
+        up_start = mx(dense_end if not self.seq else self.gpu, self.up)
+        up_end = up_start + p.up
+        self.up = up_end + p.up_bg
+        if self.record:
+            self.note("pcie_up", up_start, up_end, f"{name} QKV", layer)
+            self.note("pcie_up", up_end, self.up, f"{name} prefill KV", layer)
+        self._barrier(self.up)
+        idx, work, mask = p.residues[layer % len(p.residues)]
+        if not len(idx):
+            self.ret[s] = self.gpu
+            return
+        ready = up_end if not self.seq else self.up
+        ready_col = ready if self.one else ready[:, None]
+        before = self.ranks[..., idx]
+        r_start = np.maximum(before, ready_col)
+        r_end = r_start + work
+        if mask is None:
+            self.ranks[..., idx] = r_end
+            pim_end = float(r_end.max()) if self.one else r_end.max(axis=1)
+        else:  # some ranks idle at some steps
+            self.ranks[..., idx] = np.where(mask, r_end, before)
+            pim_end = np.max(np.where(mask, r_end, ready_col), axis=-1)
+            pim_end = float(pim_end) if self.one else pim_end
+        if self.record:
+            R, label = len(p.residues), f"{name} attn"
+            a, b = ((r_start, r_end) if self.one else (r_start[0], r_end[0]))
+            self.intervals += [Interval(f"rankset{r % R}/rank{r}", x, y, label, layer)
+                               for r, x, y in zip(idx.tolist(), a.tolist(), b.tolist(), strict=True)
+                               if y > x]  # fmt: skip
+        self._barrier(pim_end)
+        dn_start = mx(pim_end + p.host_merge, self.down)
+        self.ret[s] = dn_start + p.down
+        self.down = self.ret[s] + p.down_bg
+        if self.record:
+            self.note("pcie_down", dn_start, self.ret[s], f"{name} out", layer)
+            self.note("pcie_down", self.ret[s], self.down, f"{name} KV to HBM", layer)
+        self._barrier(self.down)

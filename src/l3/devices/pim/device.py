@@ -15,6 +15,7 @@ import numpy as np
 from l3.devices.pim.energy import COMPONENTS, PimEnergy
 from l3.devices.pim.geometry import PimGeometry
 from l3.devices.pim.kernels import rank_layer_stream
+from l3.devices.pim.measurements import MeasurementStore
 from l3.devices.pim.surrogate import PimSurrogate
 from l3.devices.pim.timing import CATEGORIES, COUNTS, RankEngine
 from l3.specs.dram import DramSpec
@@ -23,11 +24,17 @@ from l3.specs.pim import PimSpec
 
 
 @functools.lru_cache(maxsize=16)
-def shared_surrogate(dram_json: str, pim_json: str, model_json: str) -> PimSurrogate:
-    """One surrogate per (DRAM, PU, model) in a process: its engine measurements are the same whoever asks, and
-    they are the costly part of building a device (probes and repeated runs reuse them)."""
+def _surrogate(dram_json: str, pim_json: str, model_json: str) -> PimSurrogate:
+    store = MeasurementStore.open("|".join((dram_json, pim_json, model_json)))
     return PimSurrogate(DramSpec.model_validate_json(dram_json), PimSpec.model_validate_json(pim_json),
-                        ModelSpec.model_validate_json(model_json))  # fmt: skip
+                        ModelSpec.model_validate_json(model_json), store)  # fmt: skip
+
+
+def shared_surrogate(dram: DramSpec, pim: PimSpec, model: ModelSpec) -> PimSurrogate:
+    """One surrogate per (DRAM, PU, model) in a process, its measurements kept in the machine's
+    `MeasurementStore`: they are the same whoever asks, and they are the costly part of building a device
+    (probes, repeated runs and later processes reuse them)."""
+    return _surrogate(dram.model_dump_json(), pim.model_dump_json(), model.model_dump_json())
 
 
 class PimDevice:
@@ -37,7 +44,7 @@ class PimDevice:
     def __init__(self, dram: DramSpec, pim: PimSpec, model: ModelSpec):
         self.dram, self.pim, self.model = dram, pim, model
         self.geometry = PimGeometry(dram, pim)
-        self.surrogate = shared_surrogate(dram.model_dump_json(), pim.model_dump_json(), model.model_dump_json())
+        self.surrogate = shared_surrogate(dram, pim, model)
         self.shape = self.surrogate.shape
         self.energy = PimEnergy(dram, pim, self.shape)
         self._tck_s = dram.timing.tck_ns * 1e-9

@@ -25,7 +25,8 @@ Energy rides along: every piece carries the engine's energy counts (timing.COUNT
 composed the same way; each refresh adds the activations that re-open the rows it closed (measured once), and
 the caller turns counts, cycles and refreshes into joules (energy.PimEnergy).
 
-Measured pieces are cached per slot count, so cost is paid once per distinct s (in the measured range).
+Measured pieces are cached per slot count, so cost is paid once per distinct s (in the measured range), and kept
+in a `MeasurementStore` where one is given, so later processes on the machine pay nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import math
 import numpy as np
 
 from l3.devices.pim.kernels import KernelShape, rank_layer_stream
+from l3.devices.pim.measurements import MeasurementStore
 from l3.devices.pim.timing import CATEGORIES, COUNTS, EngineResult, RankEngine
 from l3.specs.dram import DramSpec
 from l3.specs.model import ModelSpec
@@ -51,15 +53,24 @@ _COLS = 2 * _NV + 3
 class PimSurrogate:
     """Per-rank time of one layer's decode attention, vectorised over requests and queries."""
 
-    def __init__(self, dram: DramSpec, pim: PimSpec, model: ModelSpec):
+    def __init__(self, dram: DramSpec, pim: PimSpec, model: ModelSpec, store: MeasurementStore | None = None):
+        """`store`: where measurements persist across processes (None: measured in this object only)."""
         self.shape = KernelShape.build(dram, pim, model)
         self.refi = dram.timing.refi
         self._engine = RankEngine(dram, pim, refresh=False)
         self._engine_ref = RankEngine(dram, pim, refresh=True)
-        self._memo: dict[int, tuple[np.ndarray, np.ndarray, float, float, float]] = {}
+        self._store = store
+        stored = store.load() if store is not None else {}
+        self._memo: dict[int, np.ndarray] = {int(k[2:]): v for k, v in stored.items() if k.startswith("s/")}
         sh = self.shape
         self._k = min(sh.rounds, 3)  # rounds per request measured
         self.period = sh.period
+        if "init" in stored:  # s_hi, c1_long, acts per refresh, then H and X
+            init = stored["init"]
+            self.s_hi, self._c1_long, self.acts_per_refresh = int(init[0]), float(init[1]), float(init[2])
+            self._h, self._x = init[3 : 3 + _NV], init[3 + _NV :]
+            self._tab = np.full((self.s_hi + 1, _COLS), np.nan)
+            return
         self.s_hi = self._warm_up() * self.period
         self._tab = np.full((self.s_hi + 1, _COLS), np.nan)  # per s: B, E (cycles/category, counts), tail, c_1, c_ref
         self._x = np.zeros(_NV)
@@ -69,7 +80,9 @@ class PimSurrogate:
         self._h -= k * self._lookup(np.array([1]))[0][0]
         if sh.mapped:
             s_x = sh.segment + self.period
-            self._x = self._measure(s_x)[0] - self._lookup(np.array([s_x]), segments=False)[0][0]
+            self._x = self._measure(s_x)[:_NV] - self._lookup(np.array([s_x]), segments=False)[0][0]
+        if store is not None:
+            store.put("init", np.concatenate([[self.s_hi, self._c1_long, self.acts_per_refresh], self._h, self._x]))
 
     # --- engine measurements -----------------------------------------------------------------------
     def _run(self, rounds: int, contexts: list[int], refresh: bool = False) -> EngineResult:
@@ -81,12 +94,12 @@ class PimSurrogate:
     def _vec(res: EngineResult) -> np.ndarray:
         return np.array([res.breakdown[c] for c in CATEGORIES] + [res.counts[c] for c in COUNTS], dtype=float)
 
-    def _measure(self, s: int) -> tuple[np.ndarray, np.ndarray, float, float, float]:
-        """(B, E, bank-side tail, c_1, c_ref) of slot count s, cycles. With k = min(R, 3) rounds measured:
-        B = T_k - T_(k-1) (T_3 - T_2 once rounds are in steady state; T_2 - T_1 for R = 1), E = T_k - k B, so
-        one request of R <= 3 rounds is exact and longer ones extrapolate linearly. c_ref = mean delay per
-        refresh over enough rounds for six; c_1 the same within one round (no earlier round's drain to stall
-        on, so refresh hides less)."""
+    def _measure(self, s: int) -> np.ndarray:
+        """(B, E, bank-side tail, c_1, c_ref) of slot count s, cycles, as one row of `_tab`. With k = min(R, 3)
+        rounds measured: B = T_k - T_(k-1) (T_3 - T_2 once rounds are in steady state; T_2 - T_1 for R = 1),
+        E = T_k - k B, so one request of R <= 3 rounds is exact and longer ones extrapolate linearly. c_ref = mean
+        delay per refresh over enough rounds for six; c_1 the same within one round (no earlier round's drain to
+        stall on, so refresh hides less)."""
         if s not in self._memo:
             ctx, k = int(s) * self.shape.n_bk, self._k
             t = {r: self._run(r, [ctx]) for r in range(1, max(k, 2) + 1)}
@@ -99,7 +112,9 @@ class PimSurrogate:
             one_on = self._run(1, [ctx], refresh=True)
             c_1 = (one_on.cycles - t[1].cycles) / one_on.refreshes if one_on.refreshes else c_ref
             tail = t[k].cycles - t[k].bank_cycles
-            self._memo[s] = (b, self._vec(t[k]) - k * b, tail, c_1, c_ref)
+            self._memo[s] = np.concatenate([b, self._vec(t[k]) - k * b, [tail, c_1, c_ref]])
+            if self._store is not None:
+                self._store.put(f"s/{s}", self._memo[s])
         return self._memo[s]
 
     def _warm_up(self) -> int:
@@ -107,10 +122,10 @@ class PimSurrogate:
         transients and link-bound starts over), at most what one score-buffer segment holds."""
         p = self.period
         k_ref = min(self.shape.segment // p, 64)
-        d_ref = self._measure(k_ref * p)[0][:_NC].sum() - self._measure((k_ref - 1) * p)[0][:_NC].sum()
+        d_ref = self._measure(k_ref * p)[:_NC].sum() - self._measure((k_ref - 1) * p)[:_NC].sum()
         k = 4
         while k < k_ref:
-            b = [self._measure(j * p)[0][:_NC].sum() for j in (k - 2, k - 1, k)]
+            b = [self._measure(j * p)[:_NC].sum() for j in (k - 2, k - 1, k)]
             if all(abs(d - d_ref) <= 1e-4 * b[2] for d in (b[1] - b[0], b[2] - b[1])):
                 break
             k = min(2 * k, k_ref)
@@ -128,8 +143,7 @@ class PimSurrogate:
 
     def _fill(self, s: np.ndarray) -> None:
         for v in s[np.isnan(self._tab[s, 0])]:
-            b, e, tail, c_1, c_ref = self._measure(int(v))
-            self._tab[v] = np.concatenate([b, e, [tail, c_1, c_ref]])
+            self._tab[v] = self._measure(int(v))
 
     # --- composition ---------------------------------------------------------------------------------
     def _lookup(self, s: np.ndarray, segments: bool = True) -> tuple[np.ndarray, ...]:

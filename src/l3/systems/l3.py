@@ -40,7 +40,9 @@ class L3System(AttentionOffloadSystem):
         # The device model of one rank's share of a request-layer: n_kv_heads / shard KV heads.
         share = m.model_copy(update={"n_heads": m.n_heads // self.shard, "n_kv_heads": m.n_kv_heads // self.shard})
         self.pim = PimDevice(self.dram, sysspec.pim.pu, share)
-        self._slot_ranks = [self.ranks_of(np.arange(self.slots), rho) for rho in range(self.ranksets)]
+        # ranks holding layer residue rho of each slot, (R, slots, S), and rho's index to scatter with
+        self._slot_ranks = np.stack([self.ranks_of(np.arange(self.slots), rho) for rho in range(self.ranksets)])
+        self._residue_rows = np.arange(self.ranksets)[:, None, None]
         pim = sysspec.pim  # CXL expanders: (link, this replica's devices), each holding whole channels
         self.cxl = None if pim.attach == "dimm" else (
             get_link(pim.cxl_link), max(1, pim.cxl_devices * channels // full.org.channels))  # fmt: skip
@@ -174,20 +176,18 @@ class L3System(AttentionOffloadSystem):
                 comp, host = comp[:k], cat[:k, self._host_cats].sum(axis=1)
                 energy[si] = e[:k].sum(axis=0)
             energy[si] = self.shard * (energy[si] + pre_e)  # each of a slot's S ranks holds a 1/S share
-            for rho in range(R):
-                ranks = self._slot_ranks[rho]  # (k, S)
-                comp_r, host_r, pre_r = (np.zeros(n) for _ in range(3))
-                comp_r[ranks] = comp[:, None]
-                host_r[ranks] = host[:, None]
-                pre_r[ranks] = pre_w[:, None]
-                if self.coord.rankset_overlap:
-                    work[si, rho] = comp_r + pre_r
-                    stalled[si, rho] = host_r + pre_r
-                else:  # every write blocks all ranks of its channel
-                    channel_writes = np.repeat((host_r + pre_r).reshape(C, R).sum(axis=1), R)
-                    active = comp_r + pre_r > 0
-                    work[si, rho] = np.where(active, comp_r - host_r + channel_writes, 0.0)
-                    stalled[si, rho] = np.where(active, channel_writes, 0.0)
+            comp_r, host_r, pre_r = (np.zeros((R, n)) for _ in range(3))  # per residue rho, per rank
+            comp_r[self._residue_rows, self._slot_ranks] = comp[:, None]
+            host_r[self._residue_rows, self._slot_ranks] = host[:, None]
+            pre_r[self._residue_rows, self._slot_ranks] = pre_w[:, None]
+            if self.coord.rankset_overlap:
+                work[si] = comp_r + pre_r
+                stalled[si] = host_r + pre_r
+            else:  # every write blocks all ranks of its channel
+                channel_writes = np.repeat((host_r + pre_r).reshape(R, C, R).sum(axis=2), R, axis=1)
+                active = comp_r + pre_r > 0
+                work[si] = np.where(active, comp_r - host_r + channel_writes, 0.0)
+                stalled[si] = np.where(active, channel_writes, 0.0)
         return work, stalled, self.pim.energy.parts(energy)
 
     # --- attention outputs ----------------------------------------------------------------------------

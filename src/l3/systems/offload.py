@@ -392,7 +392,8 @@ class _SubBatchParts:
             act = w > 0
             idx = np.flatnonzero(act.any(axis=0))
             mask = act[:, idx]
-            self.residues.append((idx, w[0, idx] if one else w[:, idx], None if mask.all() else mask))
+            w = w[:, idx] if len(idx) < w.shape[1] else np.ascontiguousarray(w)
+            self.residues.append((idx, w[0] if one else w, None if mask.all() else mask))
 
 
 class _Clock:
@@ -458,6 +459,12 @@ class _Clock:
             return
         ready = up_end if not self.seq else self.up
         ready_col = ready if self.one else ready[:, None]
+        if mask is None and len(idx) == self.ranks.shape[-1] and not self.record:  # every rank, in place
+            np.maximum(self.ranks, ready_col, out=self.ranks)
+            self.ranks += work
+            pim_end = float(self.ranks.max()) if self.one else self.ranks.max(axis=1)
+            self._return(p, pim_end, layer)
+            return
         before = self.ranks[..., idx]
         r_start = np.maximum(before, ready_col)
         r_end = r_start + work
@@ -474,8 +481,13 @@ class _Clock:
             self.intervals += [Interval(f"rankset{r % R}/rank{r}", x, y, label, layer)
                                for r, x, y in zip(idx.tolist(), a.tolist(), b.tolist(), strict=True)
                                if y > x]  # fmt: skip
+        self._return(p, pim_end, layer)
+
+    def _return(self, p: _SubBatchParts, pim_end, layer: int) -> None:
+        """Sub-batch p's attention outputs go down the host link once its ranks are done at `pim_end`."""
+        s, name = p.s, p.name
         self._barrier(pim_end)
-        dn_start = mx(pim_end + p.host_merge, self.down)
+        dn_start = self.max(pim_end + p.host_merge, self.down)
         self.ret[s] = dn_start + p.down
         self.down = self.ret[s] + p.down_bg
         if self.record:

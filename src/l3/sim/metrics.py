@@ -37,6 +37,14 @@ class LogHistogram:
         return float(10 ** (self.LO + (min(i, len(self.counts) - 1) + 0.5) / self.PER_DECADE))
 
 
+def _first(v) -> float:
+    return float(np.asarray(v).reshape(-1)[0])
+
+
+def _sum(v) -> float:
+    return float(np.sum(v))
+
+
 class TimelineSample:
     """Device intervals of a sample of the run's recordable iterations (single-step plans that decode), spread
     evenly over the run: every `stride`-th one is recorded; when more than `limit` are kept, the stride doubles
@@ -96,17 +104,14 @@ class Metrics:
             self.tbt.add(durations, n_decode)
         self.steps += k
         self.batch_sum += plan.batch_size * k
-        for dev, b in timing.busy.items():
-            self.busy[dev] = self.busy.get(dev, 0.0) + float(np.sum(b))
-        for key, v in timing.stats.items():
-            self.stats[key] = self.stats.get(key, 0.0) + float(np.sum(v))
-        bound = float(np.sum(timing.bound)) if timing.bound is not None else 0.0
+        total = _first if k == 1 else _sum  # a one-step plan's sums are its values
+        for sums, per_step in ((self.busy, timing.busy), (self.stats, timing.stats), (self.losses, timing.losses),
+                               (self.energy_j, timing.energy)):  # fmt: skip
+            for key, v in per_step.items():
+                sums[key] = sums.get(key, 0.0) + total(v)
+        bound = total(timing.bound) if timing.bound is not None else 0.0
         self.bound_s += bound
-        for key, v in timing.losses.items():
-            self.losses[key] = self.losses.get(key, 0.0) + float(np.sum(v))
-        for key, v in timing.energy.items():
-            self.energy_j[key] = self.energy_j.get(key, 0.0) + float(np.sum(v))
-        t1 = t0 + float(np.sum(durations))
+        t1 = t0 + total(durations)
         tokens = n_decode * k + int(plan.prefill_completes.sum())
         self._series.append((replica, t0, t1, k, plan.batch_size, tokens, bound))
         if timing.intervals:

@@ -168,13 +168,16 @@ class L3System(AttentionOffloadSystem):
         work = np.zeros((len(offsets), R, n))
         stalled = np.zeros_like(work)
         energy = np.zeros((len(offsets), len(COMPONENTS)))
-        for si, j in enumerate(offsets):
-            comp, host = np.zeros(k), np.zeros(k)
-            if len(ids):
-                _, slot, held = self.spread(placement, ctx + j)
-                comp, cat, e = self.pim.layer_attention(held, slot, dynamic=True)
-                comp, host = comp[:k], cat[:k, self._host_cats].sum(axis=1)
-                energy[si] = e[:k].sum(axis=0)
+        comps, hosts = np.zeros((len(offsets), k)), np.zeros((len(offsets), k))
+        if len(ids):  # every offset's layout in one device call, offset si on slots si * k ...
+            spreads = [self.spread(placement, ctx + j) for j in offsets]
+            slot = np.concatenate([si * k + sp[1] for si, sp in enumerate(spreads)])
+            comp, cat, e = self.pim.layer_attention(np.concatenate([sp[2] for sp in spreads]), slot, dynamic=True,
+                                                    n_ranks=len(offsets) * k)  # fmt: skip
+            comps, hosts = comp.reshape(-1, k), cat[:, self._host_cats].sum(axis=1).reshape(-1, k)
+            energy = e.reshape(len(offsets), k, -1).sum(axis=1)
+        for si in range(len(offsets)):
+            comp, host = comps[si], hosts[si]
             energy[si] = self.shard * (energy[si] + pre_e)  # each of a slot's S ranks holds a 1/S share
             comp_r, host_r, pre_r = (np.zeros((R, n)) for _ in range(3))  # per residue rho, per rank
             comp_r[self._residue_rows, self._slot_ranks] = comp[:, None]

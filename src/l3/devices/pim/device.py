@@ -104,12 +104,13 @@ class PimDevice:
         cyc = self.surrogate.rank_cycles(contexts, rank, self.n_ranks) * self._tck_s
         return (cyc.sum(axis=1), cyc) if breakdown else cyc.sum(axis=1)
 
-    def layer_attention(self, contexts: np.ndarray, rank: np.ndarray,
-                        dynamic: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    def layer_attention(self, contexts: np.ndarray, rank: np.ndarray, dynamic: bool = False,
+                        n_ranks: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
         """`layer_attention_time` with its breakdown (seconds per rank; (n_ranks, categories)) and each rank's
         energy while it works, (n_ranks, energy.COMPONENTS) joules (`dynamic`: above the ranks' static power,
-        see PimEnergy.of)."""
-        cyc, counts, refreshes = self.surrogate.rank_work(contexts, rank, self.n_ranks)
+        see PimEnergy.of). `n_ranks`: how many ranks `rank` numbers (default: the device's; more lets a caller
+        ask for several layouts in one call, each on ranks of its own)."""
+        cyc, counts, refreshes = self.surrogate.rank_work(contexts, rank, n_ranks or self.n_ranks)
         total = cyc.sum(axis=1)
         return total * self._tck_s, cyc * self._tck_s, self.energy.of(counts, total, refreshes, dynamic)
 

@@ -11,9 +11,12 @@ Each keeps a sliding window of recent observations and refits as it grows.
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
 
 import numpy as np
-from sklearn.ensemble import RandomForestRegressor
+
+if TYPE_CHECKING:
+    from sklearn.ensemble import RandomForestRegressor
 
 
 class _Windowed:
@@ -91,6 +94,8 @@ class ForestPredictor(_Windowed):
         grown = self.seen >= max(self._fitted_at * self._growth, self._fitted_at + 1)
         due = grown or self.seen - self._fitted_at >= 256
         if due and len(self.y) >= 4:
+            from sklearn.ensemble import RandomForestRegressor  # imported on first fit: seconds, and rarely needed
+
             self.model = RandomForestRegressor(n_estimators=24, min_samples_leaf=1, random_state=self._seed, n_jobs=1)
             self.model.fit(self.x.copy(), self.y.copy())
             self._trees = [(t.children_left.tolist(), t.children_right.tolist(), t.feature.tolist(),

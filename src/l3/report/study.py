@@ -570,7 +570,8 @@ def run_study(name: str, out: Path, requests: int, jobs: int) -> Path:
     wall = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     body = report(results, out)
-    what = (f"{len(runs)} runs, {requests} requests each (seed 0), {wall:.0f} s wall on {jobs} processes"
+    procs = f"{jobs} process{'es' if jobs > 1 else ''}"
+    what = (f"{len(runs)} runs, {requests} requests each (seed 0), {wall:.0f} s wall on {procs}"
             if runs else "computed from the systems' timing models (no workload served)")  # fmt: skip
     names = {r.system for r in runs} or set(PAPER_SYSTEMS)  # a study with no runs times the paper's systems
     ideal = sorted(n for n in names if (att := get_system(n).attention) is not None and att.variant == "ideal")

@@ -12,6 +12,7 @@ store off; a store that cannot be opened is skipped with a warning (the surrogat
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import os
@@ -32,8 +33,9 @@ MEASURING_MODULES = ("l3.devices.pim.timing", "l3.devices.pim.kernels", "l3.devi
                      "l3.specs.pim")  # fmt: skip
 
 
+@functools.cache
 def code_fingerprint() -> str:
-    """Hash of the source of MEASURING_MODULES."""
+    """Hash of the source of MEASURING_MODULES (read once per process)."""
     h = hashlib.sha256()
     for name in MEASURING_MODULES:
         h.update(Path(importlib.import_module(name).__file__).read_bytes())
@@ -85,6 +87,3 @@ class MeasurementStore:
         with db:
             db.execute("INSERT OR IGNORE INTO measurement VALUES (?, ?, ?)",
                        (self.key, item, np.asarray(value, dtype=np.float64).tobytes()))  # fmt: skip
-
-    def __getstate__(self):  # a connection does not cross processes; the new process opens its own
-        return self.__dict__ | {"_db": None}

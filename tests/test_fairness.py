@@ -46,6 +46,15 @@ def test_auto_choice_is_the_best_candidate_by_its_own_probe():
     assert again.metrics.steady_throughput() == pytest.approx(best["probe_steady_tok_s"], rel=1e-12)
 
 
+def test_probing_on_two_processes_records_the_same_choice():
+    """The candidates' probes run side by side in spawned workers (l3.parallel) and give the figures the
+    in-process probes give, in candidate order."""
+    wl = make_workload(np.zeros(40), np.full(40, 300), np.arange(40) * 30 + 100, "offline")
+    here, apart = (choose_parallelism(gpu_only(), LLAMA, wl, jobs=j) for j in (1, 2))
+    assert apart.selection == here.selection and (apart.tp, apart.dp) == (here.tp, here.dp)
+    assert sum(r["status"] == "probed" for r in here.selection["candidates"]) == 2
+
+
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(largest=st.integers(1_000, 60_000), seed=st.integers(0, 100))
 def test_a_candidate_that_cannot_hold_the_largest_request_is_never_chosen(largest, seed):

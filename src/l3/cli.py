@@ -133,6 +133,8 @@ def simulate(
         help="auto (probe every TP x DP), paper (the paper's TP/DP) or TPxDP such as 4x2; default: the file's")
     ] = None,
     strict: Annotated[bool, typer.Option("--strict", help="a trace row refused as impossible is an error")] = False,
+    jobs: Annotated[int | None, typer.Option(
+        min=1, help="processes probing TP x DP candidates side by side (default: the CPUs available)")] = None,
 ) -> None:
     """Serve a workload on a system and report throughput, latency and utilisation."""
     import time
@@ -140,6 +142,7 @@ def simulate(
     t_start = time.perf_counter()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
+    from l3.parallel import available_cpus
     from l3.report.files import prepare_out, write_run
     from l3.report.summary import summarize
     from l3.run import Stopwatch, deploy, parse_parallel
@@ -157,7 +160,7 @@ def simulate(
         wl = load_workload(workload, n_requests=requests, seed=seed, mode=mode, rate_scale=rate_scale,
                            arrival_rate=arrival_rate, data_dir=data_dir, strict=strict)  # fmt: skip
     with console.status("choosing TP x DP"), wall.part("choose_parallelism"):
-        dep = deploy(get_system(system), get_model(model), wl, seed, par)
+        dep = deploy(get_system(system), get_model(model), wl, seed, par, jobs or available_cpus())
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=True,
                   disable=not console.is_terminal) as bar, wall.part("simulate"):  # fmt: skip

@@ -22,6 +22,7 @@ from typing import Literal
 import numpy as np
 
 from l3.errors import SpecError
+from l3.parallel import process_map
 from l3.sched.requests import Status
 from l3.sim.simulator import SimResult, Simulator
 from l3.specs.model import ModelSpec
@@ -63,15 +64,17 @@ def rejected_by(dep: Deployment, workload: Workload) -> int:
 
 
 def choose_parallelism(spec: SystemSpec, model: ModelSpec, workload: Workload, seed: int = 0,
-                       probe_requests: int = PROBE_REQUESTS) -> Deployment:  # fmt: skip
+                       probe_requests: int = PROBE_REQUESTS, jobs: int = 1) -> Deployment:  # fmt: skip
     """The best TP x DP for `model` on `spec` by the rule above (and the HBM tier's setting where the file leaves
-    it to a probe); its `selection` records every candidate."""
+    it to a probe); its `selection` records every candidate. `jobs`: processes probing candidates side by side
+    (the figures do not depend on it)."""
     cands = [(v, par, problem) for v in spec.tier_variants() for par, problem in v.parallel_candidates(model)]
-    return _best(spec, model, workload, seed, probe_requests, cands, "auto")
+    return _best(spec, model, workload, seed, probe_requests, cands, "auto", jobs)
 
 
 def _best(spec: SystemSpec, model: ModelSpec, workload: Workload, seed: int, probe_requests: int,
-          cands: list[tuple[SystemSpec, ParallelSpec | Literal["paper"] | None, str | None]], rule: str) -> Deployment:
+          cands: list[tuple[SystemSpec, ParallelSpec | Literal["paper"] | None, str | None]], rule: str,
+          jobs: int = 1) -> Deployment:
     """Deploy each (concrete system, parallelism, why it cannot serve or None) candidate, drop those that do not fit
     or reject more requests than the best, probe the rest and return the best (ties: smaller TP, then the first)."""
     tiers = len(spec.tier_variants()) > 1
@@ -98,12 +101,10 @@ def _best(spec: SystemSpec, model: ModelSpec, workload: Workload, seed: int, pro
     deps = [(r, d) for r, d in deps if r["rejected"] == fewest]
     probe = probe_workload(workload, probe_requests, seed)
     if len(deps) > 1:
-        for row, dep in deps:
-            res = Simulator(dep, probe).run()
-            row["probe_steady_tok_s"] = res.metrics.steady_throughput()
-            done = res.table.status == Status.DONE
-            row["probe_throughput_tok_s"] = float(res.table.output[done].sum()) / res.simulated_time_s
-            row["status"] = "probed"
+        with process_map(min(jobs, len(deps))) as mapper:
+            figures = mapper(_probe, [(dep, probe) for _, dep in deps])
+        for (row, _), (steady, whole) in zip(deps, figures, strict=True):
+            row |= {"probe_steady_tok_s": steady, "probe_throughput_tok_s": whole, "status": "probed"}
     best_row, best = max(deps, key=lambda rd: (rd[0]["probe_steady_tok_s"] or 0.0, -rd[1].tp))
     best_row["status"] = "chosen" if len(deps) > 1 else "chosen (the only candidate left)"
     best.selection |= {"probe_requests": len(probe) if len(deps) > 1 else 0,
@@ -113,27 +114,36 @@ def _best(spec: SystemSpec, model: ModelSpec, workload: Workload, seed: int, pro
     return best
 
 
+def _probe(job: tuple[Deployment, Workload]) -> tuple[float, float]:
+    """One candidate's probe: (steady-state, whole-run) output throughput on the probe workload, tok/s."""
+    dep, probe = job
+    res = Simulator(dep, probe).run()
+    done = res.table.status == Status.DONE
+    return res.metrics.steady_throughput(), float(res.table.output[done].sum()) / res.simulated_time_s
+
+
 def deploy(spec: SystemSpec, model: ModelSpec, workload: Workload, seed: int = 0,
-           parallel: ParallelChoice = None) -> Deployment:  # fmt: skip
-    """Place `model` on `spec` for `workload`: with `parallel` if given, else the file's rule for the model."""
+           parallel: ParallelChoice = None, jobs: int = 1) -> Deployment:  # fmt: skip
+    """Place `model` on `spec` for `workload`: with `parallel` if given, else the file's rule for the model.
+    `jobs`: processes for the probe, where there is one."""
     rule = parallel if parallel is not None else spec.parallelism_for(model)[0]
     if rule == "auto":
-        return choose_parallelism(spec, model, workload, seed)
+        return choose_parallelism(spec, model, workload, seed, jobs=jobs)
     fixed = None if parallel is None else rule
     if len(spec.tier_variants()) > 1:  # the parallelism is fixed; the probe chooses the HBM tier's setting
         return _best(spec, model, workload, seed, PROBE_REQUESTS, [(v, fixed, None) for v in spec.tier_variants()],
-                     "fixed")  # fmt: skip
+                     "fixed", jobs)  # fmt: skip
     return spec.deploy(model, fixed)
 
 
 def simulate(spec: SystemSpec, model: ModelSpec, workload: Workload, seed: int = 0,
              parallel: ParallelChoice = None, progress: Callable[[int], None] | None = None,
-             wall: Stopwatch | None = None) -> SimResult:  # fmt: skip
+             wall: Stopwatch | None = None, jobs: int = 1) -> SimResult:  # fmt: skip
     """Deploy and serve `workload`; the result's deployment says how its TP/DP was chosen. `wall` (if given)
-    gets the parts "choose_parallelism" and "simulate"."""
+    gets the parts "choose_parallelism" and "simulate"; `jobs`: processes for the probe."""
     wall = wall or Stopwatch()
     with wall.part("choose_parallelism"):
-        dep = deploy(spec, model, workload, seed, parallel)
+        dep = deploy(spec, model, workload, seed, parallel, jobs)
     with wall.part("simulate"):
         return Simulator(dep, workload).run(progress=progress)
 

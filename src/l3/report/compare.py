@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 from pathlib import Path
 
 import matplotlib
@@ -13,6 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from l3.parallel import process_map
 from l3.report.plots import save_figure
 from l3.report.summary import summarize
 from l3.run import ParallelChoice, Stopwatch, simulate
@@ -71,10 +71,8 @@ def compare(systems: list[str], model: str, workload: str, n: int | None, seed: 
     load_workload(workload, n_requests=n, seed=seed, mode=mode, data_dir=data_dir, strict=strict)
 
     def run_all(args: list[tuple]) -> list[tuple[dict, list[int]]]:
-        if jobs > 1 and len(args) > 1:
-            with mp.get_context("spawn").Pool(min(jobs, len(args))) as pool:
-                return pool.map(run_one, args, chunksize=1)
-        return [run_one(a) for a in args]
+        with process_map(min(jobs, len(args))) as mapper:
+            return mapper(run_one, args)
 
     out = run_all([(s, model, workload, n, seed, mode, data_dir, parallel, None) for s in systems])
     results = [r for r, _ in out]

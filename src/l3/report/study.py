@@ -6,10 +6,8 @@ report states the command, what was simulated, and the tables the figures are dr
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
-import multiprocessing as mp
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +20,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from l3.errors import L3Error
+from l3.parallel import process_map
 from l3.report.plots import save_figure
 from l3.report.summary import summarize
 from l3.run import deploy
@@ -112,17 +111,16 @@ def execute_all(runs: list[Run], jobs: int) -> list[dict]:
         if r.parallel != "auto" and spec.parallelism_for(get_model(r.model))[0] != "auto":
             for variant in spec.tier_variants():
                 variant.deploy(get_model(r.model), r.parallel)
-    with mp.get_context("spawn").Pool(jobs) if jobs > 1 else contextlib.nullcontext() as pool:
-        mapper = pool.map if pool is not None else lambda f, xs, chunksize=1: [f(x) for x in xs]
+    with process_map(jobs) as mapper:
         order = _longest_first(runs, range(len(runs)))
         selections = [None] * len(runs)
-        for i, sel in zip(order, mapper(choose, [runs[i] for i in order], chunksize=1), strict=True):
+        for i, sel in zip(order, mapper(choose, [runs[i] for i in order]), strict=True):
             selections[i] = sel
         key = [(r.system, json.dumps(r.overrides, sort_keys=True), r.model, r.workload, r.requests, s["tp"], s["dp"],
                 s.get("asymmetric")) for r, s in zip(runs, selections, strict=True)]  # fmt: skip
         first = {k: i for i, k in reversed(list(enumerate(key)))}
         unique = _longest_first(runs, set(first.values()))
-        done = dict(zip(unique, mapper(execute, [(runs[i], selections[i]) for i in unique], chunksize=1),
+        done = dict(zip(unique, mapper(execute, [(runs[i], selections[i]) for i in unique]),
                         strict=True))  # fmt: skip
     out = []
     for r, s, k in zip(runs, selections, key, strict=True):

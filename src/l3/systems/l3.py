@@ -165,32 +165,29 @@ class L3System(AttentionOffloadSystem):
             tokens = np.bincount(slot_b, weights=held_b, minlength=k) - np.bincount(slot_a, held_a, minlength=k)
             pre_w = np.asarray(self.pim.kv_write_time(tokens, layers=1), float)
             pre_e = self.pim.kv_write_energy(tokens, layers=1, dynamic=True).sum(axis=0)
-        work = np.zeros((len(offsets), R, n))
-        stalled = np.zeros_like(work)
-        energy = np.zeros((len(offsets), len(COMPONENTS)))
-        comps, hosts = np.zeros((len(offsets), k)), np.zeros((len(offsets), k))
+        n_off = len(offsets)
+        energy = np.zeros((n_off, len(COMPONENTS)))
+        comps, hosts = np.zeros((n_off, k)), np.zeros((n_off, k))
         if len(ids):  # every offset's layout in one device call, offset si on slots si * k ...
             spreads = [self.spread(placement, ctx + j) for j in offsets]
             slot = np.concatenate([si * k + sp[1] for si, sp in enumerate(spreads)])
             comp, cat, e = self.pim.layer_attention(np.concatenate([sp[2] for sp in spreads]), slot, dynamic=True,
-                                                    n_ranks=len(offsets) * k)  # fmt: skip
+                                                    n_ranks=n_off * k)  # fmt: skip
             comps, hosts = comp.reshape(-1, k), cat[:, self._host_cats].sum(axis=1).reshape(-1, k)
-            energy = e.reshape(len(offsets), k, -1).sum(axis=1)
-        for si in range(len(offsets)):
-            comp, host = comps[si], hosts[si]
-            energy[si] = self.shard * (energy[si] + pre_e)  # each of a slot's S ranks holds a 1/S share
-            comp_r, host_r, pre_r = (np.zeros((R, n)) for _ in range(3))  # per residue rho, per rank
-            comp_r[self._residue_rows, self._slot_ranks] = comp[:, None]
-            host_r[self._residue_rows, self._slot_ranks] = host[:, None]
-            pre_r[self._residue_rows, self._slot_ranks] = pre_w[:, None]
-            if self.coord.rankset_overlap:
-                work[si] = comp_r + pre_r
-                stalled[si] = host_r + pre_r
-            else:  # every write blocks all ranks of its channel
-                channel_writes = np.repeat((host_r + pre_r).reshape(R, C, R).sum(axis=2), R, axis=1)
-                active = comp_r + pre_r > 0
-                work[si] = np.where(active, comp_r - host_r + channel_writes, 0.0)
-                stalled[si] = np.where(active, channel_writes, 0.0)
+            energy = e.reshape(n_off, k, -1).sum(axis=1)
+        energy = self.shard * (energy + pre_e)  # each of a slot's S ranks holds a 1/S share
+        # per offset, residue rho and rank: a slot's figures on each of its S ranks
+        comp_r, host_r, pre_r = np.zeros((n_off, R, n)), np.zeros((n_off, R, n)), np.zeros((R, n))
+        comp_r[:, self._residue_rows, self._slot_ranks] = comps[:, None, :, None]
+        host_r[:, self._residue_rows, self._slot_ranks] = hosts[:, None, :, None]
+        pre_r[self._residue_rows, self._slot_ranks] = pre_w[:, None]
+        if self.coord.rankset_overlap:
+            work, stalled = comp_r + pre_r, host_r + pre_r
+        else:  # every write blocks all ranks of its channel
+            channel_writes = np.repeat((host_r + pre_r).reshape(n_off, R, C, R).sum(axis=3), R, axis=2)
+            active = comp_r + pre_r > 0
+            work = np.where(active, comp_r - host_r + channel_writes, 0.0)
+            stalled = np.where(active, channel_writes, 0.0)
         return work, stalled, self.pim.energy.parts(energy)
 
     # --- attention outputs ----------------------------------------------------------------------------

@@ -44,11 +44,13 @@ class AttentionOffloadSystem(SystemModel):
         self.coord = dep.system.coordination
         self.ranksets, self.channels = ranksets, channels
         self.n_ranks = ranksets * channels
+        self._rank_lanes = [f"rankset{r % ranksets}/rank{r}" for r in range(self.n_ranks)]  # timeline lane names
         self._gpu_parts = functools.lru_cache(maxsize=4096)(self._gpu_parts_uncached)
         self._dense = functools.lru_cache(maxsize=4096)(self._dense_uncached)
         self._head = functools.lru_cache(maxsize=1024)(lambda t, n: float(self.gpu.embed_and_head(t, n)))
         lanes = tuple(f"rankset{s}" for s in range(ranksets)) if ranksets > 1 else ()
         self.devices = ("gpu", self.memory_device, "pcie_up", "pcie_down", *lanes)
+        self._stall_names = [f"transfer_stall_rankset{q}" for q in range(ranksets)]
         # Bytes per token per layer crossing the link.
         self._qkv_bytes = (m.q_dim + 2 * m.kv_dim) * m.dtype_bytes
         self._out_bytes = m.q_dim * m.dtype_bytes
@@ -103,6 +105,7 @@ class AttentionOffloadSystem(SystemModel):
     def run(self, plan: Plan, table: RequestTable, steps: int, record: bool = False) -> IterationTiming:
         L = self.dep.model.n_layers
         offsets = np.unique(np.linspace(0, steps - 1, 2 + (steps - 1) // BULK_SAMPLE_EVERY).round().astype(int))
+        interp = StepInterpolation(offsets, steps)
         grow = np.arange(steps, dtype=float)  # each step every decode request attends one token more
         subs = []
         whole = {"tokens": 0, "sampled": 0, "flops": np.zeros(steps), "bytes": np.zeros(steps),
@@ -132,7 +135,7 @@ class AttentionOffloadSystem(SystemModel):
             whole["hbm_kv_tokens"] += int(on_gpu.sum() + sb.prefill_chunks[~pre].sum())
             shares = [(sb, ctx, on_gpu, pre, shape)] if self.groups == 1 else [
                 (g, ctx[d], on_gpu[d], pre[p], BatchShape.of(g, ctx[d])) for g, d, p in deal(sb, self.groups)]
-            per_group = [self._group_parts(*share, table.placement, offsets, steps, grow) for share in shares]
+            per_group = [self._group_parts(*share, table.placement, offsets, interp, grow) for share in shares]
             # The groups run each layer in step (every group's attention of the sub-batch returns together):
             # a part takes its slowest group's time; devices are busy for the groups' mean. The host merges
             # every group's partials.
@@ -142,9 +145,8 @@ class AttentionOffloadSystem(SystemModel):
                 parts["host_merge"] = sum(p["host_merge"] for p in per_group)
                 mean = {k: sum(p[k] for p in per_group) / len(per_group) for k in mean}
             down_bg = self.pcie(migrating * self._kv_layer)
-            energy = {k: interpolate_steps(np.asarray(v, float), offsets, steps) for k, v in energy.items()}
-            subs.append({"s": s, "n_dec": len(dev), "work": interpolate_steps(work, offsets, steps),
-                         "stalled": interpolate_steps(stalled, offsets, steps), **parts,
+            energy = {k: interp(np.asarray(v, float)) for k, v in energy.items()}
+            subs.append({"s": s, "n_dec": len(dev), "work": interp(work), "stalled": interp(stalled), **parts,
                          "down_bg": down_bg, "mean": mean | {"down_bg": down_bg},
                          "energy": energy,
                          "pcie_bytes": mean["pcie_bytes"] * len(per_group) + migrating * self._kv_layer})  # fmt: skip
@@ -152,7 +154,8 @@ class AttentionOffloadSystem(SystemModel):
         return self._with_energy(self._with_bound(timing, subs, whole), subs, whole)
 
     def _group_parts(self, sb: Plan, ctx: np.ndarray, on_gpu: np.ndarray, pre_dev: np.ndarray, shape: BatchShape,
-                     placement: np.ndarray, offsets: np.ndarray, steps: int, grow: np.ndarray) -> dict:  # fmt: skip
+                     placement: np.ndarray, offsets: np.ndarray, interp: StepInterpolation,
+                     grow: np.ndarray) -> dict:  # fmt: skip
         """Per-layer seconds of one GPU group's share `sb` of a sub-batch: its dense work, its prefill (and, under
         asymmetric pipelining, HBM-tier decode) attention, its host-link transfers and the merging of its
         requests' partial outputs. ctx, on_gpu: per decode request; pre_dev: per prefill, KV on the device."""
@@ -162,8 +165,7 @@ class AttentionOffloadSystem(SystemModel):
         if on_gpu.any():  # asymmetric pipelining: these requests' attention runs on the GPU, KV in HBM
             gpu_ctx = ctx[on_gpu].sum() + on_gpu.sum() * grow
             parts = parts | {"pattn": parts["pattn"] + self.gpu.decode_attention(on_gpu.sum(), gpu_ctx)}
-        outs = {k: interpolate_steps(v, offsets, steps)
-                for k, v in self.outputs(ctx[~on_gpu], placement[dev], offsets).items()}  # fmt: skip
+        outs = {k: interp(v) for k, v in self.outputs(ctx[~on_gpu], placement[dev], offsets).items()}
         down_bytes = outs.get("down_bytes", parts["down_bytes"])
         return parts | {"down": self.pcie(outs["down_bytes"]) if "down_bytes" in outs else parts["down"],
                         "merge": outs.get("merge_gpu_s", 0.0), "host_merge": outs.get("merge_host_s", 0.0),
@@ -202,7 +204,7 @@ class AttentionOffloadSystem(SystemModel):
         exactly that of running them. A one-step iteration runs on Python floats (and one row of rank times).
         """
         R, n, one = self.ranksets, self.n_ranks, steps == 1
-        clock = _Clock(one, steps, n, seq=not self.coord.pipeline, record=record)
+        clock = _Clock(one, steps, n, seq=not self.coord.pipeline, record=record, lanes=self._rank_lanes)
         parts = [_SubBatchParts(x, R, one) for x in subs]
         used = np.zeros(n, bool)
         for p in parts:
@@ -257,8 +259,8 @@ class AttentionOffloadSystem(SystemModel):
                 busy[self.memory_device] += w.mean(axis=2) @ reps
                 if R > 1:
                     by_rankset = w.reshape(steps, R, C, R).mean(axis=2)
-                    for q in range(R):
-                        busy[f"rankset{q}"] += by_rankset[:, :, q] @ reps
+                    for q, lane in enumerate(self.devices[4:]):
+                        busy[lane] += by_rankset[:, :, q] @ reps
                 mean = w.mean(axis=2)
                 ratio = np.where(mean > 0, w.max(axis=2) / np.where(mean > 0, mean, 1.0), 1.0)
                 imb_sum += ratio @ reps
@@ -270,7 +272,7 @@ class AttentionOffloadSystem(SystemModel):
             "imbalance": imb_sum / imb_n if imb_n else np.ones(steps),
             # per step: layers whose attention ran on the units, and the fraction of units idle in each, summed
             "device_layers": np.full(steps, float(imb_n)), "idle_unit_layers": idle_sum, **merge,
-            **{f"transfer_stall_rankset{q}": stall[:, q] for q in range(R)},
+            **{name: stall[:, q] for q, name in enumerate(self._stall_names)},
             "gpu_waited": (durations - busy["gpu"] > WAIT_THRESHOLD * durations).astype(float),
             "pim_waited": ((durations - mem_sub.sum(axis=1) > WAIT_THRESHOLD * durations)
                            & (mem_sub.sum(axis=1) > 0)).astype(float),
@@ -360,14 +362,23 @@ def deal(plan: Plan, groups: int) -> list[tuple[Plan, np.ndarray, np.ndarray]]:
     return out
 
 
-def interpolate_steps(values: np.ndarray, offsets: np.ndarray, steps: int) -> np.ndarray:
-    """Values known at step `offsets` (first axis), linearly interpolated to every step 0..steps-1."""
-    if steps == 1:
-        return values
-    k = np.arange(steps)
-    i = np.clip(np.searchsorted(offsets, k, side="right") - 1, 0, len(offsets) - 2)
-    w = ((k - offsets[i]) / (offsets[i + 1] - offsets[i])).reshape(-1, *([1] * (values.ndim - 1)))
-    return values[i] * (1 - w) + values[i + 1] * w
+class StepInterpolation:
+    """Values known at step `offsets` (first axis), linearly interpolated to every step 0..steps-1 (the
+    weights computed once for every quantity of an iteration)."""
+
+    def __init__(self, offsets: np.ndarray, steps: int):
+        self.steps = steps
+        if steps > 1:
+            k = np.arange(steps)
+            self._i = np.clip(np.searchsorted(offsets, k, side="right") - 1, 0, len(offsets) - 2)
+            self._w = (k - offsets[self._i]) / (offsets[self._i + 1] - offsets[self._i])
+            self._w1 = 1 - self._w
+
+    def __call__(self, values: np.ndarray) -> np.ndarray:
+        if self.steps == 1:
+            return values
+        shape = (-1, *([1] * (values.ndim - 1)))
+        return values[self._i] * self._w1.reshape(shape) + values[self._i + 1] * self._w.reshape(shape)
 
 
 class _SubBatchParts:
@@ -399,10 +410,11 @@ class _SubBatchParts:
 class _Clock:
     """Free times of the GPU, the two host-link directions, each sub-batch's return and every rank, advanced
     layer by layer (`AttentionOffloadSystem._schedule`). Scalars are floats (one step) or (steps,) arrays; ranks
-    (n,) or (steps, n). `seq`: without the pipeline every part waits for all earlier parts."""
+    (n,) or (steps, n). `seq`: without the pipeline every part waits for all earlier parts. `lanes`: each rank's
+    timeline lane (when recording)."""
 
-    def __init__(self, one: bool, steps: int, n: int, seq: bool, record: bool):
-        self.one, self.seq, self.record = one, seq, record
+    def __init__(self, one: bool, steps: int, n: int, seq: bool, record: bool, lanes: list[str]):
+        self.one, self.seq, self.record, self.lanes = one, seq, record, lanes
         zero = 0.0 if one else np.zeros(steps)
         self.gpu = self.up = self.down = zero
         self.ret = [zero, zero]
@@ -476,11 +488,10 @@ class _Clock:
             pim_end = np.max(np.where(mask, r_end, ready_col), axis=-1)
             pim_end = float(pim_end) if self.one else pim_end
         if self.record:
-            R, label = len(p.residues), f"{name} attn"
+            label, lanes = f"{name} attn", self.lanes
             a, b = ((r_start, r_end) if self.one else (r_start[0], r_end[0]))
-            self.intervals += [Interval(f"rankset{r % R}/rank{r}", x, y, label, layer)
-                               for r, x, y in zip(idx.tolist(), a.tolist(), b.tolist(), strict=True)
-                               if y > x]  # fmt: skip
+            self.intervals += [Interval(lanes[r], x, y, label, layer)
+                               for r, x, y in zip(idx.tolist(), a.tolist(), b.tolist(), strict=True) if y > x]
         self._return(p, pim_end, layer)
 
     def _return(self, p: _SubBatchParts, pim_end, layer: int) -> None:

@@ -56,6 +56,7 @@ class PimSurrogate:
     def __init__(self, dram: DramSpec, pim: PimSpec, model: ModelSpec, store: MeasurementStore | None = None):
         """`store`: where measurements persist across processes (None: measured in this object only)."""
         self.shape = KernelShape.build(dram, pim, model)
+        self._rounds = self.shape.rounds
         self.refi = dram.timing.refi
         self._engine = RankEngine(dram, pim, refresh=False)
         self._engine_ref = RankEngine(dram, pim, refresh=True)
@@ -142,7 +143,8 @@ class PimSurrogate:
         return (on.cycles - off.cycles) / n, (on.counts["act"] - off.counts["act"]) / n
 
     def _fill(self, s: np.ndarray) -> None:
-        for v in s[np.isnan(self._tab[s, 0])]:
+        missing = s[np.isnan(self._tab[s, 0])]
+        for v in np.unique(missing) if len(missing) else ():
             self._tab[v] = self._measure(int(v))
 
     # --- composition ---------------------------------------------------------------------------------
@@ -150,9 +152,16 @@ class PimSurrogate:
         """B (n, categories + counts), E (n, categories + counts), bank tail, c_1 and c_ref (n,) for slot counts
         s >= 1."""
         p, big = self.period, s > self.s_hi
+        if not big.any():  # all in the measured range
+            self._fill(s)
+            row = self._tab[s]
+            b = row[:, :_NV]
+            if segments and self.shape.mapped:
+                b = b + ((s - 1) // self.shape.segment)[:, None] * self._x
+            return b, row[:, _NV : 2 * _NV], row[:, -3], row[:, -2], row[:, -1]
         q = np.where(big, -(-(s - self.s_hi) // p), 0)
         r = s - q * p
-        self._fill(np.unique(np.concatenate([r, r[big] - p])))
+        self._fill(np.concatenate([r, r[big] - p]))
         row = self._tab[r]
         b = row[:, :_NV] + q[:, None] * (row[:, :_NV] - self._tab[np.where(big, r - p, r), :_NV])
         if segments and self.shape.mapped:
@@ -195,8 +204,10 @@ class PimSurrogate:
         if contexts.size == 0:
             return out[:, :_NC], out[:, _NC:], n_ref
         b, e, tail, c_1, c_ref = self._lookup(-(-contexts // self.shape.n_bk))
-        for k in range(_NV):
-            out[:, k] = np.bincount(rank, weights=b[:, k], minlength=n_ranks) * self.shape.rounds
+        # every (rank, piece) sum in one bincount: each bin adds its requests in input order, as per column
+        cells = (rank * _NV)[:, None] + np.arange(_NV)
+        out = np.bincount(cells.ravel(), weights=b.ravel(), minlength=n_ranks * _NV).reshape(n_ranks, _NV)
+        out *= self._rounds
         n = np.bincount(rank, minlength=n_ranks)
         last, first = np.full(n_ranks, -1), np.full(n_ranks, len(rank))
         np.maximum.at(last, rank, np.arange(len(rank)))
@@ -215,5 +226,5 @@ class PimSurrogate:
         vectorised over queries j."""
         n, ctx = np.asarray(n_requests, dtype=np.int64), np.maximum(np.asarray(context, dtype=np.int64), 1)
         b, e, tail, c_1, c_ref = self._lookup(-(-ctx // self.shape.n_bk))
-        t = (n * self.shape.rounds)[:, None] * b + (n - 1)[:, None] * self._h + e
+        t = (n * self._rounds)[:, None] * b + (n - 1)[:, None] * self._h + e
         return self._with_refresh(t, tail, b[:, :_NC].sum(axis=1), c_1, c_ref)[0][:, :_NC].sum(axis=1) * (n > 0)

@@ -378,6 +378,8 @@ class StepInterpolation:
         if self.steps == 1:
             return values
         shape = (-1, *([1] * (values.ndim - 1)))
+        if len(values) == 2:  # one segment: every step between the same two samples (no gathering)
+            return values[0] * self._w1.reshape(shape) + values[1] * self._w.reshape(shape)
         return values[self._i] * self._w1.reshape(shape) + values[self._i + 1] * self._w.reshape(shape)
 
 

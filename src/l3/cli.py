@@ -143,7 +143,6 @@ def simulate(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from l3.parallel import available_cpus
-    from l3.report.files import prepare_out, write_run
     from l3.report.summary import summarize
     from l3.run import Stopwatch, deploy, parse_parallel
     from l3.sim.simulator import Simulator
@@ -151,10 +150,12 @@ def simulate(
     from l3.specs.system import get_system
     from l3.workload import load_workload
 
-    wall = Stopwatch()
-    wall.parts["start_up"] = time.perf_counter() - t_start
-    if out is not None:
+    if out is not None:  # the file writers (pandas, matplotlib) are loaded only when there is something to write
+        from l3.report.files import prepare_out, write_run
+
         prepare_out(out)
+    wall = Stopwatch()
+    wall.parts["start_up"] = time.perf_counter() - t_start  # the imports above included
     par = parse_parallel(parallelism)
     with wall.part("load_workload"):
         wl = load_workload(workload, n_requests=requests, seed=seed, mode=mode, rate_scale=rate_scale,

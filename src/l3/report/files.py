@@ -6,12 +6,14 @@ import json
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from l3.errors import SpecError
 from l3.report.plots import plot_over_time, plot_timeline
-from l3.report.summary import requests_frame, summarize
+from l3.report.summary import summarize
 from l3.run import Stopwatch
+from l3.sched.requests import Status
 from l3.sim.simulator import SimResult
 
 
@@ -28,6 +30,22 @@ def prepare_out(out: Path) -> Path:
     except OSError as exc:
         raise SpecError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
     return out
+
+
+def requests_frame(res: SimResult) -> pd.DataFrame:
+    """One row per request: lengths, status, times (seconds) and the reason of a rejection."""
+    t = res.table
+    ttft = t.first_token_s - t.arrival
+    e2e = t.finish_s - t.arrival
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_tbt = np.where(t.output > 1, (t.finish_s - t.first_token_s) / (t.output - 1), np.nan)
+    return pd.DataFrame({
+        "id": np.arange(t.n), "arrival_s": t.arrival, "prompt_tokens": t.prompt, "output_tokens": t.output,
+        "status": [Status(s).name.lower() for s in t.status], "replica": t.replica,
+        "admitted_s": t.admitted_s, "first_token_s": t.first_token_s, "finish_s": t.finish_s, "ttft_s": ttft,
+        "e2e_s": e2e, "mean_tbt_s": mean_tbt, "preemptions": t.preemptions,
+        "reject_reason": [t.reject_reason.get(i, "") for i in range(t.n)],
+    })  # fmt: skip
 
 
 def write_run(res: SimResult, out: Path, wall: Stopwatch | None = None) -> dict:

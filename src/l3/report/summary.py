@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
-import pandas as pd
 
 from l3.sched.kv import HBM_TIER
 from l3.sched.predictors import ErrorLog
@@ -18,22 +17,6 @@ from l3.sim.simulator import SimResult
 def _pct(x: np.ndarray, q: float) -> float | None:
     x = x[np.isfinite(x)]
     return float(np.percentile(x, q)) if len(x) else None
-
-
-def requests_frame(res: SimResult) -> pd.DataFrame:
-    """One row per request: lengths, status, times (seconds) and the reason of a rejection."""
-    t = res.table
-    ttft = t.first_token_s - t.arrival
-    e2e = t.finish_s - t.arrival
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_tbt = np.where(t.output > 1, (t.finish_s - t.first_token_s) / (t.output - 1), np.nan)
-    return pd.DataFrame({
-        "id": np.arange(t.n), "arrival_s": t.arrival, "prompt_tokens": t.prompt, "output_tokens": t.output,
-        "status": [Status(s).name.lower() for s in t.status], "replica": t.replica,
-        "admitted_s": t.admitted_s, "first_token_s": t.first_token_s, "finish_s": t.finish_s, "ttft_s": ttft,
-        "e2e_s": e2e, "mean_tbt_s": mean_tbt, "preemptions": t.preemptions,
-        "reject_reason": [t.reject_reason.get(i, "") for i in range(t.n)],
-    })  # fmt: skip
 
 
 def summarize(res: SimResult, wall_parts: dict[str, float] | None = None) -> dict:

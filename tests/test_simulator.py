@@ -15,6 +15,7 @@ from l3.sched.requests import Status
 from l3.sim.simulator import Simulator
 from l3.specs.model import get_model
 from l3.systems.gpu_only import GpuOnlySystem
+from l3.systems.offload import BULK_SAMPLE_EVERY, StepInterpolation
 
 LLAMA = get_model("llama-2-7b")
 
@@ -193,3 +194,17 @@ def test_timeline_png_shows_iterations_from_the_steady_state():
     assert len(chosen) == 3 and starts[-1] > targets[0]  # not only the run's first iterations
     nearest = min(abs(m.series()[p, 1] - targets[0]) for p in plans)
     assert abs(starts[0] - targets[0]) == nearest  # the first panel: the sampled iteration nearest 25% of output
+
+
+@settings(max_examples=30, deadline=None)
+@given(steps=st.integers(2, 900), seed=st.integers(0, 10**6))
+def test_bulk_interpolation_is_linear_between_samples(steps, seed):
+    """A bulk run's per-step values: the samples at the iteration's offsets, linear in between (np.interp per
+    element as the float64 reference), whether the run has one segment (two samples) or several."""
+    offsets = np.unique(np.linspace(0, steps - 1, 2 + (steps - 1) // BULK_SAMPLE_EVERY).round().astype(int))
+    values = np.random.default_rng(seed).random((len(offsets), 3, 2))
+    got = StepInterpolation(offsets, steps)(values)
+    want = np.stack([[np.interp(np.arange(steps), offsets, values[:, a, b]) for b in range(2)] for a in range(3)])
+    assert got.shape == (steps, 3, 2)
+    np.testing.assert_allclose(got, want.transpose(2, 0, 1), rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(got[offsets], values)

@@ -117,7 +117,7 @@ class AttentionOffloadSystem(SystemModel):
             ctx = table.context(sb.decode_ids).astype(float)
             on_gpu = self._on_gpu(table, sb.decode_ids)
             # KV moving into HBM crosses the host links behind this sub-batch's outputs, every layer.
-            migrating = ctx[np.isin(sb.decode_ids, plan.migrate_ids)].sum()
+            migrating = ctx[np.isin(sb.decode_ids, plan.migrate_ids)].sum() if len(plan.migrate_ids) else 0.0
             dev, pre = sb.decode_ids[~on_gpu], ~self._on_gpu(table, sb.prefill_ids)
             pre_ids, pre_chunks = sb.prefill_ids[pre], sb.prefill_chunks[pre]
             # The memory side serves the whole sub-batch, whichever GPU group each request is dealt to.

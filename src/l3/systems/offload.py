@@ -253,16 +253,17 @@ class AttentionOffloadSystem(SystemModel):
             # The sub-batch's own PIM time: each layer's slowest rank (what the scheduler balances against
             # the other sub-batch's GPU time). Busy time of `pim` and of each rankset: the mean over their
             # ranks of the time each rank computed (a rank is a serial resource, so this is <= elapsed time).
-            mem_sub[:, x["s"]] = x["work"].max(axis=2) @ reps
+            w = x["work"]  # (steps, R, ranks); rank = channel * R + rankset
+            slowest = w.max(axis=2)
+            mem_sub[:, x["s"]] = slowest @ reps
             if x["n_dec"]:
-                w = x["work"]  # (steps, R, ranks); rank = channel * R + rankset
-                busy[self.memory_device] += w.mean(axis=2) @ reps
+                mean = w.mean(axis=2)
+                busy[self.memory_device] += mean @ reps
                 if R > 1:
                     by_rankset = w.reshape(steps, R, C, R).mean(axis=2)
                     for q, lane in enumerate(self.devices[4:]):
                         busy[lane] += by_rankset[:, :, q] @ reps
-                mean = w.mean(axis=2)
-                ratio = np.where(mean > 0, w.max(axis=2) / np.where(mean > 0, mean, 1.0), 1.0)
+                ratio = np.where(mean > 0, slowest / np.where(mean > 0, mean, 1.0), 1.0)
                 imb_sum += ratio @ reps
                 idle_sum += (w == 0).mean(axis=2) @ reps
                 imb_n += L

@@ -201,9 +201,11 @@ def test_timeline_png_shows_iterations_from_the_steady_state():
 def test_bulk_interpolation_is_linear_between_samples(steps, seed):
     """A bulk run's per-step values: the samples at the iteration's offsets, linear in between (np.interp per
     element as the float64 reference), whether the run has one segment (two samples) or several."""
-    offsets = np.unique(np.linspace(0, steps - 1, 2 + (steps - 1) // BULK_SAMPLE_EVERY).round().astype(int))
+    interp = StepInterpolation(steps)
+    offsets = interp.offsets
+    assert offsets[0] == 0 and offsets[-1] == steps - 1 and np.diff(offsets).max() <= BULK_SAMPLE_EVERY
     values = np.random.default_rng(seed).random((len(offsets), 3, 2))
-    got = StepInterpolation(offsets, steps)(values)
+    got = interp(values)
     want = np.stack([[np.interp(np.arange(steps), offsets, values[:, a, b]) for b in range(2)] for a in range(3)])
     assert got.shape == (steps, 3, 2)
     np.testing.assert_allclose(got, want.transpose(2, 0, 1), rtol=1e-12, atol=1e-15)

@@ -48,8 +48,8 @@ class AttentionOffloadSystem(SystemModel):
         self._gpu_parts = functools.lru_cache(maxsize=4096)(self._gpu_parts_uncached)
         self._dense = functools.lru_cache(maxsize=4096)(self._dense_uncached)
         self._head = functools.lru_cache(maxsize=1024)(lambda t, n: float(self.gpu.embed_and_head(t, n)))
-        lanes = tuple(f"rankset{s}" for s in range(ranksets)) if ranksets > 1 else ()
-        self.devices = ("gpu", self.memory_device, "pcie_up", "pcie_down", *lanes)
+        self._rankset_lanes = tuple(f"rankset{s}" for s in range(ranksets)) if ranksets > 1 else ()
+        self.devices = ("gpu", self.memory_device, "pcie_up", "pcie_down", *self._rankset_lanes)
         self._stall_names = [f"transfer_stall_rankset{q}" for q in range(ranksets)]
         # Bytes per token per layer crossing the link.
         self._qkv_bytes = (m.q_dim + 2 * m.kv_dim) * m.dtype_bytes
@@ -104,8 +104,8 @@ class AttentionOffloadSystem(SystemModel):
     # --- the iteration --------------------------------------------------------------------------------
     def run(self, plan: Plan, table: RequestTable, steps: int, record: bool = False) -> IterationTiming:
         L = self.dep.model.n_layers
-        offsets = np.unique(np.linspace(0, steps - 1, 2 + (steps - 1) // BULK_SAMPLE_EVERY).round().astype(int))
-        interp = StepInterpolation(offsets, steps)
+        interp = StepInterpolation(steps)
+        offsets = interp.offsets
         grow = np.arange(steps, dtype=float)  # each step every decode request attends one token more
         subs = []
         whole = {"tokens": 0, "sampled": 0, "flops": np.zeros(steps), "bytes": np.zeros(steps),
@@ -261,7 +261,7 @@ class AttentionOffloadSystem(SystemModel):
                 busy[self.memory_device] += mean @ reps
                 if R > 1:
                     by_rankset = w.reshape(steps, R, C, R).mean(axis=2)
-                    for q, lane in enumerate(self.devices[4:]):
+                    for q, lane in enumerate(self._rankset_lanes):
                         busy[lane] += by_rankset[:, :, q] @ reps
                 ratio = np.where(mean > 0, slowest / np.where(mean > 0, mean, 1.0), 1.0)
                 imb_sum += ratio @ reps
@@ -364,11 +364,14 @@ def deal(plan: Plan, groups: int) -> list[tuple[Plan, np.ndarray, np.ndarray]]:
 
 
 class StepInterpolation:
-    """Values known at step `offsets` (first axis), linearly interpolated to every step 0..steps-1 (the
-    weights computed once for every quantity of an iteration)."""
+    """The steps of a `steps`-step iteration evaluated exactly (`offsets`: both ends and every
+    BULK_SAMPLE_EVERY-th step between), and values known there (first axis) linearly interpolated to every step
+    0..steps-1 (the weights computed once for every quantity of the iteration)."""
 
-    def __init__(self, offsets: np.ndarray, steps: int):
+    def __init__(self, steps: int):
         self.steps = steps
+        samples = 2 + (steps - 1) // BULK_SAMPLE_EVERY
+        self.offsets = offsets = np.unique(np.linspace(0, steps - 1, samples).round().astype(int))
         if steps > 1:
             k = np.arange(steps)
             self._i = np.clip(np.searchsorted(offsets, k, side="right") - 1, 0, len(offsets) - 2)

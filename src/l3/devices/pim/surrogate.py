@@ -152,27 +152,28 @@ class PimSurrogate:
         """B (n, categories + counts), E (n, categories + counts), bank tail, c_1 and c_ref (n,) for slot counts
         s >= 1."""
         p, big = self.period, s > self.s_hi
-        if not big.any():  # all in the measured range
+        far = big.any()
+        if far:
+            q = np.where(big, -(-(s - self.s_hi) // p), 0)
+            r = s - q * p
+            self._fill(np.concatenate([r, r[big] - p]))
+            row = self._tab[r]
+            b = row[:, :_NV] + q[:, None] * (row[:, :_NV] - self._tab[np.where(big, r - p, r), :_NV])
+        else:  # all in the measured range: the samples themselves
             self._fill(s)
             row = self._tab[s]
             b = row[:, :_NV]
-            if segments and self.shape.mapped:
-                b = b + ((s - 1) // self.shape.segment)[:, None] * self._x
-            return b, row[:, _NV : 2 * _NV], row[:, -3], row[:, -2], row[:, -1]
-        q = np.where(big, -(-(s - self.s_hi) // p), 0)
-        r = s - q * p
-        self._fill(np.concatenate([r, r[big] - p]))
-        row = self._tab[r]
-        b = row[:, :_NV] + q[:, None] * (row[:, :_NV] - self._tab[np.where(big, r - p, r), :_NV])
         if segments and self.shape.mapped:
             b = b + ((s - 1) // self.shape.segment)[:, None] * self._x
-        # Past the measured range: a round hides the delay of its edge refreshes as the sample it extends does
-        # (h = (c_long - c_ref(r)) B(r) per round), and every further refresh costs c_long, the delay per refresh
-        # inside one long round of this kernel (measured): c_ref(s) = c_long - h / B(s).
-        c_ref = row[:, -1]
-        c_ref = np.where(big, self._c1_long - (self._c1_long - c_ref) * row[:, :_NC].sum(axis=1)
-                         / np.maximum(b[:, :_NC].sum(axis=1), 1.0), c_ref)  # fmt: skip
-        return b, row[:, _NV : 2 * _NV], row[:, -3], np.where(big, self._c1_long, row[:, -2]), c_ref
+        c_1, c_ref = row[:, -2], row[:, -1]
+        if far:
+            # Past the measured range: a round hides the delay of its edge refreshes as the sample it extends
+            # does (h = (c_long - c_ref(r)) B(r) per round), and every further refresh costs c_long, the delay
+            # per refresh inside one long round of this kernel (measured): c_ref(s) = c_long - h / B(s).
+            c_ref = np.where(big, self._c1_long - (self._c1_long - c_ref) * row[:, :_NC].sum(axis=1)
+                             / np.maximum(b[:, :_NC].sum(axis=1), 1.0), c_ref)  # fmt: skip
+            c_1 = np.where(big, self._c1_long, c_1)
+        return b, row[:, _NV : 2 * _NV], row[:, -3], c_1, c_ref
 
     def _with_refresh(self, t: np.ndarray, tail: np.ndarray, first: np.ndarray, c_1: np.ndarray,
                       c_ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
@@ -200,9 +201,9 @@ class PimSurrogate:
                   n_ranks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
         """`rank_cycles`, with each rank's energy counts (n_ranks, COUNTS) and refreshes (n_ranks,)."""
         contexts, rank = np.asarray(contexts, dtype=np.int64), np.asarray(rank, dtype=np.int64)
-        out, n_ref = np.zeros((n_ranks, _NV)), np.zeros(n_ranks)
+        n_ref = np.zeros(n_ranks)
         if contexts.size == 0:
-            return out[:, :_NC], out[:, _NC:], n_ref
+            return np.zeros((n_ranks, _NC)), np.zeros((n_ranks, _NV - _NC)), n_ref
         b, e, tail, c_1, c_ref = self._lookup(-(-contexts // self.shape.n_bk))
         # every (rank, piece) sum in one bincount: each bin adds its requests in input order, as per column
         cells = (rank * _NV)[:, None] + np.arange(_NV)

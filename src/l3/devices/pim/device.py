@@ -14,7 +14,7 @@ import numpy as np
 
 from l3.devices.pim.energy import COMPONENTS, PimEnergy
 from l3.devices.pim.geometry import PimGeometry
-from l3.devices.pim.kernels import rank_layer_stream
+from l3.devices.pim.kernels import KernelShape, rank_layer_stream
 from l3.devices.pim.measurements import MeasurementStore
 from l3.devices.pim.surrogate import PimSurrogate
 from l3.devices.pim.timing import CATEGORIES, COUNTS, RankEngine
@@ -44,10 +44,15 @@ class PimDevice:
     def __init__(self, dram: DramSpec, pim: PimSpec, model: ModelSpec):
         self.dram, self.pim, self.model = dram, pim, model
         self.geometry = PimGeometry(dram, pim)
-        self.surrogate = shared_surrogate(dram, pim, model)
-        self.shape = self.surrogate.shape
+        self.shape = KernelShape.build(dram, pim, model)
         self.energy = PimEnergy(dram, pim, self.shape)
         self._tck_s = dram.timing.tck_ns * 1e-9
+
+    @functools.cached_property
+    def surrogate(self) -> PimSurrogate:
+        """The timing surrogate, built at the first timing query (it measures the engine unless the store holds
+        this configuration): a device built to read its capacity or shape measures nothing."""
+        return shared_surrogate(self.dram, self.pim, self.model)
 
     # --- organisation ----------------------------------------------------------------------------
     @property

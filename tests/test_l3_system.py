@@ -162,6 +162,7 @@ def test_odd_head_counts_are_placed_and_served():
     assert np.all(Simulator(dep, wl).run().table.status == 3)
 
 
+@pytest.mark.slow  # 15 s; the quick run keeps test_l3_serves_every_request and the simulator's and tiers' properties
 @settings(max_examples=15, deadline=None)
 @given(n=st.integers(1, 30), seed=st.integers(0, 2**16), policy=st.sampled_from(["alignment", "halving"]))
 def test_l3_every_request_ends_and_memory_is_returned(n, seed, policy):

@@ -242,7 +242,18 @@ def test_generate_cli_streams_smollm2_tokens():
     assert 1 <= n <= 8 and proc.stdout.strip()  # streamed text, at most the asked-for tokens
 
 
-@pytest.mark.parametrize("group, head_dim", [(1, 64), (4, 128), (8, 16)])
+@pytest.mark.parametrize("shape", [(3, 5), (4, 1 << 19)])  # below one huge page, and 4 MiB of fp16
+def test_host_kv_memory_is_zeroed_whatever_its_pages(shape):
+    from l3.engine import host_memory
+
+    t = host_memory.zeros(shape, torch.float16)
+    assert t.shape == shape and t.dtype == torch.float16 and t.is_contiguous()
+    assert not t.any()
+    t[-1, -1] = 1.0  # writable to its last element
+    assert float(t.sum()) == 1.0
+
+
+@pytest.mark.parametrize("group, head_dim", [(1, 64), (3, 40), (4, 128), (7, 24), (8, 16)])
 def test_the_fused_host_kernel_matches_float64(rng, group, head_dim):
     from l3.engine import host_kernel
 

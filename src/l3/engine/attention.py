@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.nn.attention.bias import causal_lower_right
 
-from l3.engine import BACKEND_NAMES
+from l3.engine import BACKEND_NAMES, host_memory
 
 PIECE_TOKENS = 1024  # keys per partial in the cpu backend: a piece's fp32 copy (a few MB at most) stays in cache
 
@@ -187,8 +187,11 @@ class PagedBackend(AttentionBackend):
         super().__init__(*args, **kw)
         where = self.dense_device if self.storage == "dense" else torch.device("cpu")
         shape = (self.n_layers, self.n_kv_heads, self.n_blocks * self.block_size, self.head_dim)
-        self.k = torch.zeros(shape, dtype=self.kv_dtype, device=where)
-        self.v = torch.zeros(shape, dtype=self.kv_dtype, device=where)
+        if where.type == "cpu":  # host memory in huge pages (engine.host_memory)
+            self.k, self.v = host_memory.zeros(shape, self.kv_dtype), host_memory.zeros(shape, self.kv_dtype)
+        else:
+            self.k = torch.zeros(shape, dtype=self.kv_dtype, device=where)
+            self.v = torch.zeros(shape, dtype=self.kv_dtype, device=where)
         self._write = torch.empty(0, dtype=torch.long)
 
     def bind(self, segments: list[Segment]) -> None:

@@ -1,13 +1,14 @@
 /* Decode attention over fp16 KV in host memory, for the engine's `cpu` backend (l3/engine/host_kernel.py builds
    it with the system's C compiler at first use; without one, or without AVX2/FMA/F16C, the backend uses its
-   PyTorch path). One pass over the keys and values: each block of BLOCK rows is widened to fp32 once, into L1;
-   scores for 8 rows at a time per query (horizontal adds); online softmax with a vectorised exp; values
-   accumulated with two independent chains per query. Numerics: fp32 throughout (checked against float64). */
+   PyTorch path). One pass over the keys and values, by blocks of BLOCK rows: scores for R = 8 / G key rows at a
+   time (each key chunk widened from fp16 in a register and used by all G queries of its KV head, eight
+   accumulators reduced by one horizontal-add tree), online softmax with a vectorised exp, then the values, C = 8 /
+   G chunks of 8 columns at a time (each value chunk widened once per row and used by every query). While a block's
+   scores run, its value rows and the key rows KEY_AHEAD rows on are prefetched, so the memory streams overlap the
+   arithmetic. Numerics: fp32 throughout (checked against float64). */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
-
-#define BLOCK 32
 
 static inline float hsum(__m256 x) {
     __m128 lo = _mm256_castps256_ps128(x), hi = _mm256_extractf128_ps(x, 1);
@@ -38,14 +39,71 @@ static inline __m256 exp_nonpos(__m256 x) {
     return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
 }
 
+#define BLOCK 16      /* rows per online-softmax step */
+#define KEY_AHEAD 64  /* rows between the keys being scored and the keys being prefetched */
+
+static inline __m256 widen(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+
+/* The 8 horizontal sums of d[0..7], in order, as one vector. */
+static inline __m256 hsum8(const __m256 *d) {
+    __m256 t01 = _mm256_hadd_ps(d[0], d[1]), t23 = _mm256_hadd_ps(d[2], d[3]);
+    __m256 t45 = _mm256_hadd_ps(d[4], d[5]), t67 = _mm256_hadd_ps(d[6], d[7]);
+    __m256 a = _mm256_hadd_ps(t01, t23), c = _mm256_hadd_ps(t45, t67);
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, c, 0x20), _mm256_permute2f128_ps(a, c, 0x31));
+}
+
+static inline __attribute__((always_inline)) void prefetch(const uint16_t *p, int bytes) {
+    for (int o = 0; o < bytes; o += 64) _mm_prefetch((const char *)p + o, _MM_HINT_T0);
+}
+
+/* s[g][r] = q_g . k_r for G queries and R consecutive fp16 key rows (R * G <= 8 accumulators). */
+static inline __attribute__((always_inline)) void scores(const uint16_t *kr, const float *qh, const int G,
+                                                         const int R, int E, float s[][BLOCK]) {
+    __m256 d[8];
+    for (int i = 0; i < 8; i++) d[i] = _mm256_setzero_ps();
+    for (int e = 0; e < E; e += 8) {
+        __m256 kv[8];
+        for (int r = 0; r < R; r++) kv[r] = widen(kr + r * E + e);
+        for (int g = 0; g < G; g++) {
+            __m256 qv = _mm256_loadu_ps(qh + g * E + e);
+            __asm__("" : "+x"(qv));  /* one load per query chunk, kept in a register for the R rows */
+            for (int r = 0; r < R; r++) d[r * G + g] = _mm256_fmadd_ps(kv[r], qv, d[r * G + g]);
+        }
+    }
+    float t[8] __attribute__((aligned(32)));
+    _mm256_store_ps(t, hsum8(d));
+    for (int r = 0; r < R; r++)
+        for (int g = 0; g < G; g++) s[g][r] = t[r * G + g];
+}
+
+/* acc[g][e .. e + 8C) = acc * rs[g] + sum_b p[g][b] v_b over nb fp16 value rows (G * C <= 8 accumulators). */
+static inline __attribute__((always_inline)) void values(const uint16_t *vh, int nb, const int G, const int C,
+                                                         int E, int e, const float *rs, float p[][BLOCK],
+                                                         float *acc) {
+    __m256 a[8];
+    for (int g = 0; g < G; g++)
+        for (int c = 0; c < C; c++)
+            a[g * C + c] = _mm256_mul_ps(_mm256_loadu_ps(acc + g * E + e + 8 * c), _mm256_set1_ps(rs[g]));
+    for (int b = 0; b < nb; b++) {
+        __m256 vv[8];
+        for (int c = 0; c < C; c++) vv[c] = widen(vh + (long)b * E + e + 8 * c);
+        for (int g = 0; g < G; g++) {
+            __m256 pb = _mm256_broadcast_ss(&p[g][b]);
+            for (int c = 0; c < C; c++) a[g * C + c] = _mm256_fmadd_ps(pb, vv[c], a[g * C + c]);
+        }
+    }
+    for (int g = 0; g < G; g++)
+        for (int c = 0; c < C; c++) _mm256_storeu_ps(acc + g * E + e + 8 * c, a[g * C + c]);
+}
+
 /* Unnormalised attention of G query rows per KV head over m contiguous fp16 keys and values, heads h0..h1-1.
    Element (h, j, e) of K is k[h * hs + j * E + e] (V alike); q is fp32 [kvh][G][E], already scaled.
    Out: mx, sum [kvh][G]; acc [kvh][G][E] = sum_j exp(s_j - mx) v_j. E a multiple of 8, G <= 8. */
 static inline __attribute__((always_inline)) void partial(
     const uint16_t *k, const uint16_t *v, long hs, int h0, int h1, const int G, int E, long m,
     const float *q, float *mx, float *sum, float *acc) {
-    float s[8][BLOCK] __attribute__((aligned(32)));
-    static __thread float kf[BLOCK * 256] __attribute__((aligned(32))), vf[BLOCK * 256] __attribute__((aligned(32)));
+    const int R = 8 / G, C = 8 / G;  /* key rows per score pass (BLOCK is a multiple), value chunks per pass */
+    float s[8][BLOCK] __attribute__((aligned(32))), rs[8];
     for (int h = h0; h < h1; h++) {
         const float *qh = q + (long)h * G * E;
         float *m_h = mx + (long)h * G, *l_h = sum + (long)h * G, *a_h = acc + (long)h * G * E;
@@ -53,64 +111,33 @@ static inline __attribute__((always_inline)) void partial(
         for (long e = 0; e < (long)G * E; e++) a_h[e] = 0.0f;
         const uint16_t *kh = k + h * hs, *vh = v + h * hs;
         for (long j0 = 0; j0 < m; j0 += BLOCK) {
-            int nb = (int)((m - j0) < BLOCK ? (m - j0) : BLOCK);
-            for (int b = 0; b < nb; b++)  /* widen the block's K and V rows once, into L1 */
-                for (int e = 0; e < E; e += 8) {
-                    _mm256_store_ps(kf + b * E + e, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kh + (j0 + b) * E + e))));
-                    _mm256_store_ps(vf + b * E + e, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vh + (j0 + b) * E + e))));
-                }
-            for (int b = nb; b < BLOCK; b++)
-                for (int e = 0; e < E; e += 8) {
-                    _mm256_store_ps(kf + b * E + e, _mm256_setzero_ps());
-                    _mm256_store_ps(vf + b * E + e, _mm256_setzero_ps());
-                }
-            for (int b0 = 0; b0 < BLOCK; b0 += 8) {  /* scores, 8 tokens at a time per query */
-                const float *kr = kf + b0 * E;
-                for (int g = 0; g < G; g++) {
-                    __m256 d0 = _mm256_setzero_ps(), d1 = d0, d2 = d0, d3 = d0, d4 = d0, d5 = d0, d6 = d0, d7 = d0;
-                    const float *qg = qh + g * E;
-                    for (int e = 0; e < E; e += 8) {
-                        __m256 qv = _mm256_loadu_ps(qg + e);
-#define DOT(i, d) d = _mm256_fmadd_ps(_mm256_load_ps(kr + (i) * E + e), qv, d)
-                        DOT(0, d0); DOT(1, d1); DOT(2, d2); DOT(3, d3); DOT(4, d4); DOT(5, d5); DOT(6, d6); DOT(7, d7);
-                    }
-                    __m256 t01 = _mm256_hadd_ps(d0, d1), t23 = _mm256_hadd_ps(d2, d3);
-                    __m256 t45 = _mm256_hadd_ps(d4, d5), t67 = _mm256_hadd_ps(d6, d7);
-                    __m256 a = _mm256_hadd_ps(t01, t23), c = _mm256_hadd_ps(t45, t67);
-                    _mm256_store_ps(&s[g][b0], _mm256_add_ps(_mm256_permute2f128_ps(a, c, 0x20),
-                                                             _mm256_permute2f128_ps(a, c, 0x31)));
-                }
+            const int nb = (int)((m - j0) < BLOCK ? (m - j0) : BLOCK);
+            const uint16_t *kb = kh + j0 * E, *vb = vh + j0 * E;
+            int b = 0;
+            for (; b + R <= nb; b += R) {
+                prefetch(vb + (long)b * E, 2 * R * E);
+                if (j0 + b + KEY_AHEAD + R <= m) prefetch(kb + (long)(b + KEY_AHEAD) * E, 2 * R * E);
+                scores(kb + (long)b * E, qh, G, R, E, (float(*)[BLOCK]) & s[0][b]);
             }
-            for (int b = nb; b < BLOCK; b++)
+            for (; b < nb; b++) scores(kb + (long)b * E, qh, G, 1, E, (float(*)[BLOCK]) & s[0][b]);
+            for (b = nb; b < BLOCK; b++)
                 for (int g = 0; g < G; g++) s[g][b] = -INFINITY;
-            for (int g = 0; g < G; g++) {  /* online softmax: new max, rescale, exponentiate */
+            for (int g = 0; g < G; g++) {  /* online softmax: new max, rescale factor, exponentiate */
                 float bm = m_h[g];
-                for (int b = 0; b < nb; b++) bm = s[g][b] > bm ? s[g][b] : bm;
-                float r = expf(m_h[g] - bm);
-                l_h[g] *= r;
-                float *ag = a_h + g * E;
-                __m256 rv = _mm256_set1_ps(r), bmv = _mm256_set1_ps(bm), tot = _mm256_setzero_ps();
-                for (int e = 0; e < E; e += 8) _mm256_storeu_ps(ag + e, _mm256_mul_ps(_mm256_loadu_ps(ag + e), rv));
-                for (int b = 0; b < BLOCK; b += 8) {
+                for (b = 0; b < nb; b++) bm = s[g][b] > bm ? s[g][b] : bm;
+                rs[g] = expf(m_h[g] - bm);
+                __m256 bmv = _mm256_set1_ps(bm), tot = _mm256_setzero_ps();
+                for (b = 0; b < BLOCK; b += 8) {
                     __m256 p = exp_nonpos(_mm256_sub_ps(_mm256_load_ps(&s[g][b]), bmv));
                     _mm256_store_ps(&s[g][b], p);
                     tot = _mm256_add_ps(tot, p);
                 }
-                l_h[g] += hsum(tot);
+                l_h[g] = l_h[g] * rs[g] + hsum(tot);
                 m_h[g] = bm;
             }
-            for (int e = 0; e < E; e += 8) {  /* acc += p v, one 8-wide column of every query's row at a time */
-                __m256 a[8], b2[8];
-                for (int g = 0; g < G; g++) { a[g] = _mm256_loadu_ps(a_h + g * E + e); b2[g] = _mm256_setzero_ps(); }
-                for (int b = 0; b < nb; b += 2) {  /* two tokens: twice the independent chains */
-                    __m256 v0 = _mm256_load_ps(vf + b * E + e), v1 = _mm256_load_ps(vf + (b + 1) * E + e);
-                    for (int g = 0; g < G; g++) {
-                        a[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(&s[g][b]), v0, a[g]);
-                        b2[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(&s[g][b + 1]), v1, b2[g]);
-                    }
-                }
-                for (int g = 0; g < G; g++) _mm256_storeu_ps(a_h + g * E + e, _mm256_add_ps(a[g], b2[g]));
-            }
+            int e = 0;
+            for (; e + 8 * C <= E; e += 8 * C) values(vb, nb, G, C, E, e, rs, s, a_h);
+            for (; e < E; e += 8) values(vb, nb, G, 1, E, e, rs, s, a_h);
         }
     }
 }

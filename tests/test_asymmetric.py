@@ -57,7 +57,8 @@ def test_hbm_tier_attends_on_the_gpu_and_device_tier_on_the_device():
     table = RequestTable(np.zeros(2), np.array([3000, 3000]), np.array([100, 100]))
     table.generated[:] = 1
     table.kv_tier[:] = [0, 1]
-    both = Plan(decode_ids=np.array([0, 1]), decode_sub=np.array([0, 1], np.int8))
+    both = Plan(decode_ids=np.array([0, 1]), decode_sub=np.array([0, 1], np.int8),
+                decode_on_device=np.array([False, True]))  # as the scheduler places them: by their tier
     t = s.run(both, table, steps=1)
     ctx = 3001.0
     gpu_attn = s.gpu.decode_attention(1, ctx)
@@ -138,8 +139,9 @@ def test_a_migration_charges_the_kv_to_the_host_links():
     table = RequestTable(np.zeros(2), np.array([3000, 5000]), np.array([100, 100]))
     table.generated[:] = 1
     table.kv_tier[:] = 1
-    plain = Plan(decode_ids=np.array([0, 1]), decode_sub=np.array([1, 1], np.int8))
-    moving = Plan(decode_ids=np.array([0, 1]), decode_sub=np.array([1, 1], np.int8), migrate_ids=np.array([1]))
+    on_device = {"decode_ids": np.array([0, 1]), "decode_sub": np.array([1, 1], np.int8),
+                 "decode_on_device": np.ones(2, bool)}  # fmt: skip
+    plain, moving = Plan(**on_device), Plan(**on_device, migrate_ids=np.array([1]))
     a, b = s.run(plain, table, steps=1), s.run(moving, table, steps=1)
     extra = MODEL.n_layers * s.pcie(5001 * MODEL.kv_bytes_per_token_layer)
     assert b.busy["pcie_down"][0] - a.busy["pcie_down"][0] == pytest.approx(extra)

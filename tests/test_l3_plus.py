@@ -120,12 +120,18 @@ def shared_spec(shared=True, gpus=2):
 def test_deal_places_every_request_once_and_levels_the_groups(chunks, n_decode, groups):
     plan = Plan(decode_ids=np.arange(n_decode) + 100, prefill_ids=np.arange(len(chunks)),
                 prefill_chunks=np.array(chunks, np.int64), prefill_prefix=np.zeros(len(chunks), np.int64),
-                prefill_completes=np.ones(len(chunks), bool))  # fmt: skip
+                prefill_completes=np.ones(len(chunks), bool), decode_on_device=np.arange(n_decode) % 3 > 0,
+                prefill_on_device=np.arange(len(chunks)) % 2 > 0)  # fmt: skip
     parts = [part for part, _, _ in deal(plan, groups)]
     assert len(parts) == groups
     for field in ("decode_ids", "prefill_ids"):
         got = np.sort(np.concatenate([getattr(p, field) for p in parts]))
         np.testing.assert_array_equal(got, np.sort(getattr(plan, field)))
+    for p in parts:  # each request keeps where its attention runs
+        np.testing.assert_array_equal(p.decode_on_device, (p.decode_ids - 100) % 3 > 0)
+        np.testing.assert_array_equal(p.prefill_on_device, p.prefill_ids % 2 > 0)
+    assert sum(p.link().decodes for p in parts) == plan.link().decodes
+    assert sum(p.link().prefill_kv_tokens for p in parts) == plan.link().prefill_kv_tokens
     tokens = np.array([p.prefill_chunks.sum() + len(p.decode_ids) for p in parts])
     # the decodes fill the lowest groups first: groups differ by at most one token, or by the prefill spread
     # where the decodes cannot fill it

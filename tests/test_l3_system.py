@@ -51,7 +51,8 @@ def table_and_plan(contexts_a, contexts_b, prefill=(0, 0)):
     pids = np.arange(n_dec, n_dec + len(pre))
     psub = np.array([i for i, c in enumerate(prefill) if c], np.int8)
     plan = Plan(dec, pids, np.array(pre, np.int64), np.zeros(len(pre), np.int64), np.ones(len(pre), bool),
-                decode_sub=sub, prefill_sub=psub)  # fmt: skip
+                decode_sub=sub, prefill_sub=psub, decode_on_device=np.ones(n_dec, bool),
+                prefill_on_device=np.ones(len(pre), bool))  # fmt: skip
     return t, plan
 
 

@@ -11,12 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from l3.sched import Topology, build_scheduler
+from l3.sched.kv import DEVICE_TIER
 from l3.sched.policies import POLICIES
 from l3.sched.requests import RequestTable, Status, WaitingQueue
 from l3.sched.subbatch import SubBatchScheduler
 from l3.sched.timing import IterationTiming
 from l3.specs.model import get_model
-from l3.specs.system import CoordinationSpec, get_system
+from l3.specs.system import CoordinationSpec, get_system, with_overrides
 
 LLAMA = get_model("llama-2-7b")
 
@@ -33,8 +34,9 @@ def stub_timing(plan, table) -> IterationTiming:
     return IterationTiming(d, {"gpu": d}, sub_gpu_s=gpu, sub_mem_s=mem)
 
 
-def drive(sched, table, arrivals, prompt, output, max_iters=100_000):
-    """Add requests as the stub clock reaches their arrival; schedule, run, observe, commit until all are done."""
+def drive(sched, table, arrivals, prompt, output, max_iters=100_000, check=None):
+    """Add requests as the stub clock reaches their arrival; schedule, run, observe, commit until all are done.
+    `check(plan)` sees every plan as the scheduler made it."""
     now, nxt, iters = 0.0, 0, 0
     while iters < max_iters:
         end = int(np.searchsorted(arrivals, now, side="right"))
@@ -47,6 +49,8 @@ def drive(sched, table, arrivals, prompt, output, max_iters=100_000):
                 return iters
             now = float(arrivals[nxt])
             continue
+        if check is not None:
+            check(plan)
         timing = stub_timing(plan, table)
         sched.observe(plan, timing)
         now += timing.duration
@@ -73,6 +77,40 @@ def test_a_stub_executor_drives_the_scheduler_to_completion(n, system, seed):
     assert (rejected == (prompt + output > sched.max_request_tokens())).all()
     assert (table.generated[done] == output[done]).all() and (table.finish_s[done] >= arrivals[done]).all()
     assert sched.kv.used_blocks == 0
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.integers(1, 30), st.sampled_from(["gpu-only", "l3", "l3-plus"]), st.integers(0, 2**32 - 1))
+def test_each_plan_says_where_attention_runs_and_what_crosses_the_link(n, system, seed):
+    """GPU-only plans attend everything on the GPUs; L3 plans everything on the device; under an HBM tier
+    (l3-plus) each request where its KV is, and the device's requests form sub-batch 1. The link carries each
+    device decode's Q, K, V and output and each device prefill chunk's K and V, nothing of the rest."""
+    rng = np.random.default_rng(seed)
+    arrivals, prompt, output = np.sort(rng.uniform(0, 0.5, n)), rng.integers(1, 3000, n), rng.integers(1, 400, n)
+    table = RequestTable()
+    spec = get_system(system)
+    if system == "l3-plus":
+        spec = with_overrides(spec, {"coordination": {"asymmetric": True}})
+    tiers = {"gpu-only": (8192,), "l3": (8192,), "l3-plus": (2048, 8192)}[system]
+    sched = build_scheduler(spec, LLAMA, Topology(kv_tiers=tiers, slots=None if system == "gpu-only" else 4), table,
+                            WaitingQueue(table))  # fmt: skip
+
+    def check(plan):
+        if system == "gpu-only":
+            expect, pre = np.zeros(len(plan.decode_ids), bool), np.zeros(len(plan.prefill_ids), bool)
+        elif system == "l3":
+            expect, pre = np.ones(len(plan.decode_ids), bool), np.ones(len(plan.prefill_ids), bool)
+        else:
+            expect, pre = (table.kv_tier[ids] == DEVICE_TIER for ids in (plan.decode_ids, plan.prefill_ids))
+            if not sched._one:  # split by tier (one batch, where it pays, holds both)
+                np.testing.assert_array_equal(plan.decode_sub == 1, expect)
+        np.testing.assert_array_equal(plan.decode_on_device, expect)
+        np.testing.assert_array_equal(plan.prefill_on_device, pre)
+        link = plan.link()
+        assert link.decodes == expect.sum() and link.prefill_kv_tokens == plan.prefill_chunks[pre].sum()
+
+    drive(sched, table, arrivals, prompt, output, check=check)
+    assert ((table.status == Status.DONE) | (table.status == Status.REJECTED)).all()
 
 
 def test_predictors_learn_a_linear_executor_exactly():

@@ -188,7 +188,7 @@ class Engine:
             produced += self._run(sb, gpu, mem, x)
         d = np.array([time.perf_counter() - t0])
         stats = {}
-        sim = self.attention.simulated_step_s(self.table.context(plan.decode_ids))
+        sim = self.attention.simulated_step_s(self.table.context(plan.decode_ids[plan.decode_on_device]))
         if sim is not None:  # what the emulated device would take for this step's decodes
             self.pim_simulated_s += sim
             stats["pim_simulated_s"] = np.array([sim])

@@ -357,6 +357,7 @@ def tbt_study(n: int) -> tuple[list[Run], Callable]:
     """Time between tokens of one decode step versus batch size and context, straight from each system's
     timing model (every request at the same context, placed evenly, two sub-batches where the system uses
     them, CPU offloading's HBM tier filled first); no workload is served."""
+    from l3.sched.kv import DEVICE_TIER
     from l3.sched.plan import Plan
     from l3.sched.requests import RequestTable
     from l3.systems import build_system
@@ -370,9 +371,11 @@ def tbt_study(n: int) -> tuple[list[Run], Callable]:
         t.generated[:] = 1
         t.placement[:] = np.arange(b) % getattr(system, "slots", 1)
         sub = (np.arange(b) % 2).astype(np.int8)
+        on_device = np.full(b, system.topology().slots is not None)  # a memory-side device attends
         if len(system.kv_tiers) > 1:  # asymmetric: HBM first, as admission fills it; the tier is the sub-batch
             t.kv_tier[:] = sub = (np.arange(1, b + 1) * ctx > system.kv_tiers[0]).astype(np.int8)
-        plan = Plan(decode_ids=np.arange(b), decode_sub=sub)
+            on_device = sub == DEVICE_TIER
+        plan = Plan(decode_ids=np.arange(b), decode_sub=sub, decode_on_device=on_device)
         return float(system.run(plan, t, 1).durations[0])
 
     def report(res: list[dict], out: Path) -> str:

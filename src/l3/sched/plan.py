@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -15,6 +16,9 @@ class Plan:
 
     decode_ids: requests producing one token each step; prefill_ids / prefill_chunks: prompt tokens processed
     this iteration per prefilling request, after `prefill_prefix` tokens already processed.
+    decode_on_device / prefill_on_device: where each request's attention runs, as the scheduler placed its KV:
+    True on the memory-side device (PIM, host CPU), False on the GPUs from their HBM (the default). What crosses
+    the host link follows (`link`).
     """
 
     decode_ids: np.ndarray = field(default_factory=lambda: _EMPTY)
@@ -28,12 +32,18 @@ class Plan:
     # Decode requests whose KV moves from the memory-side device into the GPUs' HBM during this (single-step)
     # iteration: they attend from the device now and from HBM from the next iteration on (run-time rebalancing).
     migrate_ids: np.ndarray = field(default_factory=lambda: _EMPTY)
+    decode_on_device: np.ndarray | None = None
+    prefill_on_device: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.decode_sub is None:
             self.decode_sub = np.zeros(len(self.decode_ids), np.int8)
         if self.prefill_sub is None:
             self.prefill_sub = np.zeros(len(self.prefill_ids), np.int8)
+        if self.decode_on_device is None:
+            self.decode_on_device = np.zeros(len(self.decode_ids), bool)
+        if self.prefill_on_device is None:
+            self.prefill_on_device = np.zeros(len(self.prefill_ids), bool)
 
     def sub_batch(self, s: int) -> Plan:
         """The part of this plan in sub-batch `s`."""
@@ -44,7 +54,13 @@ class Plan:
         indices), as one sub-batch."""
         p = prefills
         return Plan(self.decode_ids[decodes], self.prefill_ids[p], self.prefill_chunks[p], self.prefill_prefix[p],
-                    self.prefill_completes[p], steps=self.steps)  # fmt: skip
+                    self.prefill_completes[p], steps=self.steps, decode_on_device=self.decode_on_device[decodes],
+                    prefill_on_device=self.prefill_on_device[p])  # fmt: skip
+
+    def link(self) -> LinkTraffic:
+        """What crosses the host link between the GPUs and the memory-side device in each step of this plan."""
+        return LinkTraffic(int(self.decode_on_device.sum()), int(self.prefill_chunks[self.prefill_on_device].sum()),
+                           self.migrate_ids)  # fmt: skip
 
     @property
     def empty(self) -> bool:
@@ -57,6 +73,16 @@ class Plan:
     @property
     def batch_size(self) -> int:
         return len(self.decode_ids) + len(self.prefill_ids)
+
+
+class LinkTraffic(NamedTuple):
+    """Per step of a plan, over the host link: each of `decodes` requests sends its new token's Q, K and V up and
+    gets its attention output back; `prefill_kv_tokens` tokens of prompt K and V go up to be stored; the KV of
+    `migrating` (request ids) moves from the device into HBM, behind the outputs."""
+
+    decodes: int
+    prefill_kv_tokens: int
+    migrating: np.ndarray
 
 
 @dataclass(frozen=True)

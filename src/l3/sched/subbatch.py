@@ -167,9 +167,15 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         count = np.count_nonzero(slot == k)
         return np.array([tokens[k], count, written[k], ctx.sum()], float)
 
+    def _device_mask(self, ids: np.ndarray) -> np.ndarray:
+        """Which of these requests attend on the memory-side device: all, but those whose KV is in HBM."""
+        if not self.coord.asymmetric:
+            return np.ones(len(ids), bool)
+        return self.table.kv_tier[ids] == DEVICE_TIER
+
     def _on_device(self, decode_ids: np.ndarray) -> np.ndarray:
         """The decodes whose attention runs on the memory side (under asymmetric pipelining, not the HBM tier's)."""
-        return decode_ids[self.table.kv_tier[decode_ids] == DEVICE_TIER] if self.coord.asymmetric else decode_ids
+        return decode_ids[self._device_mask(decode_ids)]
 
     def gpu_features(self, chunks: np.ndarray, prefix: np.ndarray, decode_ids: np.ndarray,
                      on_gpu: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
@@ -185,8 +191,10 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
     # --- the split ------------------------------------------------------------------------------------
     def split(self, plan: Plan) -> Plan:
         t = self.table
+        plan.decode_on_device = self._device_mask(plan.decode_ids)
+        plan.prefill_on_device = self._device_mask(plan.prefill_ids)
         if self.coord.asymmetric:
-            plan.decode_sub = (t.kv_tier[plan.decode_ids] == DEVICE_TIER).astype(np.int8)
+            plan.decode_sub = plan.decode_on_device.astype(np.int8)
             plan.prefill_sub = np.zeros(len(plan.prefill_ids), np.int8)
             self._last = self._predict(plan) if self.learning else None
             if (plan.decode_sub == 1).any():

@@ -19,7 +19,6 @@ import numpy as np
 
 from l3.devices.gpu import GpuCostModel
 from l3.sched import Topology
-from l3.sched.kv import HBM_TIER
 from l3.sched.plan import BatchShape, Plan
 from l3.sched.requests import RequestTable
 from l3.sched.subbatch import tokens_at_slot
@@ -115,10 +114,10 @@ class AttentionOffloadSystem(SystemModel):
             if sb.empty:
                 continue
             ctx = table.context(sb.decode_ids).astype(float)
-            on_gpu = self._on_gpu(table, sb.decode_ids)
+            on_gpu = ~sb.decode_on_device
             # KV moving into HBM crosses the host links behind this sub-batch's outputs, every layer.
             migrating = ctx[np.isin(sb.decode_ids, plan.migrate_ids)].sum() if len(plan.migrate_ids) else 0.0
-            dev, pre = sb.decode_ids[~on_gpu], ~self._on_gpu(table, sb.prefill_ids)
+            dev, pre = sb.decode_ids[sb.decode_on_device], sb.prefill_on_device
             pre_ids, pre_chunks = sb.prefill_ids[pre], sb.prefill_chunks[pre]
             # The memory side serves the whole sub-batch, whichever GPU group each request is dealt to.
             work, stalled, energy = self.pim_layer_work_split(
@@ -133,8 +132,8 @@ class AttentionOffloadSystem(SystemModel):
             whole["bytes"] += nbytes
             whole["device_ctx"] += ctx[~on_gpu].sum() + len(dev) * grow
             whole["hbm_kv_tokens"] += int(on_gpu.sum() + sb.prefill_chunks[~pre].sum())
-            shares = [(sb, ctx, on_gpu, pre, shape)] if self.groups == 1 else [
-                (g, ctx[d], on_gpu[d], pre[p], BatchShape.of(g, ctx[d])) for g, d, p in deal(sb, self.groups)]
+            shares = [(sb, ctx, shape)] if self.groups == 1 else [
+                (g, ctx[d], BatchShape.of(g, ctx[d])) for g, d, _ in deal(sb, self.groups)]
             per_group = [self._group_parts(*share, table.placement, offsets, interp, grow) for share in shares]
             # The groups run each layer in step (every group's attention of the sub-batch returns together):
             # a part takes its slowest group's time; devices are busy for the groups' mean. The host merges
@@ -153,14 +152,13 @@ class AttentionOffloadSystem(SystemModel):
         timing = self._schedule(subs, L, steps, record)
         return self._with_energy(self._with_bound(timing, subs, whole), subs, whole)
 
-    def _group_parts(self, sb: Plan, ctx: np.ndarray, on_gpu: np.ndarray, pre_dev: np.ndarray, shape: BatchShape,
-                     placement: np.ndarray, offsets: np.ndarray, interp: StepInterpolation,
-                     grow: np.ndarray) -> dict:  # fmt: skip
+    def _group_parts(self, sb: Plan, ctx: np.ndarray, shape: BatchShape, placement: np.ndarray,
+                     offsets: np.ndarray, interp: StepInterpolation, grow: np.ndarray) -> dict:  # fmt: skip
         """Per-layer seconds of one GPU group's share `sb` of a sub-batch: its dense work, its prefill (and, under
         asymmetric pipelining, HBM-tier decode) attention, its host-link transfers and the merging of its
-        requests' partial outputs. ctx, on_gpu: per decode request; pre_dev: per prefill, KV on the device."""
-        dev = sb.decode_ids[~on_gpu]
-        parts = self._gpu_parts(shape.n_tokens, len(dev), int(sb.prefill_chunks[pre_dev].sum()), shape.prefill_pairs,
+        requests' partial outputs. ctx: tokens attended per decode request."""
+        on_gpu, dev, link = ~sb.decode_on_device, sb.decode_ids[sb.decode_on_device], sb.link()
+        parts = self._gpu_parts(shape.n_tokens, link.decodes, link.prefill_kv_tokens, shape.prefill_pairs,
                                 shape.prefill_kv_tokens, shape.n_sampled)  # fmt: skip
         if on_gpu.any():  # asymmetric pipelining: these requests' attention runs on the GPU, KV in HBM
             gpu_ctx = ctx[on_gpu].sum() + on_gpu.sum() * grow
@@ -170,12 +168,6 @@ class AttentionOffloadSystem(SystemModel):
         return parts | {"down": self.pcie(outs["down_bytes"]) if "down_bytes" in outs else parts["down"],
                         "merge": outs.get("merge_gpu_s", 0.0), "host_merge": outs.get("merge_host_s", 0.0),
                         "pcie_bytes": parts["up_bytes"] + down_bytes}  # fmt: skip
-
-    def _on_gpu(self, table: RequestTable, ids: np.ndarray) -> np.ndarray:
-        """Which of these requests keep their KV in GPU HBM (only under asymmetric pipelining)."""
-        if not self.coord.asymmetric:
-            return np.zeros(len(ids), bool)
-        return table.kv_tier[ids] == HBM_TIER
 
     def _gpu_parts_uncached(self, n_tokens, n_decode, prefill_tokens, pairs, kv_tokens, n_sampled) -> dict:
         """Per-layer GPU and PCIe seconds of a sub-batch (the same shapes recur: cached). n_decode and

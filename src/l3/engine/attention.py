@@ -204,8 +204,12 @@ class PagedBackend(AttentionBackend):
         self.v[layer][:, self._write] = v.to(self.v.device, self.kv_dtype).transpose(0, 1)
 
     def _gather(self, layer: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V at padded slots idx (B, L): (B, KVH, L, E)."""
-        return self.k[layer][:, idx].transpose(0, 1), self.v[layer][:, idx].transpose(0, 1)
+        """K, V at padded slots idx (B, L): (B, KVH, L, E). (`index_select` over the flattened slots: the same
+        tensor as indexing with idx, 3-4x faster on the CPU for SmolLM2's 256-byte rows.)"""
+        shape = (self.n_kv_heads, *idx.shape, self.head_dim)
+        flat = idx.reshape(-1)
+        return (torch.index_select(self.k[layer], 1, flat).view(shape).transpose(0, 1),
+                torch.index_select(self.v[layer], 1, flat).view(shape).transpose(0, 1))  # fmt: skip
 
     def _chunk_reads(self, segments: list[Segment]) -> list[tuple[Segment, torch.Tensor, object]]:
         """(segment, the key slots it attends, `chunk_mask`) of each prefill chunk: the request's keys from the
@@ -221,8 +225,9 @@ class PagedBackend(AttentionBackend):
     def _chunks_attend(self, layer: int, q: torch.Tensor, out: torch.Tensor) -> None:
         """Each prefill chunk's rows of `out` from its queries in `q` (fused attention over its gathered keys)."""
         for s, reads, mask in self._chunks:
-            out[s.start : s.start + s.n] = chunk_attention(q[s.start : s.start + s.n], self.k[layer][:, reads],
-                                                           self.v[layer][:, reads], mask, self.scale)  # fmt: skip
+            keys, values = torch.index_select(self.k[layer], 1, reads), torch.index_select(self.v[layer], 1, reads)
+            out[s.start : s.start + s.n] = chunk_attention(q[s.start : s.start + s.n], keys, values, mask,
+                                                           self.scale)  # fmt: skip
 
 
 class GpuAttention(PagedBackend):

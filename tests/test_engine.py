@@ -253,22 +253,24 @@ def test_host_kv_memory_is_zeroed_whatever_its_pages(shape):
     assert float(t.sum()) == 1.0
 
 
-@pytest.mark.parametrize("group, head_dim", [(1, 64), (3, 40), (4, 128), (7, 24), (8, 16)])
-def test_the_fused_host_kernel_matches_float64(rng, group, head_dim):
+# KV heads that divide the 2 threads split by heads; 3 (and 1) split each run's keys between the threads
+@pytest.mark.parametrize("group, head_dim, kvh", [(1, 64, 2), (3, 40, 3), (4, 128, 2), (7, 24, 1), (8, 16, 3)])
+def test_the_fused_host_kernel_matches_float64(rng, group, head_dim, kvh):
     from l3.engine import host_kernel
 
     if not host_kernel.available():
         pytest.skip("no C compiler or no AVX2/FMA/F16C here: the cpu backend uses its PyTorch path")
     gen, _ = rng
-    kvh, slots = 2, int(gen.integers(1, 3000))
+    slots = int(gen.integers(1, 3000))
     k = torch.from_numpy(gen.standard_normal((kvh, slots + 7, head_dim))).half()
     v = torch.from_numpy(gen.standard_normal((kvh, slots + 7, head_dim))).half()
     q = torch.from_numpy(gen.standard_normal((1, kvh * group, head_dim))).float()
     a = int(gen.integers(0, 7))  # a run that starts inside the storage, of ragged length
     kernel = host_kernel.HostAttention(threads=2)
     cut = a + slots // 2
-    got = merge([kernel.partial(q, k[:, a:cut], v[:, a:cut], head_dim**-0.5),
-                 kernel.partial(q, k[:, cut : a + slots], v[:, cut : a + slots], head_dim**-0.5)]).double()  # fmt: skip
+    scale = head_dim**-0.5
+    got = merge([*kernel.partials(q, k[:, a:cut], v[:, a:cut], scale),
+                 *kernel.partials(q, k[:, cut : a + slots], v[:, cut : a + slots], scale)]).double()  # fmt: skip
     kd = k[:, a : a + slots].double().repeat_interleave(group, dim=0)
     vd = v[:, a : a + slots].double().repeat_interleave(group, dim=0)
     p = torch.softmax(torch.einsum("he,hme->hm", q[0].double(), kd) * head_dim**-0.5, dim=-1)

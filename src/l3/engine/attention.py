@@ -261,8 +261,9 @@ class CpuAttention(PagedBackend):
     fp32 accumulation. Decodes whose keys fit one piece are attended together over one padded gather (few bytes,
     one set of operations per layer); longer decodes are cut into pieces of contiguous keys read in place, each
     widened to fp32 in a reused buffer and reduced to a partial, the partials merged exactly; over fp16 KV they go
-    to the fused C kernel (`host_kernel`) where it builds instead: one pass per contiguous run, KV heads split over
-    the host threads. Prefill chunks (compute-bound) attend with PyTorch's fused attention over gathered keys.
+    to the fused C kernel (`host_kernel`) where it builds instead: one pass per contiguous run, KV heads (or,
+    where they do not divide evenly, key ranges) split over the host threads. Prefill chunks (compute-bound)
+    attend with PyTorch's fused attention over gathered keys.
     (A pool of Python threads over PyTorch pieces was measured slower on 2 cores: the operations already use
     every core and the pool adds its hand-offs.)"""
 
@@ -314,7 +315,7 @@ class CpuAttention(PagedBackend):
         for s, pieces in zip(self._long, self._pieces, strict=True):
             qs = qh[s.start : s.start + s.n]
             if self.kernel:
-                parts = [self.kernel.partial(qs, kl[:, a:b], vl[:, a:b], self.scale) for a, b, _ in pieces]
+                parts = [p for a, b, _ in pieces for p in self.kernel.partials(qs, kl[:, a:b], vl[:, a:b], self.scale)]
             else:
                 parts = [partial_attention(qs, kl[:, a:b], vl[:, a:b], ok, self.scale) for a, b, ok in pieces]
             out[s.start : s.start + s.n] = merge(parts)

@@ -22,6 +22,8 @@ from l3.cache import cache_dir
 SOURCE = Path(__file__).with_name("csrc") / "host_attention.c"
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC"]
 MAX_GROUP, MAX_HEAD_DIM = 8, 256  # the kernel's limits: query heads per KV head, elements per head
+MIN_ROWS_PER_THREAD = 256  # keys below which a run is not split over the threads by key ranges
+Partial = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def _cpu_has_flags() -> bool:
@@ -60,7 +62,7 @@ def available() -> bool:
 
 
 class HostAttention:
-    """Unnormalised decode attention over runs of contiguous fp16 keys, KV heads split over `threads`."""
+    """Unnormalised decode attention over runs of contiguous fp16 keys on `threads` host threads."""
 
     def __init__(self, threads: int):
         self.threads = max(1, threads)
@@ -72,26 +74,40 @@ class HostAttention:
         size a multiple of 8 up to MAX_HEAD_DIM."""
         return dtype == torch.float16 and group <= MAX_GROUP and head_dim <= MAX_HEAD_DIM and head_dim % 8 == 0
 
-    def partial(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
-        """q (1, H, E) fp32; k, v (KVH, m, E) fp16 views with contiguous rows (stride E) -> (max (1, H), sum (1, H),
-        out (1, H, E)), as engine.attention.partial_attention gives."""
-        kvh, m, e = k.shape
-        h = q.shape[1]
-        g = h // kvh
+    def partials(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> list[Partial]:
+        """q (1, H, E) fp32; k, v (KVH, m, E) fp16 views with contiguous rows (stride E) -> partials (max (1, H),
+        sum (1, H), out (1, H, E)) over disjoint key ranges, as engine.attention.partial_attention gives (merge them
+        exactly with engine.attention.merge). The threads split the KV heads where they divide evenly; otherwise
+        (3 KV heads on 2 threads) each thread takes a range of keys of every head, so none idles."""
+        kvh, m = k.shape[:2]
+        t = self.threads
+        if kvh % t == 0 or m < t * MIN_ROWS_PER_THREAD:
+            cuts = [kvh * i // t for i in range(t + 1)]
+            return [self._run(q, k, v, scale, [((a, b), (0, m)) for a, b in itertools.pairwise(cuts) if b > a])[0]]
+        cuts = [m * i // t for i in range(t + 1)]
+        return self._run(q, k, v, scale, [((0, kvh), (a, b)) for a, b in itertools.pairwise(cuts)])
+
+    def _run(self, q, k, v, scale, spans) -> list[Partial]:
+        """One kernel call per span ((first head, end head), (first key, end key)), side by side on the threads:
+        one partial per key range, the head ranges of a key range filling its rows."""
+        kvh, _, e = k.shape
+        g = q.shape[1] // kvh
         qs = (q[0] * scale).contiguous()
-        mx, total, acc = torch.empty(kvh, g), torch.empty(kvh, g), torch.empty(kvh, g, e)
-        call = _library().l3_partial_f16
-        args = (k.data_ptr(), v.data_ptr(), k.stride(0), g, e, m, qs.data_ptr(), mx.data_ptr(), total.data_ptr(),
-                acc.data_ptr())  # fmt: skip
+        rows = sorted({r for _, r in spans})
+        out = {r: (torch.empty(kvh, g), torch.empty(kvh, g), torch.empty(kvh, g, e)) for r in rows}
+        call, row_bytes = _library().l3_partial_f16, k.stride(1) * k.element_size()
 
-        def heads(a: int, b: int) -> None:
-            call(args[0], args[1], args[2], a, b, *args[3:])
+        def span(heads, keys) -> None:
+            mx, total, acc = out[keys]
+            call(k.data_ptr() + keys[0] * row_bytes, v.data_ptr() + keys[0] * row_bytes, k.stride(0), heads[0],
+                 heads[1], g, e, keys[1] - keys[0], qs.data_ptr(), mx.data_ptr(), total.data_ptr(),
+                 acc.data_ptr())  # fmt: skip
 
-        cuts = [kvh * t // self.threads for t in range(self.threads + 1)]
-        spans = [(a, b) for a, b in itertools.pairwise(cuts) if b > a]
         if self.pool is None or len(spans) == 1:
-            heads(0, kvh)
+            for sp in spans:
+                span(*sp)
         else:
-            for f in [self.pool.submit(heads, a, b) for a, b in spans]:
+            for f in [self.pool.submit(span, *sp) for sp in spans]:
                 f.result()
-        return mx.reshape(1, h), total.reshape(1, h), acc.reshape(1, h, e)
+        h = q.shape[1]
+        return [(mx.reshape(1, h), total.reshape(1, h), acc.reshape(1, h, e)) for mx, total, acc in out.values()]

@@ -94,10 +94,12 @@ class ForestPredictor(_Windowed):
         grown = self.seen >= max(self._fitted_at * self._growth, self._fitted_at + 1)
         due = grown or self.seen - self._fitted_at >= 256
         if due and len(self.y) >= 4:
-            from sklearn.ensemble import RandomForestRegressor  # imported on first fit: seconds, and rarely needed
+            from sklearn import config_context  # imported on first fit: seconds, and rarely needed
+            from sklearn.ensemble import RandomForestRegressor
 
             self.model = RandomForestRegressor(n_estimators=24, min_samples_leaf=1, random_state=self._seed, n_jobs=1)
-            self.model.fit(self.x.copy(), self.y.copy())
+            with config_context(skip_parameter_validation=True):  # fixed, valid parameters: 24 trees' checks saved
+                self.model.fit(self.x.copy(), self.y.copy())
             self._trees = [(t.children_left.tolist(), t.children_right.tolist(), t.feature.tolist(),
                             t.threshold.tolist(), t.value.reshape(-1).tolist())
                            for t in (e.tree_ for e in self.model.estimators_)]  # fmt: skip

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -251,6 +253,19 @@ def test_host_kv_memory_is_zeroed_whatever_its_pages(shape):
     assert not t.any()
     t[-1, -1] = 1.0  # writable to its last element
     assert float(t.sum()) == 1.0
+
+
+@given(address=st.integers(0, 2**40), nbytes=st.integers(0, 2**26))
+def test_huge_page_advice_covers_exactly_the_whole_huge_pages_inside(address, nbytes):
+    from l3.engine.host_memory import HUGE_PAGE, huge_span
+
+    start, length = huge_span(address, nbytes)
+    assert start % HUGE_PAGE == 0 and length % HUGE_PAGE == 0 and length >= 0
+    if length:  # inside the tensor, and no whole huge page of it left out at either end
+        assert address <= start and start + length <= address + nbytes
+        assert start - address < HUGE_PAGE and address + nbytes - (start + length) < HUGE_PAGE
+    else:  # no aligned page fits
+        assert address + nbytes < -(-address // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE
 
 
 # KV heads that divide the 2 threads split by heads; 3 (and 1) split each run's keys between the threads

@@ -26,14 +26,17 @@ def _madvise():
     return fn
 
 
+def huge_span(address: int, nbytes: int) -> tuple[int, int]:
+    """(start, length) of the whole huge pages inside [address, address + nbytes); length 0 where there are none."""
+    start = -(-address // HUGE_PAGE) * HUGE_PAGE
+    return start, max(0, (address + nbytes - start) // HUGE_PAGE * HUGE_PAGE)
+
+
 def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A zero-filled CPU tensor whose whole huge pages are advised as such before the zeros touch them."""
     t = torch.empty(shape, dtype=dtype)
-    nbytes = t.numel() * t.element_size()
+    start, length = huge_span(t.data_ptr(), t.numel() * t.element_size())
     madvise = _madvise()
-    if madvise is not None and nbytes >= HUGE_PAGE:
-        start = -(-t.data_ptr() // HUGE_PAGE) * HUGE_PAGE
-        length = (t.data_ptr() + nbytes - start) // HUGE_PAGE * HUGE_PAGE
-        if length > 0:
-            madvise(start, length, MADV_HUGEPAGE)  # advice only: a refusal leaves ordinary pages
+    if madvise is not None and length:
+        madvise(start, length, MADV_HUGEPAGE)  # advice only: a refusal leaves ordinary pages
     return t.zero_()

@@ -59,8 +59,7 @@ class Plan:
 
     def link(self) -> LinkTraffic:
         """What crosses the host link between the GPUs and the memory-side device in each step of this plan."""
-        return LinkTraffic(int(self.decode_on_device.sum()), int(self.prefill_chunks[self.prefill_on_device].sum()),
-                           self.migrate_ids)  # fmt: skip
+        return LinkTraffic(int(self.decode_on_device.sum()), int(self.prefill_chunks[self.prefill_on_device].sum()))
 
     @property
     def empty(self) -> bool:
@@ -77,12 +76,11 @@ class Plan:
 
 class LinkTraffic(NamedTuple):
     """Per step of a plan, over the host link: each of `decodes` requests sends its new token's Q, K and V up and
-    gets its attention output back; `prefill_kv_tokens` tokens of prompt K and V go up to be stored; the KV of
-    `migrating` (request ids) moves from the device into HBM, behind the outputs."""
+    gets its attention output back; `prefill_kv_tokens` tokens of prompt K and V go up to be stored. (The KV of
+    the plan's `migrate_ids` moves from the device into HBM too, behind the outputs.)"""
 
     decodes: int
     prefill_kv_tokens: int
-    migrating: np.ndarray
 
 
 @dataclass(frozen=True)

@@ -175,7 +175,7 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
 
     def _on_device(self, decode_ids: np.ndarray) -> np.ndarray:
         """The decodes whose attention runs on the memory side (under asymmetric pipelining, not the HBM tier's)."""
-        return decode_ids[self._device_mask(decode_ids)]
+        return decode_ids[self._device_mask(decode_ids)] if self.coord.asymmetric else decode_ids
 
     def gpu_features(self, chunks: np.ndarray, prefix: np.ndarray, decode_ids: np.ndarray,
                      on_gpu: np.ndarray | None = None) -> np.ndarray:  # fmt: skip

@@ -293,6 +293,54 @@ def test_the_fused_host_kernel_matches_float64(rng, group, head_dim, kvh):
     assert float((got - want).abs().max()) < 1e-5
 
 
+@pytest.mark.parametrize("kv_dtype", ["float16", "float32"])
+@pytest.mark.parametrize("group, head_dim, kvh", [(1, 64, 2), (3, 64, 3), (4, 128, 2), (7, 24, 1), (8, 16, 3)])
+def test_the_batched_host_decode_matches_float64(rng, kv_dtype, group, head_dim, kvh):
+    """Requests of ragged lengths whose keys lie in scattered runs of slots (paged blocks), on 1 and 2 threads."""
+    from l3.engine import host_kernel
+
+    if not host_kernel.available():
+        pytest.skip("no C compiler or no AVX2/FMA/F16C here: the backends use their PyTorch paths")
+    gen, _ = rng
+    dt, slots_total = getattr(torch, kv_dtype), 4096
+    k = torch.from_numpy(gen.standard_normal((kvh, slots_total, head_dim))).to(dt)
+    v = torch.from_numpy(gen.standard_normal((kvh, slots_total, head_dim))).to(dt)
+    batch = int(gen.integers(1, 7))
+    slots = [np.sort(gen.choice(slots_total, int(gen.integers(1, 700)), replace=False)) for _ in range(batch)]
+    q = torch.from_numpy(gen.standard_normal((batch, kvh * group, head_dim))).float()
+    scale = head_dim**-0.5
+    for threads in (1, 2):
+        got = host_kernel.HostAttention(threads).decode(q, k, v, host_kernel.DecodeRuns.of(slots, kvh, threads),
+                                                        scale).double()  # fmt: skip
+        for b, sl in enumerate(slots):
+            idx = torch.from_numpy(sl)
+            kd = k[:, idx].double().repeat_interleave(group, dim=0)
+            vd = v[:, idx].double().repeat_interleave(group, dim=0)
+            p = torch.softmax(torch.einsum("he,hme->hm", q[b].double(), kd) * scale, dim=-1)
+            want = torch.einsum("hm,hme->he", p, vd)
+            assert float((got[b] - want).abs().max()) < 1e-5
+
+
+@given(lengths=st.lists(st.integers(1, 2000), min_size=0, max_size=40), kvh=st.integers(1, 8),
+       threads=st.integers(1, 4))  # fmt: skip
+def test_decode_runs_give_every_request_head_to_one_thread_and_keep_every_slot(lengths, kvh, threads):
+    from l3.engine.host_kernel import DecodeRuns
+
+    gen = np.random.default_rng(sum(lengths) + kvh)
+    slots = [np.sort(gen.choice(4 * n, n, replace=False)) for n in lengths]
+    where = DecodeRuns.of(slots, kvh, threads)
+    if len(lengths) >= threads:  # whole requests per thread: one share each
+        assert len(where.spans) <= threads
+    owners = np.zeros((len(lengths), kvh), int)
+    for b0, b1, h0, h1 in where.spans:
+        owners[b0:b1, h0:h1] += 1
+    assert (owners == 1).all()
+    for b, sl in enumerate(slots):  # the runs of request b are its slots, in order
+        runs = where.runs[where.run_lo[b] : where.run_lo[b + 1]]
+        assert np.array_equal(np.concatenate([np.arange(a, a + n) for a, n in runs]), sl)
+        assert (runs[:, 1] >= 1).all()
+
+
 def test_fp16_kv_on_the_cpu_backend_agrees_with_the_gpu_backend(tiny_models, monkeypatch):
     import l3.engine.attention as attention
 

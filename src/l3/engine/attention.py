@@ -1,6 +1,7 @@
 """Attention backends of the engine: where the KV cache lives and who computes attention over it.
 
-- `gpu`: the KV in paged blocks on the dense device, attention there (the reference).
+- `gpu`: the KV in paged blocks on the dense device, attention there (the reference). Where the dense device is
+  the CPU, decodes run in the fused host kernel (`host_kernel`) over their keys in place, as the `cpu` backend's.
 - `cpu`: the KV in paged blocks in host memory (storage in `kv_dtype`, e.g. fp16), attention by host threads
   with fp32 accumulation; the commodity stand-in for DIMM-PIM (as NEO and FastDecode do). A long decode's keys
   are cut into pieces of contiguous tokens read in place; each piece gives a partial (running max, sum,
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from torch.nn.attention.bias import causal_lower_right
 
-from l3.engine import BACKEND_NAMES, host_memory
+from l3.engine import BACKEND_NAMES, host_kernel, host_memory
 
 PIECE_TOKENS = 1024  # keys per partial in the cpu backend: a piece's fp32 copy (a few MB at most) stays in cache
 
@@ -109,9 +110,14 @@ def merge(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch
     return out / total[..., None]
 
 
+def _window_start(end: int, window: int | None) -> int:
+    """The first key position a decode query at position end - 1 sees."""
+    return 0 if window is None else max(0, end - window)
+
+
 def padded_reads(segments: list[Segment], block_size: int, window: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Decode segments' key slots as one padded (B, longest) index and its validity mask (keys the query sees)."""
-    lo = [0 if window is None else max(0, s.end - window) for s in segments]
+    lo = [_window_start(s.end, window) for s in segments]
     width = max(s.end - a for s, a in zip(segments, lo, strict=True))
     idx = np.zeros((len(segments), width), np.int64)
     valid = np.zeros((len(segments), width), bool)
@@ -193,6 +199,11 @@ class PagedBackend(AttentionBackend):
             self.k = torch.zeros(shape, dtype=self.kv_dtype, device=where)
             self.v = torch.zeros(shape, dtype=self.kv_dtype, device=where)
         self._write = torch.empty(0, dtype=torch.long)
+        self.kernel = None  # the fused host kernel, for decodes over KV in host memory where it builds
+        if where.type == "cpu":
+            if host_kernel.available() and host_kernel.HostAttention.fits(self.n_heads // self.n_kv_heads,
+                                                                          self.head_dim, self.kv_dtype):  # fmt: skip
+                self.kernel = host_kernel.HostAttention(torch.get_num_threads())
 
     def bind(self, segments: list[Segment]) -> None:
         super().bind(segments)
@@ -202,6 +213,32 @@ class PagedBackend(AttentionBackend):
     def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k[layer][:, self._write] = k.to(self.k.device, self.kv_dtype).transpose(0, 1)
         self.v[layer][:, self._write] = v.to(self.v.device, self.kv_dtype).transpose(0, 1)
+
+    def _bind_decodes(self, decodes: list[Segment]) -> None:
+        """How the next layers attend these decode segments: with the host kernel over each request's runs of
+        slots in place where the KV is in host memory and the kernel builds; else over one padded gather."""
+        dev = self.k.device
+        self._decode_rows = torch.tensor([s.start for s in decodes], dtype=torch.long, device=dev)
+        if not decodes:
+            return
+        if self.kernel:
+            slots = [_slots(s.blocks, _window_start(s.end, self.window), s.end, self.block_size) for s in decodes]
+            self._decode_runs = host_kernel.DecodeRuns.of(slots, self.n_kv_heads, self.kernel.threads)
+        else:
+            idx, valid = padded_reads(decodes, self.block_size, self.window)
+            self._decode_idx, self._decode_valid = torch.from_numpy(idx).to(dev), torch.from_numpy(valid).to(dev)
+
+    def _decodes_attend(self, layer: int, q: torch.Tensor, out: torch.Tensor) -> None:
+        """The rows of `out` of the decodes bound by `_bind_decodes`, from their queries in `q`."""
+        rows = self._decode_rows
+        if not len(rows):
+            return
+        if self.kernel:
+            out[rows] = self.kernel.decode(q[rows].float(), self.k[layer], self.v[layer], self._decode_runs,
+                                           self.scale)  # fmt: skip
+        else:
+            kg, vg = self._gather(layer, self._decode_idx)
+            out[rows] = batched_decode(q[rows], kg, vg, self._decode_valid, self.scale)
 
     def _gather(self, layer: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V at padded slots idx (B, L): (B, KVH, L, E). (`index_select` over the flattened slots: the same
@@ -231,59 +268,43 @@ class PagedBackend(AttentionBackend):
 
 
 class GpuAttention(PagedBackend):
-    """Everything on the dense device: decodes attended together over their keys gathered into one padded batch,
-    each prefill chunk over its request's gathered keys, in fp32."""
+    """Everything on the dense device, in fp32: decodes attended together (over their keys gathered into one
+    padded batch, or, on a CPU, by the fused host kernel over their keys in place), each prefill chunk over its
+    request's gathered keys."""
 
     name = "gpu"
 
     def bind(self, segments: list[Segment]) -> None:
         super().bind(segments)
-        dev = self.k.device
-        decodes = [s for s in segments if s.n == 1]
-        self._decode_rows = torch.tensor([s.start for s in decodes], dtype=torch.long, device=dev)
-        if decodes:
-            idx, valid = padded_reads(decodes, self.block_size, self.window)
-            self._decode_idx, self._decode_valid = torch.from_numpy(idx).to(dev), torch.from_numpy(valid).to(dev)
+        self._bind_decodes([s for s in segments if s.n == 1])
         self._chunks = self._chunk_reads(segments)
 
     def __call__(self, layer, q, k, v):
         self._store(layer, k, v)
         out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-        if len(self._decode_rows):
-            kg, vg = self._gather(layer, self._decode_idx)
-            out[self._decode_rows] = batched_decode(q[self._decode_rows], kg, vg, self._decode_valid, self.scale)
+        self._decodes_attend(layer, q, out)
         self._chunks_attend(layer, q, out)
         return out.to(q.dtype)
 
 
 class CpuAttention(PagedBackend):
     """KV in host memory, attention by the host's threads (PyTorch's intra-op pool, `torch.set_num_threads`) with
-    fp32 accumulation. Decodes whose keys fit one piece are attended together over one padded gather (few bytes,
-    one set of operations per layer); longer decodes are cut into pieces of contiguous keys read in place, each
-    widened to fp32 in a reused buffer and reduced to a partial, the partials merged exactly; over fp16 KV they go
-    to the fused C kernel (`host_kernel`) where it builds instead: one pass per contiguous run, KV heads (or,
-    where they do not divide evenly, key ranges) split over the host threads. Prefill chunks (compute-bound)
-    attend with PyTorch's fused attention over gathered keys.
+    fp32 accumulation. Where the fused C kernel (`host_kernel`) builds and serves the storage (fp16 or fp32):
+    decodes whose keys fit one piece are attended in one call per layer over their runs of slots in place, the
+    requests shared among the host threads; a longer decode gets one pass per contiguous run, its KV heads (or,
+    where they do not divide evenly, key ranges) split over the threads, the partials merged exactly. Elsewhere
+    the short decodes are attended together over one padded gather, and a longer decode is cut into pieces of
+    contiguous keys read in place, each widened to fp32 in a reused buffer and reduced to a partial, the partials
+    merged exactly. Prefill chunks (compute-bound) attend with PyTorch's fused attention over gathered keys.
     (A pool of Python threads over PyTorch pieces was measured slower on 2 cores: the operations already use
     every core and the pool adds its hand-offs.)"""
 
     name = "cpu"
     storage = "host"
 
-    def __init__(self, *args, **kw):
-        super().__init__(*args, **kw)
-        from l3.engine import host_kernel
-
-        fits = host_kernel.HostAttention.fits(self.n_heads // self.n_kv_heads, self.head_dim, self.kv_dtype)
-        self.kernel = host_kernel.HostAttention(torch.get_num_threads()) if fits and host_kernel.available() else None
-
     def bind(self, segments: list[Segment]) -> None:
         super().bind(segments)
-        short = [s for s in segments if s.n == 1 and s.end <= PIECE_TOKENS]
-        self._short_rows = torch.tensor([s.start for s in short], dtype=torch.long)
-        if short:
-            idx, valid = padded_reads(short, self.block_size, self.window)
-            self._short_idx, self._short_valid = torch.from_numpy(idx), torch.from_numpy(valid)
+        self._bind_decodes([s for s in segments if s.n == 1 and s.end <= PIECE_TOKENS])
         self._long = [s for s in segments if s.n == 1 and s.end > PIECE_TOKENS]
         whole = self.n_blocks * self.block_size  # the kernel takes a whole contiguous run in one pass
         self._pieces = [self._pieces_of(s, whole if self.kernel else PIECE_TOKENS) for s in self._long]
@@ -309,9 +330,7 @@ class CpuAttention(PagedBackend):
         qh = q.to("cpu", torch.float32)
         kl, vl = self.k[layer], self.v[layer]
         out = torch.empty(qh.shape, dtype=torch.float32)
-        if len(self._short_rows):
-            kg, vg = self._gather(layer, self._short_idx)
-            out[self._short_rows] = batched_decode(qh[self._short_rows], kg, vg, self._short_valid, self.scale)
+        self._decodes_attend(layer, qh, out)
         for s, pieces in zip(self._long, self._pieces, strict=True):
             qs = qh[s.start : s.start + s.n]
             if self.kernel:

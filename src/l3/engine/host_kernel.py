@@ -1,7 +1,7 @@
-"""The cpu backend's fused decode-attention kernel (csrc/host_attention.c), built with the system's C compiler at
-first use into a cache folder (`L3_CACHE_DIR`, default ~/.cache/l3) and called through ctypes, which releases the
-GIL, so KV heads run on several host threads at once. `available()` is False (and the backend keeps its PyTorch
-path) where there is no compiler or the CPU lacks AVX2, FMA or F16C."""
+"""The fused decode-attention kernel for KV in host memory (csrc/host_attention.c), built with the system's C compiler
+at first use into a cache folder (`L3_CACHE_DIR`, default ~/.cache/l3) and called through ctypes, which releases
+the GIL, so requests or KV heads run on several host threads at once. `available()` is False (and the backends
+keep their PyTorch paths) where there is no compiler or the CPU lacks AVX2, FMA or F16C."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ import os
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from l3.cache import cache_dir
@@ -54,8 +56,10 @@ def _library() -> ctypes.CDLL | None:
         tmp.replace(lib)
     dll = ctypes.CDLL(str(lib))
     p, i, n = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
-    dll.l3_partial_f16.argtypes = [p, p, n, i, i, i, i, n, p, p, p, p]
-    dll.l3_partial_f16.restype = None
+    dll.l3_partial.argtypes = [p, p, i, n, i, i, i, i, n, p, p, p, p]
+    dll.l3_partial.restype = None
+    dll.l3_decode.argtypes = [p, p, i, n, i, i, i, p, p, i, i, i, i, p, p, p, p]
+    dll.l3_decode.restype = None
     return dll
 
 
@@ -63,24 +67,102 @@ def available() -> bool:
     return _library() is not None
 
 
+def runs_of(slots: np.ndarray) -> np.ndarray:
+    """(first slot, length) of each run of consecutive slots in `slots` (a request's key slots in token order)."""
+    if not len(slots):
+        return np.zeros((0, 2), np.int64)
+    breaks = np.flatnonzero(np.diff(slots) != 1) + 1
+    lo, hi = np.r_[0, breaks], np.r_[breaks, len(slots)]
+    return np.stack([slots[lo], hi - lo], axis=1).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class DecodeRuns:
+    """Where a batch's decode requests keep their keys, and how the host threads share them: request b's runs
+    (first slot, length) are runs[run_lo[b] : run_lo[b + 1]]; `spans` (first request, end request, first KV
+    head, end KV head) is one thread's share."""
+
+    runs: np.ndarray  # int64 (R, 2)
+    run_lo: np.ndarray  # int64 (B + 1,)
+    spans: tuple[tuple[int, int, int, int], ...]
+
+    @classmethod
+    def of(cls, slots: list[np.ndarray], kv_heads: int, threads: int) -> DecodeRuns:
+        """From each request's key slots: requests split over the threads in contiguous groups of about equal
+        keys where there are at least as many requests as threads; else each request's KV heads split; all on one
+        thread where the threads would get fewer than MIN_ROWS_PER_THREAD keys each."""
+        per = [runs_of(s) for s in slots]
+        runs = np.concatenate(per) if per else np.zeros((0, 2), np.int64)
+        run_lo = np.r_[0, np.cumsum([len(r) for r in per])].astype(np.int64)
+        b = len(slots)
+        keys = np.cumsum([len(s) for s in slots])
+        if b == 0 or keys[-1] < threads * MIN_ROWS_PER_THREAD:  # too few keys to be worth a hand-off
+            return cls(runs, run_lo, ((0, b, 0, kv_heads),) if b else ())
+        if b >= threads:
+            cuts = np.searchsorted(keys, keys[-1] * np.arange(1, threads) / threads, side="right")
+            bounds = np.unique(np.r_[0, cuts, b])
+            spans = tuple((int(x), int(y), 0, kv_heads) for x, y in itertools.pairwise(bounds) if y > x)
+        else:
+            heads = min(threads, kv_heads)
+            cuts = [kv_heads * i // heads for i in range(heads + 1)]
+            spans = tuple((r, r + 1, h0, h1) for r in range(b) for h0, h1 in itertools.pairwise(cuts))
+        return cls(runs, np.ascontiguousarray(run_lo), spans)
+
+
 class HostAttention:
-    """Unnormalised decode attention over runs of contiguous fp16 keys on `threads` host threads."""
+    """Decode attention over keys and values in host memory (fp16 or fp32) on `threads` host threads: whole
+    batches of requests over their runs of contiguous slots (`decode`), or one request's run as partials
+    (`partials`)."""
 
     def __init__(self, threads: int):
         self.threads = max(1, threads)
-        self.pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        self.pool = ThreadPoolExecutor(self.threads - 1) if self.threads > 1 else None
 
     @staticmethod
     def fits(group: int, head_dim: int, dtype: torch.dtype) -> bool:
-        """Whether the kernel serves this shape: fp16 storage, at most MAX_GROUP query heads per KV head, head
-        size a multiple of 8 up to MAX_HEAD_DIM."""
-        return dtype == torch.float16 and group <= MAX_GROUP and head_dim <= MAX_HEAD_DIM and head_dim % 8 == 0
+        """Whether the kernel serves this shape: fp16 or fp32 storage, at most MAX_GROUP query heads per KV head,
+        head size a multiple of 8 up to MAX_HEAD_DIM."""
+        return (dtype in (torch.float16, torch.float32) and group <= MAX_GROUP and head_dim <= MAX_HEAD_DIM
+                and head_dim % 8 == 0)  # fmt: skip
+
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, where: DecodeRuns,
+               scale: float) -> torch.Tensor:  # fmt: skip
+        """Attention of one query row per request, q (B, H, E) fp32, over its runs of k, v (KVH, slots, E) (one
+        layer's storage, rows contiguous) as `where` says: (B, H, E) fp32, exact up to fp32 rounding (no mask:
+        a request attends every key of its runs)."""
+        kvh, _, e = k.shape
+        b, h = q.shape[:2]
+        qs = (q * scale).contiguous()
+        out = torch.empty(b, h, e)
+        mx, total = torch.empty(b, h), torch.empty(b, h)
+        call = _library().l3_decode
+        f32 = int(k.dtype == torch.float32)
+        args = (k.data_ptr(), v.data_ptr(), f32, k.stride(0), kvh, h // kvh, e, where.runs.ctypes.data,
+                where.run_lo.ctypes.data)  # fmt: skip
+
+        def span(b0, b1, h0, h1) -> None:
+            call(*args, b0, b1, h0, h1, qs.data_ptr(), mx.data_ptr(), total.data_ptr(), out.data_ptr())
+
+        self._each(span, where.spans)
+        return out
+
+    def _each(self, fn, spans) -> None:
+        """fn(*span) for every span, side by side on the threads (the calling thread takes the first)."""
+        if self.pool is None or len(spans) == 1:
+            for sp in spans:
+                fn(*sp)
+            return
+        others = [self.pool.submit(fn, *sp) for sp in spans[1:]]
+        fn(*spans[0])
+        for f in others:
+            f.result()
 
     def partials(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> list[Partial]:
-        """q (1, H, E) fp32; k, v (KVH, m, E) fp16 views with contiguous rows (stride E) -> partials (max (1, H),
-        sum (1, H), out (1, H, E)) over disjoint key ranges, as engine.attention.partial_attention gives (merge them
-        exactly with engine.attention.merge). The threads split the KV heads where they divide evenly; otherwise
-        (3 KV heads on 2 threads) each thread takes a range of keys of every head, so none idles."""
+        """q (1, H, E) fp32; k, v (KVH, m, E) fp16 or fp32 views with contiguous rows (stride E) -> partials (max
+        (1, H), sum (1, H), out (1, H, E)) over disjoint key ranges, as engine.attention.partial_attention gives
+        (merge them exactly with engine.attention.merge). The threads split the KV heads where they divide
+        evenly; otherwise (3 KV heads on 2 threads) each thread takes a range of keys of every head, so none
+        idles."""
         kvh, m = k.shape[:2]
         t = self.threads
         if kvh % t == 0 or m < t * MIN_ROWS_PER_THREAD:
@@ -97,19 +179,15 @@ class HostAttention:
         qs = (q[0] * scale).contiguous()
         rows = sorted({r for _, r in spans})
         out = {r: (torch.empty(kvh, g), torch.empty(kvh, g), torch.empty(kvh, g, e)) for r in rows}
-        call, row_bytes = _library().l3_partial_f16, k.stride(1) * k.element_size()
+        call, row_bytes = _library().l3_partial, k.stride(1) * k.element_size()
+        f32 = int(k.dtype == torch.float32)
 
         def span(heads, keys) -> None:
             mx, total, acc = out[keys]
-            call(k.data_ptr() + keys[0] * row_bytes, v.data_ptr() + keys[0] * row_bytes, k.stride(0), heads[0],
-                 heads[1], g, e, keys[1] - keys[0], qs.data_ptr(), mx.data_ptr(), total.data_ptr(),
+            call(k.data_ptr() + keys[0] * row_bytes, v.data_ptr() + keys[0] * row_bytes, f32, k.stride(0),
+                 heads[0], heads[1], g, e, keys[1] - keys[0], qs.data_ptr(), mx.data_ptr(), total.data_ptr(),
                  acc.data_ptr())  # fmt: skip
 
-        if self.pool is None or len(spans) == 1:
-            for sp in spans:
-                span(*sp)
-        else:
-            for f in [self.pool.submit(span, *sp) for sp in spans]:
-                f.result()
+        self._each(span, spans)
         h = q.shape[1]
         return [(mx.reshape(1, h), total.reshape(1, h), acc.reshape(1, h, e)) for mx, total, acc in out.values()]

@@ -1,11 +1,13 @@
-/* Decode attention over fp16 KV in host memory, for the engine's `cpu` backend (l3/engine/host_kernel.py builds
-   it with the system's C compiler at first use; without one, or without AVX2/FMA/F16C, the backend uses its
-   PyTorch path). One pass over the keys and values, by blocks of BLOCK rows: scores for R = 8 / G key rows at a
-   time (each key chunk widened from fp16 in a register and used by all G queries of its KV head, eight
-   accumulators reduced by one horizontal-add tree), online softmax with a vectorised exp, then the values, C = 8 /
-   G chunks of 8 columns at a time (each value chunk widened once per row and used by every query). While a block's
-   scores run, its value rows and the key rows KEY_AHEAD rows on are prefetched, so the memory streams overlap the
-   arithmetic. Numerics: fp32 throughout (checked against float64). */
+/* Decode attention over fp16 or fp32 KV in host memory, for the engine's host-memory backends
+   (l3/engine/host_kernel.py builds it with the system's C compiler at first use; without one, or without
+   AVX2/FMA/F16C, the backends use their PyTorch paths). One pass over the keys and values, by blocks of BLOCK
+   rows: scores for R = 8 / G key rows at a time (each key chunk loaded, and widened from fp16, in a register and
+   used by all G queries of its KV head, eight accumulators reduced by one horizontal-add tree), online softmax
+   with a vectorised exp, then the values, C = 8 / G chunks of 8 columns at a time (each value chunk loaded once
+   per row and used by every query). While a block's scores run, its value rows and the key rows KEY_AHEAD rows
+   on are prefetched, so the memory streams overlap the arithmetic. The online softmax state carries over from
+   one run of contiguous keys to the next, so a request whose KV sits in several runs (paged blocks) is attended
+   in one pass (`l3_decode`). Numerics: fp32 throughout (checked against float64). */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -42,7 +44,15 @@ static inline __m256 exp_nonpos(__m256 x) {
 #define BLOCK 16      /* rows per online-softmax step */
 #define KEY_AHEAD 64  /* rows between the keys being scored and the keys being prefetched */
 
-static inline __m256 widen(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+/* Element i of a row of fp32 (F32) or fp16 values, and the 8 from there as fp32. F32 is a constant at every
+   call (the functions are inlined per element type), so the choice costs nothing in the loops. */
+static inline __attribute__((always_inline)) const char *at(const void *p, long i, const int F32) {
+    return (const char *)p + i * (F32 ? 4 : 2);
+}
+static inline __attribute__((always_inline)) __m256 load8(const void *p, long i, const int F32) {
+    return F32 ? _mm256_loadu_ps((const float *)at(p, i, 1))
+               : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)at(p, i, 0)));
+}
 
 /* The 8 horizontal sums of d[0..7], in order, as one vector. */
 static inline __m256 hsum8(const __m256 *d) {
@@ -52,18 +62,18 @@ static inline __m256 hsum8(const __m256 *d) {
     return _mm256_add_ps(_mm256_permute2f128_ps(a, c, 0x20), _mm256_permute2f128_ps(a, c, 0x31));
 }
 
-static inline __attribute__((always_inline)) void prefetch(const uint16_t *p, int bytes) {
-    for (int o = 0; o < bytes; o += 64) _mm_prefetch((const char *)p + o, _MM_HINT_T0);
+static inline __attribute__((always_inline)) void prefetch(const char *p, int bytes) {
+    for (int o = 0; o < bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
 }
 
-/* s[g][r] = q_g . k_r for G queries and R consecutive fp16 key rows (R * G <= 8 accumulators). */
-static inline __attribute__((always_inline)) void scores(const uint16_t *kr, const float *qh, const int G,
-                                                         const int R, int E, float s[][BLOCK]) {
+/* s[g][r] = q_g . k_r for G queries and R consecutive key rows (R * G <= 8 accumulators). */
+static inline __attribute__((always_inline)) void scores(const void *kr, const int F32, const float *qh,
+                                                         const int G, const int R, int E, float s[][BLOCK]) {
     __m256 d[8];
     for (int i = 0; i < 8; i++) d[i] = _mm256_setzero_ps();
     for (int e = 0; e < E; e += 8) {
         __m256 kv[8];
-        for (int r = 0; r < R; r++) kv[r] = widen(kr + r * E + e);
+        for (int r = 0; r < R; r++) kv[r] = load8(kr, (long)r * E + e, F32);
         for (int g = 0; g < G; g++) {
             __m256 qv = _mm256_loadu_ps(qh + g * E + e);
             __asm__("" : "+x"(qv));  /* one load per query chunk, kept in a register for the R rows */
@@ -76,17 +86,17 @@ static inline __attribute__((always_inline)) void scores(const uint16_t *kr, con
         for (int g = 0; g < G; g++) s[g][r] = t[r * G + g];
 }
 
-/* acc[g][e .. e + 8C) = acc * rs[g] + sum_b p[g][b] v_b over nb fp16 value rows (G * C <= 8 accumulators). */
-static inline __attribute__((always_inline)) void values(const uint16_t *vh, int nb, const int G, const int C,
-                                                         int E, int e, const float *rs, float p[][BLOCK],
-                                                         float *acc) {
+/* acc[g][e .. e + 8C) = acc * rs[g] + sum_b p[g][b] v_b over nb value rows (G * C <= 8 accumulators). */
+static inline __attribute__((always_inline)) void values(const void *vh, const int F32, int nb, const int G,
+                                                         const int C, int E, int e, const float *rs,
+                                                         float p[][BLOCK], float *acc) {
     __m256 a[8];
     for (int g = 0; g < G; g++)
         for (int c = 0; c < C; c++)
             a[g * C + c] = _mm256_mul_ps(_mm256_loadu_ps(acc + g * E + e + 8 * c), _mm256_set1_ps(rs[g]));
     for (int b = 0; b < nb; b++) {
         __m256 vv[8];
-        for (int c = 0; c < C; c++) vv[c] = widen(vh + (long)b * E + e + 8 * c);
+        for (int c = 0; c < C; c++) vv[c] = load8(vh, (long)b * E + e + 8 * c, F32);
         for (int g = 0; g < G; g++) {
             __m256 pb = _mm256_broadcast_ss(&p[g][b]);
             for (int c = 0; c < C; c++) a[g * C + c] = _mm256_fmadd_ps(pb, vv[c], a[g * C + c]);
@@ -96,36 +106,36 @@ static inline __attribute__((always_inline)) void values(const uint16_t *vh, int
         for (int c = 0; c < C; c++) _mm256_storeu_ps(acc + g * E + e + 8 * c, a[g * C + c]);
 }
 
-/* Unnormalised attention of G query rows per KV head over m contiguous fp16 keys and values, heads h0..h1-1.
-   Element (h, j, e) of K is k[h * hs + j * E + e] (V alike); q is fp32 [kvh][G][E], already scaled.
-   Out: mx, sum [kvh][G]; acc [kvh][G][E] = sum_j exp(s_j - mx) v_j. E a multiple of 8, G <= 8. */
-static inline __attribute__((always_inline)) void partial(
-    const uint16_t *k, const uint16_t *v, long hs, int h0, int h1, const int G, int E, long m,
+/* Attention of G query rows per KV head over m more contiguous keys and values, heads h0..h1-1, continuing the
+   online softmax state (mx, sum, acc) each head already has. Element (h, j, e) of K is k[h * hs + j * E + e]
+   (V alike); q is fp32 [kvh][G][E], already scaled. State: mx, sum [kvh][G]; acc [kvh][G][E] = sum_j exp(s_j -
+   mx) v_j (unnormalised). E a multiple of 8, G <= 8. */
+static inline __attribute__((always_inline)) void attend(
+    const void *k, const void *v, const int F32, long hs, int h0, int h1, const int G, int E, long m,
     const float *q, float *mx, float *sum, float *acc) {
     const int R = 8 / G, C = 8 / G;  /* key rows per score pass (BLOCK is a multiple), value chunks per pass */
+    const int row = E * (F32 ? 4 : 2);
     float s[8][BLOCK] __attribute__((aligned(32))), rs[8];
     for (int h = h0; h < h1; h++) {
         const float *qh = q + (long)h * G * E;
         float *m_h = mx + (long)h * G, *l_h = sum + (long)h * G, *a_h = acc + (long)h * G * E;
-        for (int g = 0; g < G; g++) { m_h[g] = -INFINITY; l_h[g] = 0.0f; }
-        for (long e = 0; e < (long)G * E; e++) a_h[e] = 0.0f;
-        const uint16_t *kh = k + h * hs, *vh = v + h * hs;
+        const void *kh = at(k, h * hs, F32), *vh = at(v, h * hs, F32);
         for (long j0 = 0; j0 < m; j0 += BLOCK) {
             const int nb = (int)((m - j0) < BLOCK ? (m - j0) : BLOCK);
-            const uint16_t *kb = kh + j0 * E, *vb = vh + j0 * E;
+            const void *kb = at(kh, j0 * E, F32), *vb = at(vh, j0 * E, F32);
             int b = 0;
             for (; b + R <= nb; b += R) {
-                prefetch(vb + (long)b * E, 2 * R * E);
-                if (j0 + b + KEY_AHEAD + R <= m) prefetch(kb + (long)(b + KEY_AHEAD) * E, 2 * R * E);
-                scores(kb + (long)b * E, qh, G, R, E, (float(*)[BLOCK]) & s[0][b]);
+                prefetch(at(vb, (long)b * E, F32), R * row);
+                if (j0 + b + KEY_AHEAD + R <= m) prefetch(at(kb, (long)(b + KEY_AHEAD) * E, F32), R * row);
+                scores(at(kb, (long)b * E, F32), F32, qh, G, R, E, (float(*)[BLOCK]) & s[0][b]);
             }
-            for (; b < nb; b++) scores(kb + (long)b * E, qh, G, 1, E, (float(*)[BLOCK]) & s[0][b]);
+            for (; b < nb; b++) scores(at(kb, (long)b * E, F32), F32, qh, G, 1, E, (float(*)[BLOCK]) & s[0][b]);
             for (b = nb; b < BLOCK; b++)
                 for (int g = 0; g < G; g++) s[g][b] = -INFINITY;
             for (int g = 0; g < G; g++) {  /* online softmax: new max, rescale factor, exponentiate */
                 float bm = m_h[g];
                 for (b = 0; b < nb; b++) bm = s[g][b] > bm ? s[g][b] : bm;
-                rs[g] = expf(m_h[g] - bm);
+                rs[g] = m_h[g] == -INFINITY ? 0.0f : expf(m_h[g] - bm);
                 __m256 bmv = _mm256_set1_ps(bm), tot = _mm256_setzero_ps();
                 for (b = 0; b < BLOCK; b += 8) {
                     __m256 p = exp_nonpos(_mm256_sub_ps(_mm256_load_ps(&s[g][b]), bmv));
@@ -136,22 +146,65 @@ static inline __attribute__((always_inline)) void partial(
                 m_h[g] = bm;
             }
             int e = 0;
-            for (; e + 8 * C <= E; e += 8 * C) values(vb, nb, G, C, E, e, rs, s, a_h);
-            for (; e < E; e += 8) values(vb, nb, G, 1, E, e, rs, s, a_h);
+            for (; e + 8 * C <= E; e += 8 * C) values(vb, F32, nb, G, C, E, e, rs, s, a_h);
+            for (; e < E; e += 8) values(vb, F32, nb, G, 1, E, e, rs, s, a_h);
         }
     }
 }
 
-void l3_partial_f16(const uint16_t *k, const uint16_t *v, long hs, int h0, int h1, int G, int E, long m,
-                    const float *q, float *mx, float *sum, float *acc) {
-    switch (G) {  /* the group size as a constant: per-query accumulators stay in registers */
-    case 1: partial(k, v, hs, h0, h1, 1, E, m, q, mx, sum, acc); break;
-    case 2: partial(k, v, hs, h0, h1, 2, E, m, q, mx, sum, acc); break;
-    case 3: partial(k, v, hs, h0, h1, 3, E, m, q, mx, sum, acc); break;
-    case 4: partial(k, v, hs, h0, h1, 4, E, m, q, mx, sum, acc); break;
-    case 5: partial(k, v, hs, h0, h1, 5, E, m, q, mx, sum, acc); break;
-    case 6: partial(k, v, hs, h0, h1, 6, E, m, q, mx, sum, acc); break;
-    case 7: partial(k, v, hs, h0, h1, 7, E, m, q, mx, sum, acc); break;
-    default: partial(k, v, hs, h0, h1, 8, E, m, q, mx, sum, acc); break;
+/* The empty state of heads h0..h1-1 (no key seen). */
+static void reset(int h0, int h1, int G, int E, float *mx, float *sum, float *acc) {
+    for (long i = (long)h0 * G; i < (long)h1 * G; i++) { mx[i] = -INFINITY; sum[i] = 0.0f; }
+    for (long i = (long)h0 * G * E; i < (long)h1 * G * E; i++) acc[i] = 0.0f;
+}
+
+/* `attend` with G and the element type as constants: per-query accumulators stay in registers. */
+#define ATTEND_G(F32)                                                                                             \
+    switch (G) {                                                                                                  \
+    case 1: attend(k, v, F32, hs, h0, h1, 1, E, m, q, mx, sum, acc); break;                                       \
+    case 2: attend(k, v, F32, hs, h0, h1, 2, E, m, q, mx, sum, acc); break;                                       \
+    case 3: attend(k, v, F32, hs, h0, h1, 3, E, m, q, mx, sum, acc); break;                                       \
+    case 4: attend(k, v, F32, hs, h0, h1, 4, E, m, q, mx, sum, acc); break;                                       \
+    case 5: attend(k, v, F32, hs, h0, h1, 5, E, m, q, mx, sum, acc); break;                                       \
+    case 6: attend(k, v, F32, hs, h0, h1, 6, E, m, q, mx, sum, acc); break;                                       \
+    case 7: attend(k, v, F32, hs, h0, h1, 7, E, m, q, mx, sum, acc); break;                                       \
+    default: attend(k, v, F32, hs, h0, h1, 8, E, m, q, mx, sum, acc); break;                                      \
+    }
+
+static void attend_any(const void *k, const void *v, int f32, long hs, int h0, int h1, int G, int E, long m,
+                       const float *q, float *mx, float *sum, float *acc) {
+    if (f32) {
+        ATTEND_G(1)
+    } else {
+        ATTEND_G(0)
+    }
+}
+
+/* Unnormalised attention (a partial: mx, sum, acc as `attend` leaves them) over one run of m contiguous keys. */
+void l3_partial(const void *k, const void *v, int f32, long hs, int h0, int h1, int G, int E, long m,
+                const float *q, float *mx, float *sum, float *acc) {
+    reset(h0, h1, G, E, mx, sum, acc);
+    attend_any(k, v, f32, hs, h0, h1, G, E, m, q, mx, sum, acc);
+}
+
+/* Normalised decode attention of requests b0..b1-1 (one query row each), heads h0..h1-1. Request b's keys are
+   the runs r = run_lo[b] .. run_lo[b + 1] - 1 of runs[2r + 1] contiguous slots from slot runs[2r]; slot j of KV
+   head h is at element h * hs + j * E of k (v alike). q and out: fp32 [B][kvh][G][E], q already scaled;
+   mx, sum: scratch [B][kvh][G]. A request with no key gets zeros. */
+void l3_decode(const void *k, const void *v, int f32, long hs, int kvh, int G, int E, const long *runs,
+               const long *run_lo, int b0, int b1, int h0, int h1, const float *q, float *mx, float *sum,
+               float *out) {
+    const long per = (long)kvh * G;
+    for (int b = b0; b < b1; b++) {
+        float *mb = mx + b * per, *lb = sum + b * per, *ob = out + b * per * E;
+        const float *qb = q + b * per * E;
+        reset(h0, h1, G, E, mb, lb, ob);
+        for (long r = run_lo[b]; r < run_lo[b + 1]; r++)
+            attend_any(at(k, runs[2 * r] * E, f32), at(v, runs[2 * r] * E, f32), f32, hs, h0, h1, G, E,
+                       runs[2 * r + 1], qb, mb, lb, ob);
+        for (long i = (long)h0 * G; i < (long)h1 * G; i++) {
+            const float inv = lb[i] > 0.0f ? 1.0f / lb[i] : 0.0f;
+            for (int e = 0; e < E; e++) ob[i * E + e] *= inv;
+        }
     }
 }

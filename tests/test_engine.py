@@ -341,6 +341,25 @@ def test_decode_runs_give_every_request_head_to_one_thread_and_keep_every_slot(l
         assert (runs[:, 1] >= 1).all()
 
 
+@given(n=st.integers(1, 300), k=st.integers(1, 200), threads=st.integers(1, 3), seed=st.integers(0, 2**32 - 1))
+def test_the_host_gemv_matches_float64(n, k, threads, seed):
+    from l3.engine import host_kernel
+
+    if not host_kernel.available():
+        pytest.skip("no C compiler or no AVX2/FMA/F16C here: projections use PyTorch")
+    gen = np.random.default_rng(seed)
+    w, x = torch.from_numpy(gen.standard_normal((n, k))), torch.from_numpy(gen.standard_normal(k))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = host_kernel.gemv(w.float(), x.float())
+    finally:
+        torch.set_num_threads(before)
+    want = w.float().double() @ x.float().double()
+    assert got.shape == (n,) and float((got.double() - want).abs().max()) <= 1e-5 * max(1.0, k**0.5)
+    assert host_kernel.gemv(w, x) is None  # float64: not the kernel's
+
+
 def test_fp16_kv_on_the_cpu_backend_agrees_with_the_gpu_backend(tiny_models, monkeypatch):
     import l3.engine.attention as attention
 

@@ -1,7 +1,8 @@
-"""The fused decode-attention kernel for KV in host memory (csrc/host_attention.c), built with the system's C compiler
-at first use into a cache folder (`L3_CACHE_DIR`, default ~/.cache/l3) and called through ctypes, which releases
-the GIL, so requests or KV heads run on several host threads at once. `available()` is False (and the backends
-keep their PyTorch paths) where there is no compiler or the CPU lacks AVX2, FMA or F16C."""
+"""The engine's host kernels (csrc/): fused decode attention over KV in host memory (host_attention.c) and the
+dense layers' one-row projections (host_gemv.c), built with the system's C compiler at first use into a cache
+folder (`L3_CACHE_DIR`, default ~/.cache/l3) and called through ctypes, which releases the GIL, so requests, KV
+heads or weight rows run on several host threads at once. `available()` is False (and the engine keeps its
+PyTorch paths) where there is no compiler or the CPU lacks AVX2, FMA or F16C."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ import torch
 
 from l3.cache import cache_dir
 
-SOURCE = Path(__file__).with_name("csrc") / "host_attention.c"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / "host_attention.c", CSRC / "host_gemv.c"]  # one library; both include csrc/simd.h
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC"]
 MAX_GROUP, MAX_HEAD_DIM = 8, 256  # the kernel's limits: query heads per KV head, elements per head
 # Keys per thread below which a run is not split over the threads by key ranges (assumed, not measured: a short
@@ -43,14 +45,14 @@ def _library() -> ctypes.CDLL | None:
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if cc is None or not _cpu_has_flags():
         return None
-    code = SOURCE.read_bytes()
+    code = b"".join(f.read_bytes() for f in [*SOURCES, CSRC / "simd.h"])
     digest = hashlib.sha256(code + " ".join(FLAGS).encode()).hexdigest()[:16]
     cache = cache_dir()
-    lib = cache / f"host_attention-{digest}.so"
+    lib = cache / f"host_kernels-{digest}.so"
     if not lib.exists():
         cache.mkdir(parents=True, exist_ok=True)
         tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-        done = subprocess.run([cc, *FLAGS, "-o", str(tmp), str(SOURCE), "-lm"], capture_output=True)
+        done = subprocess.run([cc, *FLAGS, "-o", str(tmp), *map(str, SOURCES), "-lm"], capture_output=True)
         if done.returncode != 0:
             return None
         tmp.replace(lib)
@@ -60,11 +62,37 @@ def _library() -> ctypes.CDLL | None:
     dll.l3_partial.restype = None
     dll.l3_decode.argtypes = [p, p, i, n, i, i, i, p, p, i, i, i, i, p, p, p, p]
     dll.l3_decode.restype = None
+    dll.l3_gemv_f32.argtypes = [p, n, p, p, n, n]
+    dll.l3_gemv_f32.restype = None
     return dll
 
 
 def available() -> bool:
     return _library() is not None
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(workers)
+
+
+def gemv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    """w @ x for a weight w (N, K) and one row x (K,), both fp32 on the CPU, its rows split over PyTorch's host
+    threads in multiples of 8; None where the kernel does not serve them (another dtype or device, a weight
+    without contiguous rows, no kernel here)."""
+    if not (w.dtype == x.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous() and available()):
+        return None
+    x = x.contiguous()
+    n, k = w.shape
+    y = torch.empty(n, dtype=torch.float32)
+    call, args = _library().l3_gemv_f32, (w.data_ptr(), k, x.data_ptr(), y.data_ptr())
+    t = max(1, min(torch.get_num_threads(), n // 64))
+    cuts = [n * i // t // 8 * 8 for i in range(t)] + [n]
+    others = [_pool(t - 1).submit(call, *args, a, b) for a, b in itertools.pairwise(cuts[1:])] if t > 1 else []
+    call(*args, cuts[0], cuts[1])
+    for f in others:
+        f.result()
+    return y
 
 
 def runs_of(slots: np.ndarray) -> np.ndarray:

@@ -8,17 +8,10 @@
    on are prefetched, so the memory streams overlap the arithmetic. The online softmax state carries over from
    one run of contiguous keys to the next, so a request whose KV sits in several runs (paged blocks) is attended
    in one pass (`l3_decode`). Numerics: fp32 throughout (checked against float64). */
-#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 
-static inline float hsum(__m256 x) {
-    __m128 lo = _mm256_castps256_ps128(x), hi = _mm256_extractf128_ps(x, 1);
-    lo = _mm_add_ps(lo, hi);
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
-    return _mm_cvtss_f32(lo);
-}
+#include "simd.h"
 
 /* exp(x) for x <= 0 (arguments here are s - max): x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor
    polynomial (relative error below 2e-7 on that range), 2^n put into the exponent bits; below -87, zero. */
@@ -52,14 +45,6 @@ static inline __attribute__((always_inline)) const char *at(const void *p, long 
 static inline __attribute__((always_inline)) __m256 load8(const void *p, long i, const int F32) {
     return F32 ? _mm256_loadu_ps((const float *)at(p, i, 1))
                : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)at(p, i, 0)));
-}
-
-/* The 8 horizontal sums of d[0..7], in order, as one vector. */
-static inline __m256 hsum8(const __m256 *d) {
-    __m256 t01 = _mm256_hadd_ps(d[0], d[1]), t23 = _mm256_hadd_ps(d[2], d[3]);
-    __m256 t45 = _mm256_hadd_ps(d[4], d[5]), t67 = _mm256_hadd_ps(d[6], d[7]);
-    __m256 a = _mm256_hadd_ps(t01, t23), c = _mm256_hadd_ps(t45, t67);
-    return _mm256_add_ps(_mm256_permute2f128_ps(a, c, 0x20), _mm256_permute2f128_ps(a, c, 0x31));
 }
 
 static inline __attribute__((always_inline)) void prefetch(const char *p, int bytes) {

@@ -290,9 +290,10 @@ class GpuAttention(PagedBackend):
 class CpuAttention(PagedBackend):
     """KV in host memory, attention by the host's threads (PyTorch's intra-op pool, `torch.set_num_threads`) with
     fp32 accumulation. Where the fused C kernel (`host_kernel`) builds and serves the storage (fp16 or fp32):
-    decodes whose keys fit one piece are attended in one call per layer over their runs of slots in place, the
-    requests shared among the host threads; a longer decode gets one pass per contiguous run, its KV heads (or,
-    where they do not divide evenly, key ranges) split over the threads, the partials merged exactly. Elsewhere
+    decodes are attended in one call per layer over their runs of slots in place, the requests shared among the
+    host threads; a decode with more keys than one piece and than one thread's share of the batch's gets one pass
+    per contiguous run instead, its KV heads (or, where they do not divide evenly, key ranges) split over the
+    threads, the partials merged exactly. Elsewhere
     the short decodes are attended together over one padded gather, and a longer decode is cut into pieces of
     contiguous keys read in place, each widened to fp32 in a reused buffer and reduced to a partial, the partials
     merged exactly. Prefill chunks (compute-bound) attend with PyTorch's fused attention over gathered keys.
@@ -304,8 +305,12 @@ class CpuAttention(PagedBackend):
 
     def bind(self, segments: list[Segment]) -> None:
         super().bind(segments)
-        self._bind_decodes([s for s in segments if s.n == 1 and s.end <= PIECE_TOKENS])
-        self._long = [s for s in segments if s.n == 1 and s.end > PIECE_TOKENS]
+        decodes = [s for s in segments if s.n == 1]
+        # With the kernel, a decode gets calls of its own only where its keys exceed one thread's share of the
+        # batch's (the batched call shares whole requests among the threads); else past one piece.
+        limit = max(PIECE_TOKENS, sum(s.end for s in decodes) / self.kernel.threads) if self.kernel else PIECE_TOKENS
+        self._bind_decodes([s for s in decodes if s.end <= limit])
+        self._long = [s for s in decodes if s.end > limit]
         whole = self.n_blocks * self.block_size  # the kernel takes a whole contiguous run in one pass
         self._pieces = [self._pieces_of(s, whole if self.kernel else PIECE_TOKENS) for s in self._long]
         self._chunks = self._chunk_reads(segments)  # compute-bound: their keys are gathered for the fused kernel

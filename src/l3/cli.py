@@ -419,6 +419,7 @@ def bench_engine(
     new_tokens: Annotated[int, typer.Option(min=1, help="new tokens per request")] = 64,
     batches: Annotated[str, typer.Option(help="comma-separated batch sizes")] = "1,8,32",
     backends: Annotated[str, typer.Option(help="comma-separated engine backends")] = "cpu,gpu",
+    repeats: Annotated[int, typer.Option(min=1, help="rounds per batch size (medians are reported)")] = 3,
 ) -> None:
     """Benchmark the engine against transformers generate, and the cpu backend against DRAM bandwidth."""
     _engine_imports()
@@ -436,8 +437,9 @@ def bench_engine(
     with console.status(f"loading {model}"):
         lm = load_model(model, device=device)
     with console.status("measuring (transformers generate and the engine, side by side)"):
-        res = bench.run(lm, sizes, new_tokens, tuple(b.strip() for b in backends.split(",")))
-    t = Table(title=f"{res['model']} on {device}: decode, {new_tokens} new tokens per request (measured)")
+        res = bench.run(lm, sizes, new_tokens, tuple(b.strip() for b in backends.split(",")), repeats)
+    t = Table(title=f"{res['model']} on {device}: decode, {new_tokens} new tokens per request (measured; medians "
+                    f"of {repeats} rounds)")  # fmt: skip
     for col in ("batch", "backend", "engine tok/s", "transformers tok/s", "speedup", "PIM-side pred. err. (med)",
                 "GPU-side pred. err. (med)"):  # fmt: skip
         t.add_column(col, justify="right")
@@ -447,9 +449,11 @@ def bench_engine(
                   f"{r['speedup']:.2f}x", _pct(pe.get("median")), _pct(ge.get("median")))  # fmt: skip
     console.print(t)
     bw = res["cpu_attention_bw_bytes_per_s"] / 1e9
+    lo, hi = res["cpu_attention_bw_fraction_range"]
     console.print(f"cpu attention backend, 32K-token fp16 KV (8 KV heads x 128): {bw:.1f} GB/s = "
                   f"{res['cpu_attention_bw_fraction']:.0%} of this machine's DRAM read bandwidth "
-                  f"({res['dram_read_bw_bytes_per_s']/1e9:.1f} GB/s, measured in the same run)")  # fmt: skip
+                  f"({res['dram_read_bw_bytes_per_s']/1e9:.1f} GB/s, measured in the same round; median of "
+                  f"{repeats} rounds, {lo:.0%}-{hi:.0%})")  # fmt: skip
 
 
 def _serve_imports() -> None:

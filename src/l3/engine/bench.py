@@ -97,20 +97,35 @@ def pim_fidelity(model: LoadedModel, prompts: list[list[int]], new_tokens: int) 
             "first_divergence": first, "max_logit_deviation": worst, "pim_simulated_s": sim_s}  # fmt: skip
 
 
-def run(model: LoadedModel, batches=(1, 8, 32), new_tokens: int = 64, backends=("cpu", "gpu")) -> dict:
-    """Every figure of the benchmark (tokens/s measured, not simulated)."""
+def run(model: LoadedModel, batches=(1, 8, 32), new_tokens: int = 64, backends=("cpu", "gpu"),
+        repeats: int = 3) -> dict:  # fmt: skip
+    """Every figure of the benchmark (measured, not simulated). This machine's speed drifts by 15-20% within
+    minutes, so each batch size is measured in `repeats` rounds, transformers then each backend, and each round's
+    ratio compares runs a minute apart at most: tok/s are medians over the rounds, the speedup is the median of
+    the rounds' ratios (with their range); predictor errors are the last round's. The attention bandwidth and
+    the DRAM bandwidth alternate likewise: the fraction is the median of the rounds'."""
     rows = []
     with torch.inference_mode():
         for b in batches:
             prompts = _prompts(model.spec.vocab_size, b)
-            hf = hf_generate_tok_s(model, prompts, new_tokens)
+            rounds = []
+            for _ in range(repeats):
+                hf = hf_generate_tok_s(model, prompts, new_tokens)
+                rounds.append((hf, {be: engine_tok_s(model, prompts, new_tokens, be) for be in backends}))
             for backend in backends:
-                tok_s, report = engine_tok_s(model, prompts, new_tokens, backend)
-                rows.append({"batch": b, "backend": backend, "engine_tok_s": tok_s, "transformers_tok_s": hf,
-                             "speedup": tok_s / hf, "pim_predictor_error": report.get("pim_predictor_error"),
+                ratios = [eng[backend][0] / hf for hf, eng in rounds]
+                report = rounds[-1][1][backend][1]
+                rows.append({"batch": b, "backend": backend, "rounds": repeats,
+                             "engine_tok_s": float(np.median([eng[backend][0] for _, eng in rounds])),
+                             "transformers_tok_s": float(np.median([hf for hf, _ in rounds])),
+                             "speedup": float(np.median(ratios)), "speedup_range": (min(ratios), max(ratios)),
+                             "pim_predictor_error": report.get("pim_predictor_error"),
                              "gpu_predictor_error": report.get("gpu_predictor_error")})  # fmt: skip
-    dram = dram_read_bandwidth()
-    attn_bw, attn_s = cpu_attention_bandwidth()
+    pairs = [(dram_read_bandwidth(), cpu_attention_bandwidth()) for _ in range(repeats)]
+    fractions = [bw / dram for dram, (bw, _) in pairs]
+    mid = int(np.argsort(fractions)[len(fractions) // 2])  # the median round (the upper one of an even count)
+    dram, (attn_bw, attn_s) = pairs[mid]
     return {"model": model.spec.name, "new_tokens": new_tokens, "threads": torch.get_num_threads(), "rows": rows,
             "dram_read_bw_bytes_per_s": dram, "cpu_attention_bw_bytes_per_s": attn_bw,
-            "cpu_attention_step_s": attn_s, "cpu_attention_bw_fraction": attn_bw / dram}  # fmt: skip
+            "cpu_attention_step_s": attn_s, "cpu_attention_bw_fraction": fractions[mid],
+            "cpu_attention_bw_fraction_range": (min(fractions), max(fractions))}  # fmt: skip

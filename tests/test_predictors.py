@@ -1,10 +1,10 @@
-"""Online predictors: they learn the functions they are shown, and the fast forest path equals scikit-learn's."""
+"""Online predictors: they learn the functions they are shown, and the forest equals scikit-learn's."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from l3.sched.predictors import ErrorLog, ForestPredictor, LinearPredictor
+from l3.sched.predictors import N_TREES, ErrorLog, ForestPredictor, LinearPredictor
 
 
 def test_linear_predictor_recovers_a_linear_law(rng):
@@ -19,15 +19,21 @@ def test_linear_predictor_recovers_a_linear_law(rng):
     np.testing.assert_allclose(p.predict(x), x @ w + 3.0, rtol=1e-8)
 
 
-def test_forest_fast_path_matches_scikit_learn_and_learns_steps(rng):
+def test_forest_is_scikit_learns_tree_for_tree_and_learns_steps(rng):
+    from sklearn.ensemble import RandomForestRegressor
+
     rng, _ = rng
-    p = ForestPredictor(window=512)
+    p = ForestPredictor(window=512, seed=3)
     f = lambda x: np.ceil(x[..., 0] / 128) * 1e-3 + 1e-5 * x[..., 2]  # noqa: E731 - a wave-quantised law
-    for _ in range(300):
+    while p.seen < 300 or p._fitted_at != p.seen:  # stop just after a refit: the trees fit the whole window
         x = np.array([rng.integers(1, 2048), rng.integers(0, 4096), rng.integers(0, 64)], float)
         p.add(x, f(x))
     xs = np.column_stack([rng.integers(1, 2048, 50), rng.integers(0, 4096, 50), rng.integers(0, 64, 50)]).astype(float)
-    np.testing.assert_array_equal(p.predict(xs), p.model.predict(xs.astype(np.float32)))
+    ref = RandomForestRegressor(n_estimators=N_TREES, random_state=3, n_jobs=1).fit(p.x, p.y)
+    for ours, theirs in zip(p.fit_trees(), (e.tree_ for e in ref.estimators_), strict=True):
+        for field in ("children_left", "children_right", "feature", "threshold", "value"):
+            np.testing.assert_array_equal(getattr(ours, field), getattr(theirs, field))
+    np.testing.assert_array_equal(p.predict(xs), ref.predict(xs.astype(np.float32)))
     err = np.abs(p.predict(xs) - f(xs)) / f(xs)
     assert np.median(err) < 0.1
 

@@ -288,17 +288,17 @@ class GpuAttention(PagedBackend):
 
 
 class CpuAttention(PagedBackend):
-    """KV in host memory, attention by the host's threads (PyTorch's intra-op pool, `torch.set_num_threads`) with
-    fp32 accumulation. Where the fused C kernel (`host_kernel`) builds and serves the storage (fp16 or fp32):
-    decodes are attended in one call per layer over their runs of slots in place, the requests shared among the
-    host threads; a decode with more keys than one piece and than one thread's share of the batch's gets one pass
-    per contiguous run instead, its KV heads (or, where they do not divide evenly, key ranges) split over the
-    threads, the partials merged exactly. Elsewhere
-    the short decodes are attended together over one padded gather, and a longer decode is cut into pieces of
-    contiguous keys read in place, each widened to fp32 in a reused buffer and reduced to a partial, the partials
-    merged exactly. Prefill chunks (compute-bound) attend with PyTorch's fused attention over gathered keys.
-    (A pool of Python threads over PyTorch pieces was measured slower on 2 cores: the operations already use
-    every core and the pool adds its hand-offs.)"""
+    """KV in host memory, attention by the host's threads (as many as PyTorch's intra-op pool has,
+    `torch.set_num_threads`) with fp32 accumulation. Where the fused C kernel (`host_kernel`) builds and serves
+    the storage (fp16 or fp32): decodes are attended in one call per layer over their runs of slots in place, the
+    requests shared among the host threads; a decode with more keys than one piece and than one thread's share
+    of the batch's gets one pass per contiguous run instead, its KV heads (or, where they do not divide evenly,
+    key ranges) split over the threads, the partials merged exactly. Elsewhere the short decodes are attended
+    together over one padded gather, and a longer decode is cut into pieces of contiguous keys read in place,
+    each widened to fp32 in a reused buffer and reduced to a partial, the partials merged exactly. Prefill
+    chunks (compute-bound) attend with PyTorch's fused attention over gathered keys. (A pool of Python threads
+    over PyTorch pieces was measured slower on 2 cores: the operations already use every core and the pool adds
+    its hand-offs.)"""
 
     name = "cpu"
     storage = "host"

@@ -76,6 +76,19 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers)
 
 
+def side_by_side(fn, spans, threads: int) -> None:
+    """fn(*span) for every span, on up to `threads` host threads: the calling thread takes the first, the
+    others go to one shared pool of threads - 1 workers (kernel calls release the GIL)."""
+    if threads <= 1 or len(spans) <= 1:
+        for sp in spans:
+            fn(*sp)
+        return
+    others = [_pool(threads - 1).submit(fn, *sp) for sp in spans[1:]]
+    fn(*spans[0])
+    for f in others:
+        f.result()
+
+
 def gemv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
     """w @ x for a weight w (N, K) and one row x (K,), both fp32 on the CPU, its rows split over PyTorch's host
     threads in multiples of 8; None where the kernel does not serve them (another dtype or device, a weight
@@ -88,10 +101,7 @@ def gemv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
     call, args = _library().l3_gemv_f32, (w.data_ptr(), k, x.data_ptr(), y.data_ptr())
     t = max(1, min(torch.get_num_threads(), n // 64))
     cuts = [n * i // t // 8 * 8 for i in range(t)] + [n]
-    others = [_pool(t - 1).submit(call, *args, a, b) for a, b in itertools.pairwise(cuts[1:])] if t > 1 else []
-    call(*args, cuts[0], cuts[1])
-    for f in others:
-        f.result()
+    side_by_side(lambda a, b: call(*args, a, b), list(itertools.pairwise(cuts)), t)
     return y
 
 
@@ -134,7 +144,7 @@ class DecodeRuns:
             heads = min(threads, kv_heads)
             cuts = [kv_heads * i // heads for i in range(heads + 1)]
             spans = tuple((r, r + 1, h0, h1) for r in range(b) for h0, h1 in itertools.pairwise(cuts))
-        return cls(runs, np.ascontiguousarray(run_lo), spans)
+        return cls(runs, run_lo, spans)
 
 
 class HostAttention:
@@ -144,7 +154,6 @@ class HostAttention:
 
     def __init__(self, threads: int):
         self.threads = max(1, threads)
-        self.pool = ThreadPoolExecutor(self.threads - 1) if self.threads > 1 else None
 
     @staticmethod
     def fits(group: int, head_dim: int, dtype: torch.dtype) -> bool:
@@ -171,19 +180,8 @@ class HostAttention:
         def span(b0, b1, h0, h1) -> None:
             call(*args, b0, b1, h0, h1, qs.data_ptr(), mx.data_ptr(), total.data_ptr(), out.data_ptr())
 
-        self._each(span, where.spans)
+        side_by_side(span, where.spans, self.threads)
         return out
-
-    def _each(self, fn, spans) -> None:
-        """fn(*span) for every span, side by side on the threads (the calling thread takes the first)."""
-        if self.pool is None or len(spans) == 1:
-            for sp in spans:
-                fn(*sp)
-            return
-        others = [self.pool.submit(fn, *sp) for sp in spans[1:]]
-        fn(*spans[0])
-        for f in others:
-            f.result()
 
     def partials(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> list[Partial]:
         """q (1, H, E) fp32; k, v (KVH, m, E) fp16 or fp32 views with contiguous rows (stride E) -> partials (max
@@ -216,6 +214,6 @@ class HostAttention:
                  heads[0], heads[1], g, e, keys[1] - keys[0], qs.data_ptr(), mx.data_ptr(), total.data_ptr(),
                  acc.data_ptr())  # fmt: skip
 
-        self._each(span, spans)
+        side_by_side(span, spans, self.threads)
         h = q.shape[1]
         return [(mx.reshape(1, h), total.reshape(1, h), acc.reshape(1, h, e)) for mx, total, acc in out.values()]

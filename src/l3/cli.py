@@ -440,13 +440,14 @@ def bench_engine(
         res = bench.run(lm, sizes, new_tokens, tuple(b.strip() for b in backends.split(",")), repeats)
     t = Table(title=f"{res['model']} on {device}: decode, {new_tokens} new tokens per request (measured; medians "
                     f"of {repeats} rounds)")  # fmt: skip
-    for col in ("batch", "backend", "engine tok/s", "transformers tok/s", "speedup", "PIM-side pred. err. (med)",
-                "GPU-side pred. err. (med)"):  # fmt: skip
+    for col in ("batch", "backend", "engine tok/s", "transformers tok/s", "speedup (range)",
+                "PIM-side pred. err. (med)", "GPU-side pred. err. (med)"):  # fmt: skip
         t.add_column(col, justify="right")
     for r in res["rows"]:
         pe, ge = r["pim_predictor_error"] or {}, r["gpu_predictor_error"] or {}
         t.add_row(str(r["batch"]), r["backend"], f"{r['engine_tok_s']:.1f}", f"{r['transformers_tok_s']:.1f}",
-                  f"{r['speedup']:.2f}x", _pct(pe.get("median")), _pct(ge.get("median")))  # fmt: skip
+                  f"{r['speedup']:.2f}x ({r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f})",
+                  _pct(pe.get("median")), _pct(ge.get("median")))  # fmt: skip
     console.print(t)
     bw = res["cpu_attention_bw_bytes_per_s"] / 1e9
     lo, hi = res["cpu_attention_bw_fraction_range"]

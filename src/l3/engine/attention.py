@@ -200,10 +200,10 @@ class PagedBackend(AttentionBackend):
             self.v = torch.zeros(shape, dtype=self.kv_dtype, device=where)
         self._write = torch.empty(0, dtype=torch.long)
         self.kernel = None  # the fused host kernel, for decodes over KV in host memory where it builds
-        if where.type == "cpu":
-            if host_kernel.available() and host_kernel.HostAttention.fits(self.n_heads // self.n_kv_heads,
-                                                                          self.head_dim, self.kv_dtype):  # fmt: skip
-                self.kernel = host_kernel.HostAttention(torch.get_num_threads())
+        group = self.n_heads // self.n_kv_heads
+        if where.type == "cpu" and host_kernel.available() and host_kernel.HostAttention.fits(group, self.head_dim,
+                                                                                               self.kv_dtype):
+            self.kernel = host_kernel.HostAttention(torch.get_num_threads())
 
     def bind(self, segments: list[Segment]) -> None:
         super().bind(segments)

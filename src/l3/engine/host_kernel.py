@@ -29,6 +29,9 @@ MAX_GROUP, MAX_HEAD_DIM = 8, 256  # the kernel's limits: query heads per KV head
 # Keys per thread below which a run is not split over the threads by key ranges (assumed, not measured: a short
 # run's extra partial and thread hand-off are not worth its few microseconds of reading).
 MIN_ROWS_PER_THREAD = 256
+# Weight rows per thread below which a one-row projection is not split further (assumed, like the above: a
+# thread hand-off costs tens of microseconds, about what 64 rows of a 4K-wide fp32 weight take to stream).
+GEMV_MIN_ROWS_PER_THREAD = 64
 Partial = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -60,7 +63,7 @@ def _library() -> ctypes.CDLL | None:
     p, i, n = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
     dll.l3_partial.argtypes = [p, p, i, n, i, i, i, i, n, p, p, p, p]
     dll.l3_partial.restype = None
-    dll.l3_decode.argtypes = [p, p, i, n, i, i, i, p, p, i, i, i, i, p, p, p, p]
+    dll.l3_decode.argtypes = [p, p, i, n, i, i, i, p, p, i, i, i, i, p, p]
     dll.l3_decode.restype = None
     dll.l3_gemv_f32.argtypes = [p, n, p, p, n, n]
     dll.l3_gemv_f32.restype = None
@@ -99,7 +102,7 @@ def gemv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
     n, k = w.shape
     y = torch.empty(n, dtype=torch.float32)
     call, args = _library().l3_gemv_f32, (w.data_ptr(), k, x.data_ptr(), y.data_ptr())
-    t = max(1, min(torch.get_num_threads(), n // 64))
+    t = max(1, min(torch.get_num_threads(), n // GEMV_MIN_ROWS_PER_THREAD))
     cuts = [n * i // t // 8 * 8 for i in range(t)] + [n]
     side_by_side(lambda a, b: call(*args, a, b), list(itertools.pairwise(cuts)), t)
     return y
@@ -171,14 +174,13 @@ class HostAttention:
         b, h = q.shape[:2]
         qs = (q * scale).contiguous()
         out = torch.empty(b, h, e)
-        mx, total = torch.empty(b, h), torch.empty(b, h)
         call = _library().l3_decode
         f32 = int(k.dtype == torch.float32)
         args = (k.data_ptr(), v.data_ptr(), f32, k.stride(0), kvh, h // kvh, e, where.runs.ctypes.data,
                 where.run_lo.ctypes.data)  # fmt: skip
 
         def span(b0, b1, h0, h1) -> None:
-            call(*args, b0, b1, h0, h1, qs.data_ptr(), mx.data_ptr(), total.data_ptr(), out.data_ptr())
+            call(*args, b0, b1, h0, h1, qs.data_ptr(), out.data_ptr())
 
         side_by_side(span, where.spans, self.threads)
         return out

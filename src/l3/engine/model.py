@@ -19,7 +19,8 @@ Attention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tens
 
 # Rows (tokens) up to which a CPU projection runs as (W x^T)^T: PyTorch's CPU GEMM for x W^T with 2-64 rows reads
 # SmolLM2's weights at 2-5 GB/s on the 2-core machine of docs/benchmarks.md, the transposed form at 1.5-2x that
-# (the same products, summed in another order); one row (GEMV) and long prefill chunks are fast as they are.
+# (the same products, summed in another order); one row goes to the host GEMV kernel, long prefill chunks to
+# PyTorch as they are.
 FEW_ROWS = 64
 # A weight taller than 2 x TALL_CHUNK (an LM head) multiplies in slices of TALL_CHUNK output rows: SmolLM2's head
 # (49,152 x 576) takes 20.8 ms for 32 rows in slices of 2,048 against 26.0 ms whole (32.0 against 39.0 for 64
@@ -29,16 +30,16 @@ TALL_CHUNK = 2048
 
 def linear(mod: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """`mod(x)` for a 2-D x, through a faster form on the CPU when x has few rows: one row through the host GEMV
-    kernel (`host_kernel.gemv`: PyTorch's reads SmolLM2's weights at about 9 GB/s here, the kernel at about 14),
-    2..FEW_ROWS rows as (W x^T)^T."""
-    if x.device.type != "cpu" or not 1 <= x.shape[0] <= FEW_ROWS:
-        return mod(x)
-    if x.shape[0] == 1 and (y := host_kernel.gemv(mod.weight, x[0])) is not None:
-        return y[None] if mod.bias is None else y[None] + mod.bias
-    if x.shape[0] == 1:
+    kernel (`host_kernel.gemv`, where it serves the weight), 2..FEW_ROWS rows as (W x^T)^T."""
+    if x.device.type != "cpu" or x.shape[0] > FEW_ROWS:
         return mod(x)
     w, xt = mod.weight, x.t()
-    if w.shape[0] <= 2 * TALL_CHUNK:
+    if x.shape[0] == 1:
+        y = host_kernel.gemv(w, x[0])
+        if y is None:
+            return mod(x)
+        y = y[None]
+    elif w.shape[0] <= 2 * TALL_CHUNK:
         y = (w @ xt).t()
     else:
         y = torch.empty(w.shape[0], x.shape[0], dtype=torch.result_type(w, x))

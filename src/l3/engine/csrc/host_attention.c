@@ -174,14 +174,14 @@ void l3_partial(const void *k, const void *v, int f32, long hs, int h0, int h1, 
 
 /* Normalised decode attention of requests b0..b1-1 (one query row each), heads h0..h1-1. Request b's keys are
    the runs r = run_lo[b] .. run_lo[b + 1] - 1 of runs[2r + 1] contiguous slots from slot runs[2r]; slot j of KV
-   head h is at element h * hs + j * E of k (v alike). q and out: fp32 [B][kvh][G][E], q already scaled;
-   mx, sum: scratch [B][kvh][G]. A request with no key gets zeros. */
+   head h is at element h * hs + j * E of k (v alike). q and out: fp32 [B][kvh][G][E], q already scaled. A
+   request with no key gets zeros. */
 void l3_decode(const void *k, const void *v, int f32, long hs, int kvh, int G, int E, const long *runs,
-               const long *run_lo, int b0, int b1, int h0, int h1, const float *q, float *mx, float *sum,
-               float *out) {
+               const long *run_lo, int b0, int b1, int h0, int h1, const float *q, float *out) {
     const long per = (long)kvh * G;
+    float mb[per], lb[per];  /* one request's running max and sum per query head */
     for (int b = b0; b < b1; b++) {
-        float *mb = mx + b * per, *lb = sum + b * per, *ob = out + b * per * E;
+        float *ob = out + b * per * E;
         const float *qb = q + b * per * E;
         reset(h0, h1, G, E, mb, lb, ob);
         for (long r = run_lo[b]; r < run_lo[b + 1]; r++)

@@ -165,3 +165,45 @@ def test_decodes_move_into_hbm_when_nothing_waits():
     assert moved_off == 0 and moved_on > 0
     assert (on.table.kv_tier == 0).sum() == moved_on + (off.table.kv_tier == 0).sum()  # they finished in HBM
     assert on.simulated_time_s < off.simulated_time_s  # the tail attends from HBM, no per-layer round trip
+
+
+class _PerToken:
+    """A device-time predictor of `s_per_token` seconds per decode token attended (feature 3 of a PIM row)."""
+
+    def __init__(self, s_per_token: float):
+        self.s = s_per_token
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x)[:, 3] * self.s
+
+
+def test_a_device_sub_batch_pays_only_when_its_tokens_per_gpu_second_beat_the_hbm_batch():
+    """Hand computation: 100 HBM requests take 50 ms on the GPU; a device request of 1,000 tokens takes 1 ms on
+    the device, so at most 50 hide behind the HBM batch. With the device sub-batch's GPU time 20 ms at every size,
+    150 tokens per 70 ms beat 100 per 50 ms (50 / 20 ms > 100 / 50 ms); with 30 ms no size does."""
+    sched = Simulator(offload_system(system="l3-plus"), make_workload([0.0], [100], [10], mode="offline")).schedulers[0]
+    sched.pim_pred = _PerToken(1e-6)
+    sizes = np.arange(1, 101)
+    assert sched._device_pays(100, sizes, 1000.0, 0.050, np.full(100, 0.020))
+    assert not sched._device_pays(100, sizes, 1000.0, 0.050, np.full(100, 0.030))
+    assert not sched._device_pays(100, sizes, 1e6, 0.050, np.full(100, 0.001))  # not one device request hides
+    assert sched._device_pays(0, sizes, 1000.0, 0.050, np.full(100, 0.030))  # nothing in HBM to slow down
+
+
+@pytest.mark.parametrize("context, device_open, rebalance, waits", [
+    (3000, False, True, True),       # the device tier is closed: HBM's room goes to the running device request
+    (3000, True, True, False),       # open: new requests take HBM's room as before
+    (3000, False, False, False),     # nothing would move it in
+    (10**7, False, True, False),     # it does not fit HBM's room: waiting would not help it
+])  # fmt: skip
+def test_while_the_device_tier_is_closed_hbm_room_goes_to_its_running_requests(context, device_open, rebalance,
+                                                                                 waits):  # fmt: skip
+    wl = make_workload([0.0], [100], [10], mode="offline")
+    sched = Simulator(offload_system(system="l3-plus", rebalance=rebalance), wl).schedulers[0]
+    sched.table.add([0.0, 0.0], [context, 100], [10, 10])
+    sched.table.kv_tier[0] = 1  # request 0 decodes from the device
+    sched.table.generated[0] = 1
+    sched.running = np.array([0])
+    sched._device_open = device_open
+    assert sched._fits(1, 0)  # the head fits HBM
+    assert sched.choose_tier(1) == (None if waits else 0)

@@ -15,7 +15,10 @@ sub-batch 0 holds every prefill and the requests whose KV is in HBM (attention o
 whose KV is in the device. New requests go to HBM while it has room; under `alignment` they join the device
 only while the predicted attention time of sub-batch 1, its contexts grown by as many tokens as each request has
 generated so far, stays within sub-batch 0's predicted GPU time in a decode iteration (the device's attention
-then hides behind the GPU's work; beyond it each added request slows every other's tokens).
+then hides behind the GPU's work; beyond it each added request slows every other's tokens), and while a device
+sub-batch of the size the device could reach under that rule is predicted to decode more tokens per second beside
+the HBM sub-batch than the HBM sub-batch alone (a second sub-batch reads the weights again); once it is not, HBM's
+free room goes first to the device requests still running, which rebalancing moves in.
 Predictors learn from the times the executor reports (`observe`), never from cost models.
 """
 
@@ -50,6 +53,9 @@ CHUNK_FRACTIONS = np.array([1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.
 # (our assumptions: a check costs a few predictor queries; the predictors' median error is a few per cent).
 REBALANCE_EVERY = 4
 REBALANCE_GAIN = 0.03
+# Device sub-batch sizes weighed when deciding whether the device tier pays (our assumption: geometric steps
+# resolve the best size within a factor of about 1.4 up to a thousand requests).
+DEVICE_SIZES = 20
 
 
 def layer_time(g0: np.ndarray, g1: np.ndarray, p0: np.ndarray, p1: np.ndarray) -> np.ndarray:
@@ -84,6 +90,7 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         self._until_check = 0  # iterations to the next rebalancing check
         self._migrating: dict[int, int] = {}  # request -> HBM blocks reserved for its KV moving in
         self.moved = self.promoted = 0  # decodes moved between sub-batches; of them, KV moved into HBM
+        self._device_open = True  # the device tier's last verdict (`_device_pays`): it takes new requests
 
     @property
     def learning(self) -> bool:
@@ -115,7 +122,7 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         if not self.coord.asymmetric:
             return super().choose_tier(rid)
         if self._fits(rid, HBM_TIER):
-            return HBM_TIER
+            return None if self._promotion_waits() else HBM_TIER
         if not self._fits(rid, DEVICE_TIER):
             return None
         t = self.table
@@ -135,8 +142,52 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         grown = self.pim_features(ids, ids[:0], np.empty(0), grow=t.generated[ids], place=place)
         hbm = run[t.kv_tier[run] == HBM_TIER]
         empty = np.empty(0, np.int64)
-        gpu0 = self.gpu_pred.predict(self.gpu_features(empty, empty, hbm)[None, :])[0]
-        return DEVICE_TIER if self.pim_pred.predict(grown[None, :])[0] <= gpu0 else None
+        # A device sub-batch in steady state holds a cross-section of ages, as the running batch does, each
+        # grown as above.
+        context = float((t.context(run) + t.generated[run]).mean())
+        sizes = self._device_sizes(len(dev), context)
+        device_rows = np.zeros((len(sizes), 4))
+        device_rows[:, 2] = sizes  # gpu_features of decodes only, none attended on the GPU
+        gpu = self.gpu_pred.predict(np.vstack([self.gpu_features(empty, empty, hbm), device_rows]))
+        if self.pim_pred.predict(grown[None, :])[0] > gpu[0]:
+            return None
+        self._device_open = self._device_pays(len(hbm), sizes, context, gpu[0], gpu[1:])
+        return DEVICE_TIER if self._device_open else None
+
+    def _promotion_waits(self) -> bool:
+        """While the device tier does not pay, HBM's free room goes first to the device requests still running:
+        new requests wait while the longest of them fits it (rebalancing, in `split`, moves it in)."""
+        if self._device_open or not self.coord.rebalance:
+            return False
+        t = self.table
+        dev = self.running[t.kv_tier[self.running] == DEVICE_TIER]
+        room = self.kv.free_in(HBM_TIER) - int(self._watermark_blocks[HBM_TIER])
+        return bool(len(dev)) and int(self.kv.blocks(t.context(dev).max())) <= room
+
+    def _device_sizes(self, n_device: int, context: float) -> np.ndarray:
+        """Sizes the device sub-batch could grow to, geometrically spaced from one request to as many as the
+        device's free room holds at `context` tokens a request (preemptions refill the queue, so its length
+        now does not bound them)."""
+        room = self.kv.free_in(DEVICE_TIER) * self.kv.block_size / max(1.0, context)
+        most = max(1, n_device + int(room))
+        return np.unique(np.geomspace(1, most, DEVICE_SIZES).astype(np.int64))
+
+    def _device_pays(self, n_hbm: int, sizes: np.ndarray, context: float, gpu0: float, gpu1: np.ndarray) -> bool:
+        """Whether a device sub-batch, at the best of `sizes` whose attention hides behind the HBM sub-batch's GPU
+        time `gpu0` (as admission requires), decodes more tokens per second than the HBM sub-batch alone. A
+        second sub-batch pays its own weight reads and kernel latencies (`gpu1`, predicted at each size) and its
+        attention (predicted for that many requests of `context` tokens spread evenly over the slots), so a
+        device tier that can only hold a small batch beside a large HBM one lowers the rate: it stays closed,
+        and the queue waits for HBM as on a GPU-only system."""
+        if not n_hbm:
+            return True
+        ctx = np.full(int(sizes[-1]), context)
+        place = np.arange(len(ctx)) % self.positions
+        none_written = np.zeros(self.positions)
+        pim = self.pim_pred.predict(np.array([self._attention_row(ctx[:m], place[:m], none_written) for m in sizes]))
+        hides = pim <= gpu0
+        rate = (n_hbm + sizes[hides]) / layer_time(gpu0, gpu1[hides], 0.0, pim[hides])
+        return bool(len(rate) and rate.max() > n_hbm / gpu0)
 
     def on_admit(self, ids: np.ndarray) -> None:
         """Place each new request on the least-loaded slot, by tokens held now (output lengths are unknown)."""
@@ -158,11 +209,13 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         """[busiest slot's decode tokens, its requests, its prefill tokens written, all decode tokens]: requests
         sharing a slot share a rank in every layer, so the busiest slot sets each layer's attention time."""
         t = self.table
-        ctx = t.context(ids) + grow
         place = t.placement[ids] if place is None else place
+        return self._attention_row(t.context(ids) + grow, place, self._slot_tokens(t.placement[pre_ids], pre_tokens))
+
+    def _attention_row(self, ctx: np.ndarray, place: np.ndarray, written: np.ndarray) -> np.ndarray:
+        """`pim_features` of decodes with contexts `ctx` at slots `place`, beside `written` prefill tokens per slot."""
         _, slot, held = self.spread(place, ctx)
         tokens = np.bincount(slot, weights=held, minlength=self.positions)
-        written = self._slot_tokens(t.placement[pre_ids], pre_tokens)
         k = int(np.argmax(tokens + written))
         count = np.count_nonzero(slot == k)
         return np.array([tokens[k], count, written[k], ctx.sum()], float)
@@ -198,7 +251,7 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
             plan.prefill_sub = np.zeros(len(plan.prefill_ids), np.int8)
             self._last = self._predict(plan) if self.learning else None
             if (plan.decode_sub == 1).any():
-                if self.warm and self.coord.rebalance and not len(self.queue):
+                if self.warm and self.coord.rebalance and (not len(self.queue) or not self._device_open):
                     self._rebalance(plan)
                 self._one_batch_if_it_pays(plan)
             return plan

@@ -207,3 +207,41 @@ def test_while_the_device_tier_is_closed_hbm_room_goes_to_its_running_requests(c
     sched._device_open = device_open
     assert sched._fits(1, 0)  # the head fits HBM
     assert sched.choose_tier(1) == (None if waits else 0)
+
+
+class _Constant:
+    def __init__(self, value: float):
+        self.value = value
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return np.full(len(np.atleast_2d(x)), self.value)
+
+
+def test_moving_a_decode_into_hbm_leaves_room_for_the_hbm_decodes_next_tokens():
+    """Rebalancing reserves HBM for a device decode's KV only from the room left after this iteration's HBM
+    decodes have their next tokens: here that room is one block short of it, so nothing moves and the
+    iteration commits within capacity; with one more free block it moves."""
+    for spare, moves in ((0, False), (1, True)):
+        wl = make_workload([0.0], [100], [10], mode="offline")
+        sched = Simulator(offload_system(system="l3-plus"), wl).schedulers[0]
+        t, kv = sched.table, sched.kv
+        ids = t.add(np.zeros(9), [160] * 8 + [100], [50] * 9)
+        t.generated[ids] = 1
+        t.prefilled[ids] = t.prefill_target[ids]
+        t.status[ids] = 1
+        t.kv_tier[8] = 1
+        t.kv_blocks[:8] = 10  # 161 tokens attended next: an 11th block each
+        t.kv_blocks[8] = kv.blocks(101)
+        kv.allocate(int(t.kv_blocks[8]), 1)
+        growth, moving = 8, int(kv.blocks(101))
+        kv.allocate(int(kv.free_in(0) - sched._watermark_blocks[0]) - growth - moving + 1 - spare - 80, 0)
+        kv.allocate(80, 0)  # the HBM decodes' own blocks
+        sched.running = ids
+        sched.gpu_pred, sched.pim_pred = _Constant(0.01), _PerToken(1e-4)
+        plan = Plan(decode_ids=ids, decode_sub=np.array([0] * 8 + [1], np.int8),
+                    decode_on_device=np.array([False] * 8 + [True]))  # fmt: skip
+        sched._last = (np.array([0.01, 0.01]), np.array([0.0, 0.05]))
+        sched._rebalance(plan)
+        assert (len(plan.migrate_ids) == 1) == moves
+        sched.commit(plan, 1.0)  # raises on an over-commit
+        assert np.all(kv.tier_used <= kv.tier_capacity)

@@ -398,7 +398,10 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         order = mine[np.argsort(-t.context(plan.decode_ids[mine]), kind="stable")]
         if self.coord.asymmetric:
             need = np.cumsum(self.kv.blocks(t.context(plan.decode_ids[order])))
-            room = self.kv.free_in(HBM_TIER) - int(self._watermark_blocks[HBM_TIER])
+            hbm = plan.decode_ids[t.kv_tier[plan.decode_ids] == HBM_TIER]
+            # HBM's free room less its decodes' next tokens (allocated when this iteration commits)
+            room = self.kv.free_in(HBM_TIER) - int(self._watermark_blocks[HBM_TIER]) \
+                - int(self._decode_growth_blocks(hbm).sum())  # fmt: skip
             most = int(np.searchsorted(need, room, side="right"))
         else:
             most = len(order) // 2

@@ -142,16 +142,16 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         grown = self.pim_features(ids, ids[:0], np.empty(0), grow=t.generated[ids], place=place)
         hbm = run[t.kv_tier[run] == HBM_TIER]
         empty = np.empty(0, np.int64)
+        gpu0 = self.gpu_pred.predict(self.gpu_features(empty, empty, hbm)[None, :])[0]
+        if self.pim_pred.predict(grown[None, :])[0] > gpu0:
+            return None
         # A device sub-batch in steady state holds a cross-section of ages, as the running batch does, each
         # grown as above.
         context = float((t.context(run) + t.generated[run]).mean())
         sizes = self._device_sizes(len(dev), context)
-        device_rows = np.zeros((len(sizes), 4))
-        device_rows[:, 2] = sizes  # gpu_features of decodes only, none attended on the GPU
-        gpu = self.gpu_pred.predict(np.vstack([self.gpu_features(empty, empty, hbm), device_rows]))
-        if self.pim_pred.predict(grown[None, :])[0] > gpu[0]:
-            return None
-        self._device_open = self._device_pays(len(hbm), sizes, context, gpu[0], gpu[1:])
+        gpu1 = self.gpu_pred.predict(np.array([self.gpu_features(empty, empty, np.zeros(m, np.int64), on_gpu=empty)
+                                               for m in sizes]))  # decodes only, none attended on the GPU
+        self._device_open = self._device_pays(len(hbm), sizes, context, gpu0, gpu1)
         return DEVICE_TIER if self._device_open else None
 
     def _promotion_waits(self) -> bool:
@@ -182,9 +182,8 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         if not n_hbm:
             return True
         ctx = np.full(int(sizes[-1]), context)
-        place = np.arange(len(ctx)) % self.positions
-        none_written = np.zeros(self.positions)
-        pim = self.pim_pred.predict(np.array([self._attention_row(ctx[:m], place[:m], none_written) for m in sizes]))
+        pim = self.pim_pred.predict(self._attention_rows(ctx, np.arange(len(ctx)) % self.positions,
+                                                         np.zeros(self.positions), sizes))  # fmt: skip
         hides = pim <= gpu0
         rate = (n_hbm + sizes[hides]) / layer_time(gpu0, gpu1[hides], 0.0, pim[hides])
         return bool(len(rate) and rate.max() > n_hbm / gpu0)
@@ -214,11 +213,23 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
 
     def _attention_row(self, ctx: np.ndarray, place: np.ndarray, written: np.ndarray) -> np.ndarray:
         """`pim_features` of decodes with contexts `ctx` at slots `place`, beside `written` prefill tokens per slot."""
-        _, slot, held = self.spread(place, ctx)
-        tokens = np.bincount(slot, weights=held, minlength=self.positions)
-        k = int(np.argmax(tokens + written))
-        count = np.count_nonzero(slot == k)
-        return np.array([tokens[k], count, written[k], ctx.sum()], float)
+        return self._attention_rows(ctx, place, written, [len(ctx)])[0]
+
+    def _attention_rows(self, ctx: np.ndarray, place: np.ndarray, written: np.ndarray, ends) -> np.ndarray:
+        """`_attention_row` of the first m decodes for each m of `ends` (ascending), from one spread of them all
+        (a request's slots depend on it alone), the slots' tokens and requests summed prefix by prefix."""
+        req, slot, held = self.spread(place, ctx)
+        order = np.argsort(req, kind="stable")
+        req, slot, held = req[order], slot[order], held[order]
+        tokens, count = np.zeros(self.positions), np.zeros(self.positions, np.int64)
+        rows, start = [], 0
+        for m, cut in zip(ends, np.searchsorted(req, ends), strict=True):
+            tokens += np.bincount(slot[start:cut], weights=held[start:cut], minlength=self.positions)
+            count += np.bincount(slot[start:cut], minlength=self.positions)
+            start = cut
+            k = int(np.argmax(tokens + written))
+            rows.append([tokens[k], count[k], written[k], ctx[:m].sum()])
+        return np.array(rows, float)
 
     def _device_mask(self, ids: np.ndarray) -> np.ndarray:
         """Which of these requests attend on the memory-side device: all, but those whose KV is in HBM."""

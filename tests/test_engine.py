@@ -4,6 +4,8 @@ a float64 reference; one-line errors for bad input."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -14,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 torch.set_num_threads(1)  # the suite runs on one xdist worker per core: more threads per worker only contend
 
+from l3.engine import dense, host_kernel  # noqa: E402
 from l3.engine.attention import PIECE_TOKENS, merge, partial_attention  # noqa: E402
 from l3.engine.engine import Engine  # noqa: E402
 from l3.engine.loader import load_model  # noqa: E402
@@ -85,6 +88,75 @@ def test_greedy_tokens_equal_transformers_generate(tiny_models, family, backend)
         assert engine.pim_simulated_s > 0
     if backend != "gpu":  # the memory-side backends run under L3's sub-batch scheduler, trained on measured times
         assert isinstance(engine.scheduler, SubBatchScheduler) and engine.scheduler.gpu_pred.seen > 0
+
+
+@pytest.mark.parametrize("form", ["linear", "transposed", "gemv"])
+def test_every_pinned_dense_form_gives_the_reference_tokens(tiny_models, form, monkeypatch):
+    monkeypatch.setenv(dense.PIN, form)
+    model = tiny_models["qwen2"]  # Q/K/V biases
+    prompts = prompts_for(300, seed=2)
+    assert Engine(model, backend="gpu", kv_tokens=8192).generate(prompts, 16) == reference(model, prompts, 16)
+
+
+@given(n=st.integers(1, 2 * dense.TALL_CHUNK + 300), k=st.integers(1, 96), rows=st.integers(1, dense.FEW_ROWS),
+       bias=st.booleans(), seed=st.integers(0, 2**32 - 1))  # fmt: skip
+def test_every_dense_form_matches_float64(n, k, rows, bias, seed):
+    gen = np.random.default_rng(seed)
+    mod = torch.nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        mod.weight.copy_(torch.from_numpy(gen.standard_normal((n, k))))
+        if bias:
+            mod.bias.copy_(torch.from_numpy(gen.standard_normal(n)))
+    x = torch.from_numpy(gen.standard_normal((rows, k))).float()
+    want = x.double() @ mod.weight.double().T + (mod.bias.double() if bias else 0.0)
+    served = 0
+    with torch.inference_mode():
+        for name, form in dense.FORMS.items():
+            got = form(mod, x)
+            if got is None:
+                assert name == "gemv" and (rows > 1 or not host_kernel.available())
+                continue
+            served += 1
+            assert got.shape == (rows, n), name
+            assert float((got.double() - want).abs().max()) <= 1e-5 * max(1.0, k**0.5), name
+    assert served >= 2  # linear and transposed always
+
+
+def test_the_fastest_measured_dense_form_serves_its_row_bucket(monkeypatch):
+    calls = {"linear": 0, "transposed": 0}
+    transposed = dense.FORMS["transposed"]
+
+    def slow_linear(mod, x):  # the form to lose
+        calls["linear"] += 1
+        time.sleep(0.002)
+        return mod(x)
+
+    def counted_transposed(mod, x):
+        calls["transposed"] += 1
+        return transposed(mod, x)
+
+    forms = {"linear": slow_linear, "transposed": counted_transposed}
+    monkeypatch.setattr(dense, "FORMS", forms)
+    monkeypatch.setattr(dense.DenseForms, "chosen", {})
+    monkeypatch.setattr(dense.DenseForms, "timings", {})
+    monkeypatch.delenv(dense.PIN, raising=False)
+    mods = [torch.nn.Linear(16, 24) for _ in range(3)]
+    runner = dense.DenseForms(mods)
+    x = torch.randn(5, 16)
+    with torch.inference_mode():
+        got = runner.linear(mods[1], x)
+        assert torch.allclose(got, mods[1](x), atol=1e-6)
+        key = (24, 16, torch.float32, 8)  # 5 rows: the bucket of 5-8 rows
+        assert dense.DenseForms.chosen == {key: "transposed"}
+        # every form once untimed, then ROUNDS passes over the three weights of that shape, then the call itself
+        assert calls == {"linear": 1 + 3 * dense.ROUNDS, "transposed": 1 + 3 * dense.ROUNDS + 1}
+        runner.linear(mods[0], torch.randn(8, 16))  # same bucket: no new measurement
+        assert calls["linear"] == 1 + 3 * dense.ROUNDS
+        runner.linear(mods[0], torch.randn(9, 16))  # the next bucket is measured anew
+        assert set(dense.DenseForms.chosen) == {key, (24, 16, torch.float32, 16)}
+        monkeypatch.setenv(dense.PIN, "fastest")
+        with pytest.raises(EngineError, match="L3_DENSE_FORM='fastest': expected one of linear, transposed"):
+            runner.linear(mods[0], x)
 
 
 def test_the_pim_backend_matches_on_a_short_run(tiny_models):

@@ -1,8 +1,8 @@
 """The dense half of a decoder, run layer by layer on a flat batch of tokens with attention delegated.
 
 The weights are the loaded transformers module's own (its norm, activation and rotary modules are called as
-they are, its Linear layers through `linear`), so the dense arithmetic is the reference's up to the order of
-summation; attention and the KV cache are the engine's.
+they are, its Linear layers through `dense.DenseForms`), so the dense arithmetic is the reference's up to the
+order of summation; attention and the KV cache are the engine's.
 Llama, Mistral and Qwen2 share one layout (pre-norm, rotary, gated MLP; Qwen2 with Q/K/V biases); OPT has
 learned positions (offset 2), LayerNorm, a plain MLP and Q pre-scaled by 1/sqrt(head_dim)."""
 
@@ -12,41 +12,10 @@ from collections.abc import Callable
 
 import torch
 
-from l3.engine import host_kernel
+from l3.engine.dense import DenseForms
 
 # attention(layer, q (T, H, E), k (T, KVH, E), v (T, KVH, E)) -> (T, H, E): the engine's backend stores k, v
 Attention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-# Rows (tokens) up to which a CPU projection runs as (W x^T)^T: PyTorch's CPU GEMM for x W^T with 2-64 rows reads
-# SmolLM2's weights at 2-5 GB/s on the 2-core machine of docs/benchmarks.md, the transposed form at 1.5-2x that
-# (the same products, summed in another order); one row goes to the host GEMV kernel, long prefill chunks to
-# PyTorch as they are.
-FEW_ROWS = 64
-# A weight taller than 2 x TALL_CHUNK (an LM head) multiplies in slices of TALL_CHUNK output rows: SmolLM2's head
-# (49,152 x 576) takes 20.8 ms for 32 rows in slices of 2,048 against 26.0 ms whole (32.0 against 39.0 for 64
-# rows; 2-8 rows unchanged), each output the same dot product.
-TALL_CHUNK = 2048
-
-
-def linear(mod: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`mod(x)` for a 2-D x, through a faster form on the CPU when x has few rows: one row through the host GEMV
-    kernel (`host_kernel.gemv`, where it serves the weight), 2..FEW_ROWS rows as (W x^T)^T."""
-    if x.device.type != "cpu" or x.shape[0] > FEW_ROWS:
-        return mod(x)
-    w, xt = mod.weight, x.t()
-    if x.shape[0] == 1:
-        y = host_kernel.gemv(w, x[0])
-        if y is None:
-            return mod(x)
-        y = y[None]
-    elif w.shape[0] <= 2 * TALL_CHUNK:
-        y = (w @ xt).t()
-    else:
-        y = torch.empty(w.shape[0], x.shape[0], dtype=torch.result_type(w, x))
-        for a in range(0, w.shape[0], TALL_CHUNK):
-            torch.mm(w[a : a + TALL_CHUNK], xt, out=y[a : a + TALL_CHUNK])
-        y = y.t()
-    return y if mod.bias is None else y + mod.bias
 
 
 class DecoderRunner:
@@ -63,6 +32,7 @@ class DecoderRunner:
         # OPT folds 1/sqrt(head_dim) into Q; the others scale the scores
         self.scale = 1.0 if self.opt else self.head_dim**-0.5
         self.window = getattr(cfg, "sliding_window", None) if family == "mistral" else None
+        self.dense = DenseForms(m for m in hf.modules() if isinstance(m, torch.nn.Linear))
 
     @property
     def device(self) -> torch.device:
@@ -89,9 +59,9 @@ class DecoderRunner:
 
     def _qkv(self, attn, h, rope):
         t = h.shape[0]
-        q = linear(attn.q_proj, h).view(t, self.n_heads, self.head_dim)
-        k = linear(attn.k_proj, h).view(t, self.n_kv_heads, self.head_dim)
-        v = linear(attn.v_proj, h).view(t, self.n_kv_heads, self.head_dim)
+        q = self.dense.linear(attn.q_proj, h).view(t, self.n_heads, self.head_dim)
+        k = self.dense.linear(attn.k_proj, h).view(t, self.n_kv_heads, self.head_dim)
+        v = self.dense.linear(attn.v_proj, h).view(t, self.n_kv_heads, self.head_dim)
         if self.opt:
             return q * attn.scaling, k, v
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -105,17 +75,18 @@ class DecoderRunner:
             attn = layer.self_attn
             h = layer.self_attn_layer_norm(x) if layer.do_layer_norm_before else x
             q, k, v = self._qkv(attn, h, rope)
-            x = x + linear(attn.out_proj, attention(i, q, k, v).reshape(x.shape[0], -1))
+            x = x + self.dense.linear(attn.out_proj, attention(i, q, k, v).reshape(x.shape[0], -1))
             if not layer.do_layer_norm_before:
                 x = layer.self_attn_layer_norm(x)
             h = layer.final_layer_norm(x) if layer.do_layer_norm_before else x
-            x = x + linear(layer.fc2, layer.activation_fn(linear(layer.fc1, h)))
+            x = x + self.dense.linear(layer.fc2, layer.activation_fn(self.dense.linear(layer.fc1, h)))
             return x if layer.do_layer_norm_before else layer.final_layer_norm(x)
         attn = layer.self_attn
         q, k, v = self._qkv(attn, layer.input_layernorm(x), rope)
-        x = x + linear(attn.o_proj, attention(i, q, k, v).reshape(x.shape[0], -1))
+        x = x + self.dense.linear(attn.o_proj, attention(i, q, k, v).reshape(x.shape[0], -1))
         mlp, h = layer.mlp, layer.post_attention_layernorm(x)  # the gated MLP of Llama, Mistral and Qwen2
-        return x + linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, h)) * linear(mlp.up_proj, h))
+        gate, up = self.dense.linear(mlp.gate_proj, h), self.dense.linear(mlp.up_proj, h)
+        return x + self.dense.linear(mlp.down_proj, mlp.act_fn(gate) * up)
 
     def _head(self, x):
         d = self.decoder
@@ -126,4 +97,4 @@ class DecoderRunner:
                 x = d.project_out(x)
         else:
             x = d.norm(x)
-        return linear(self.hf.lm_head, x)
+        return self.dense.linear(self.hf.lm_head, x)

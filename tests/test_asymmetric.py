@@ -245,3 +245,36 @@ def test_moving_a_decode_into_hbm_leaves_room_for_the_hbm_decodes_next_tokens():
         assert (len(plan.migrate_ids) == 1) == moves
         sched.commit(plan, 1.0)  # raises on an over-commit
         assert np.all(kv.tier_used <= kv.tier_capacity)
+
+
+class _DenseAndHbmAttention:
+    """A GPU-time predictor: 10 ms of dense work, plus 8 ms where the row attends HBM-tier tokens (feature 3,
+    which rows have under asymmetric pipelining only)."""
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        x = np.atleast_2d(x)
+        return 0.010 + (0.008 * (x[:, 3] > 0) if x.shape[1] > 3 else np.zeros(len(x)))
+
+
+@pytest.mark.parametrize("p1, pays, pays_serial", [
+    (0.006, True, True),     # split 28 ms; one batch 18 ms (24 ms with the attentions in series)
+    (0.012, True, False),    # split 28 ms; one batch 22 ms: dense 10 + device 12, HBM's 8 beside it (30 in series)
+    (0.020, False, False),   # split 30 ms (sub-batch 1's GPU part + its attention); one batch 30 ms
+])  # fmt: skip
+def test_one_batch_under_the_tier_overlaps_the_gpus_attention_with_the_devices(p1, pays, pays_serial):
+    """Hand computation: 8 HBM decodes (sub-batch 0, GPU part 18 ms with their attention) and 4 device decodes
+    (sub-batch 1, 10 ms, device attention p1). Two sub-batches take max(28 ms, p1, 18 ms, 10 ms + p1); one batch
+    takes its 10 ms of dense work, then the HBM tier's 8 ms on the GPU beside the device's p1: max(18, 10 + p1) ms.
+    Without a tier the same numbers are judged with the attention in series (18 ms + p1)."""
+    untiered = with_overrides(get_system("l3-plus"), {"coordination": {"asymmetric": False}})
+    for asymmetric, want in ((True, pays), (False, pays_serial)):
+        spec = offload_system(system="l3-plus") if asymmetric else untiered.deploy(MODEL, ParallelSpec(tp=4, dp=2))
+        sched = Simulator(spec, make_workload([0.0], [100], [10], mode="offline")).schedulers[0]
+        ids = sched.table.add(np.zeros(12), [1000] * 12, [50] * 12)
+        sched.table.kv_tier[ids[8:]] = 1
+        on_device = np.arange(12) >= 8
+        plan = Plan(decode_ids=ids, decode_sub=on_device.astype(np.int8),
+                    decode_on_device=on_device if asymmetric else np.ones(12, bool))  # fmt: skip
+        sched.gpu_pred = _DenseAndHbmAttention()
+        sched._last = (np.array([0.018, 0.010]), np.array([0.0, p1]))
+        assert sched._one_batch_pays(plan) == want, asymmetric

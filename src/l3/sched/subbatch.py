@@ -64,6 +64,14 @@ def layer_time(g0: np.ndarray, g1: np.ndarray, p0: np.ndarray, p1: np.ndarray) -
     return np.maximum(np.maximum(g0 + g1, p0 + p1), np.maximum(g0 + p0, g1 + p1))
 
 
+def tiered_one_batch_time(g_all, g_dense, p):
+    """One batch's layer time under asymmetric pipelining from its whole GPU part `g_all` (the HBM tier's
+    attention included), its dense work `g_dense` (the GPU part without that attention) and the device's attention
+    `p`: the two attentions run side by side after the dense work, so the longer of the GPU part and the dense work
+    followed by the device's attention."""
+    return np.maximum(g_all, np.minimum(g_dense, g_all) + p)
+
+
 class SubBatchScheduler(ContinuousBatchingScheduler):
     def __init__(self, spec: SchedulerSpec, kv: KvPool, table: RequestTable, queue: WaitingQueue, replica: int,
                  model: ModelSpec, coord: CoordinationSpec, positions: int, spread: Spread | None = None):  # fmt: skip
@@ -330,13 +338,21 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
     def _one_batch_pays(self, plan: Plan) -> bool:
         """Whether one batch is predicted faster than two sub-batches. Two sub-batches take, per layer, at least
         the longest of: both GPU parts, both attention parts, and each sub-batch's GPU part + its own attention;
-        one batch takes its GPU part (the weights read once) + all the attention."""
+        one batch takes its GPU part (the weights read once) + all the attention. Under asymmetric pipelining the
+        GPU part includes the HBM tier's attention, which runs beside the device's: one batch takes its dense work
+        (its GPU part without that attention) + the device's attention, or its whole GPU part if longer."""
         (g0, g1), (p0, p1) = self._last  # the split plan's
-        g_all = self.gpu_pred.predict(self.gpu_features(plan.prefill_chunks, plan.prefill_prefix,
-                                                        plan.decode_ids)[None, :])[0]  # fmt: skip
+        feats = self.gpu_features(plan.prefill_chunks, plan.prefill_prefix, plan.decode_ids)
+        rows = [feats]
+        if self.coord.asymmetric:
+            rows.append(np.append(feats[:-1], 0.0))  # no decode attended on the GPU
+        pred = self.gpu_pred.predict(np.array(rows))
         # The whole batch does at least each part's GPU work (a forest does not extrapolate to larger batches).
-        g_all = max(g_all, g0, g1)
-        return bool(g_all + p0 + p1 < max(g0 + g1, p0 + p1, g0 + p0, g1 + p1))
+        g_all = max(pred[0], g0, g1)
+        one = g_all + p0 + p1
+        if self.coord.asymmetric:  # its dense work at least sub-batch 1's (decodes only, none on the GPU)
+            one = tiered_one_batch_time(g_all, max(pred[1], g1), p0 + p1)
+        return bool(one < max(g0 + g1, p0 + p1, g0 + p0, g1 + p1))
 
     def _place_aligned(self, plan: Plan, pre_sub: np.ndarray, sub: np.ndarray, new: np.ndarray) -> None:
         """Place new decodes, N at a time, where predicted PIM time has most room under the other's GPU time."""

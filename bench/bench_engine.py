@@ -47,6 +47,7 @@ def main() -> None:
           f"DRAM read bandwidth {res['dram_read_bw_bytes_per_s'] / 1e9:.2f} GB/s: "
           f"{res['cpu_attention_bw_fraction']:.0%} (median round; {res['cpu_attention_bw_fraction_range'][0]:.0%}-"
           f"{res['cpu_attention_bw_fraction_range'][1]:.0%} over the rounds)")
+    print(f"\ndense forms chosen on this machine (weight rows x columns, row bucket): {res['dense_forms']}")
     if a.pim_tokens:
         fid = bench.pim_fidelity(lm, bench._prompts(lm.spec.vocab_size, 4, seed=1), a.pim_tokens)
         print(f"\npim backend against gpu (fp32 attention), {fid['requests']} requests x {a.pim_tokens} new tokens: "

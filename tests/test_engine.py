@@ -154,6 +154,7 @@ def test_the_fastest_measured_dense_form_serves_its_row_bucket(monkeypatch):
         assert calls["linear"] == 1 + 3 * dense.ROUNDS
         runner.linear(mods[0], torch.randn(9, 16))  # the next bucket is measured anew
         assert set(dense.DenseForms.chosen) == {key, (24, 16, torch.float32, 16)}
+        assert dense.DenseForms.summary() == "24x16 <= 8 rows: transposed; 24x16 <= 16 rows: transposed"
         monkeypatch.setenv(dense.PIN, "fastest")
         with pytest.raises(EngineError, match="L3_DENSE_FORM='fastest': expected one of linear, transposed"):
             runner.linear(mods[0], x)

@@ -455,6 +455,7 @@ def bench_engine(
                   f"{res['cpu_attention_bw_fraction']:.0%} of this machine's DRAM read bandwidth "
                   f"({res['dram_read_bw_bytes_per_s']/1e9:.1f} GB/s, measured in the same round; median of "
                   f"{repeats} rounds, {lo:.0%}-{hi:.0%})")  # fmt: skip
+    console.print(f"dense forms chosen on this machine (weight rows x columns, row bucket): {res['dense_forms']}")
 
 
 def _serve_imports() -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from l3.engine.attention import CpuAttention, Segment
+from l3.engine.dense import DenseForms
 from l3.engine.engine import Engine
 from l3.engine.loader import LoadedModel
 
@@ -103,7 +104,8 @@ def run(model: LoadedModel, batches=(1, 8, 32), new_tokens: int = 64, backends=(
     minutes, so each batch size is measured in `repeats` rounds, transformers then each backend, and each round's
     ratio compares runs a minute apart at most: tok/s are medians over the rounds, the speedup is the median of
     the rounds' ratios (with their range); predictor errors are the last round's. The attention bandwidth and
-    the DRAM bandwidth alternate likewise: the fraction is the median of the rounds'."""
+    the DRAM bandwidth alternate likewise: the fraction is the median of the rounds'. `dense_forms`: the form each
+    CPU projection ran in (engine.dense, chosen by measurement on this machine)."""
     rows = []
     with torch.inference_mode():
         for b in batches:
@@ -128,4 +130,5 @@ def run(model: LoadedModel, batches=(1, 8, 32), new_tokens: int = 64, backends=(
     return {"model": model.spec.name, "new_tokens": new_tokens, "threads": torch.get_num_threads(), "rows": rows,
             "dram_read_bw_bytes_per_s": dram, "cpu_attention_bw_bytes_per_s": attn_bw,
             "cpu_attention_step_s": attn_s, "cpu_attention_bw_fraction": fractions[mid],
-            "cpu_attention_bw_fraction_range": (min(fractions), max(fractions))}  # fmt: skip
+            "cpu_attention_bw_fraction_range": (min(fractions), max(fractions)),
+            "dense_forms": DenseForms.summary()}  # fmt: skip

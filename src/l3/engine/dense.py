@@ -113,3 +113,9 @@ class DenseForms:
         DenseForms.timings[key] = spent
         DenseForms.chosen[key] = best
         return best
+
+    @classmethod
+    def summary(cls) -> str:
+        """The choices made so far, one per weight shape and row bucket: "576x1536 <= 32 rows: linear; ..."."""
+        order = sorted(cls.chosen.items(), key=lambda kv: (kv[0][3], kv[0][0], kv[0][1]))
+        return "; ".join(f"{n}x{k} <= {b} rows: {form}" for (n, k, _, b), form in order) or "none"

@@ -138,7 +138,6 @@ def test_the_fastest_measured_dense_form_serves_its_row_bucket(monkeypatch):
     forms = {"linear": slow_linear, "transposed": counted_transposed}
     monkeypatch.setattr(dense, "FORMS", forms)
     monkeypatch.setattr(dense.DenseForms, "chosen", {})
-    monkeypatch.setattr(dense.DenseForms, "timings", {})
     monkeypatch.delenv(dense.PIN, raising=False)
     mods = [torch.nn.Linear(16, 24) for _ in range(3)]
     runner = dense.DenseForms(mods)

@@ -4,7 +4,7 @@ x W^T for a weight W (N, K) and a decode batch's few rows x has three forms, the
 orders: PyTorch's `linear` (what transformers runs), (W x^T)^T (taller weights in slices of TALL_CHUNK output
 rows), and, for one row of fp32, the host GEMV kernel (`host_kernel.gemv`). Which is fastest depends on the CPU,
 its caches and the weight's shape: on the 2-core AMD EPYC machine of docs/benchmarks.md the GEMV and the
-transposed form read SmolLM2's weights 1.3-2x faster than `linear`; on a Xeon with 480 MB of L3, where the whole
+transposed form read SmolLM2's weights 1.2-2x faster than `linear`; on a Xeon with 480 MB of L3, where the whole
 model sits in cache, `linear` ran a 1-row decode step in 17.6 ms against 37.7 ms through the GEMV (whose thread
 hand-offs then cost more than its reads). So the engine measures rather than assumes: the first time a weight
 shape meets a row count of a new bucket (powers of two up to FEW_ROWS), each form runs over every weight of that
@@ -74,7 +74,6 @@ class DenseForms:
     they describe this machine)."""
 
     chosen: ClassVar[dict[tuple, str]] = {}  # (N, K, dtype, bucket) -> form name
-    timings: ClassVar[dict[tuple, dict[str, float]]] = {}  # the measurements behind each choice (seconds per pass)
 
     def __init__(self, modules: Iterable[torch.nn.Linear]):
         self.peers: dict[tuple, list[torch.nn.Linear]] = {}  # (N, K, dtype) -> every weight of that shape
@@ -109,9 +108,7 @@ class DenseForms:
                 for peer in peers:
                     form(peer, x)
                 spent[name] = min(spent[name], time.perf_counter() - t0)
-        best = min(forms, key=spent.__getitem__)
-        DenseForms.timings[key] = spent
-        DenseForms.chosen[key] = best
+        DenseForms.chosen[key] = best = min(forms, key=spent.__getitem__)
         return best
 
     @classmethod

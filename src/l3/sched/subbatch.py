@@ -349,9 +349,10 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         pred = self.gpu_pred.predict(np.array(rows))
         # The whole batch does at least each part's GPU work (a forest does not extrapolate to larger batches).
         g_all = max(pred[0], g0, g1)
-        one = g_all + p0 + p1
         if self.coord.asymmetric:  # its dense work at least sub-batch 1's (decodes only, none on the GPU)
             one = tiered_one_batch_time(g_all, max(pred[1], g1), p0 + p1)
+        else:
+            one = g_all + p0 + p1
         return bool(one < max(g0 + g1, p0 + p1, g0 + p0, g1 + p1))
 
     def _place_aligned(self, plan: Plan, pre_sub: np.ndarray, sub: np.ndarray, new: np.ndarray) -> None:

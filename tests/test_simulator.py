@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -194,6 +196,22 @@ def test_timeline_png_shows_iterations_from_the_steady_state():
     assert len(chosen) == 3 and starts[-1] > targets[0]  # not only the run's first iterations
     nearest = min(abs(m.series()[p, 1] - targets[0]) for p in plans)
     assert abs(starts[0] - targets[0]) == nearest  # the first panel: the sampled iteration nearest 25% of output
+
+
+@settings(max_examples=60, deadline=None)
+@given(spans=st.lists(st.tuples(st.integers(0, 200), st.integers(0, 40)), min_size=1, max_size=40))
+def test_timeline_bars_cover_exactly_the_union_of_intervals(spans):
+    """A rankset's lane draws the union of its ranks' intervals: disjoint bars in time order that cover a point
+    exactly where some interval does (checked on a grid finer than the integer endpoints)."""
+    from l3.report.plots import _union
+
+    intervals = [(float(a), float(a + w)) for a, w in spans]
+    bars = _union(intervals)
+    starts = [a for a, _ in bars]
+    assert starts == sorted(starts)
+    assert all(a + w < b for (a, w), (b, _) in itertools.pairwise(bars))  # disjoint, gaps between
+    for x in np.arange(-0.25, 242.0, 0.5):
+        assert any(a <= x <= b for a, b in intervals) == any(a <= x <= a + w for a, w in bars)
 
 
 @settings(max_examples=30, deadline=None)

@@ -65,11 +65,21 @@ def pick_iterations(timeline: list[tuple], series: np.ndarray, targets) -> list[
     return sorted(chosen, key=lambda p: series[p, 1])
 
 
+def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(start, width) bars covering the union of (start, end) intervals."""
+    a = np.array(sorted(spans), float)
+    ends = np.maximum.accumulate(a[:, 1])
+    first = np.r_[True, a[1:, 0] > ends[:-1]]  # an interval starting after every earlier one ended opens a bar
+    starts, last = a[first, 0], np.r_[np.flatnonzero(first)[1:] - 1, len(a) - 1]
+    return list(zip(starts.tolist(), (ends[last] - starts).tolist(), strict=True))
+
+
 def plot_timeline(timeline: list[tuple[int, int, str, float, float, str]], series: np.ndarray, path: Path,
                   title: str, targets) -> None:  # fmt: skip
     """Gantt charts of sampled iterations, one panel each (the sampled iterations that start nearest the
-    `targets` times, s), one lane per device, bars drawn per lane and kind as one collection. Ranks are drawn
-    in their rankset's lane (translucent: ranks of a rankset work concurrently); sub-batch B is hatched."""
+    `targets` times, s), one lane per device, bars drawn per lane and kind as one collection. A rankset's lane
+    shows when any of its ranks works (the union of their intervals: ranks of a rankset work concurrently, and
+    thousands of overlapping bars would cost seconds to draw); sub-batch B is hatched."""
     plans = pick_iterations(timeline, series, targets)
     per_plan = [[(d, s, e, lbl) for _, p, d, s, e, lbl in timeline if p == q] for q in plans]
     order = {"gpu": 0, "pcie_up": 1, "pcie_down": 3}
@@ -83,11 +93,11 @@ def plot_timeline(timeline: list[tuple[int, int, str, float, float, str]], serie
         t0 = series[q, 1] if q is not None else 0.0
         for d, s, e, lbl in items:
             sub, kind = lbl.split(" ", 1) if " " in lbl else ("", lbl)
-            key = (lanes.index(d.split("/")[0]), kind, sub == "B", "/" in d)
-            groups.setdefault(key, []).append(((s - t0) * 1e3, (e - s) * 1e3))
-        for (lane, kind, hatched, translucent), bars in groups.items():
-            ax.broken_barh(bars, (lane - 0.3, 0.6), facecolors=colors(kinds.index(kind) % 10), linewidth=0,
-                           alpha=0.45 if translucent else 1.0, hatch="///" if hatched else None)  # fmt: skip
+            key = (lanes.index(d.split("/")[0]), kind, sub == "B")
+            groups.setdefault(key, []).append(((s - t0) * 1e3, (e - t0) * 1e3))
+        for (lane, kind, hatched), spans in groups.items():
+            ax.broken_barh(_union(spans), (lane - 0.3, 0.6), facecolors=colors(kinds.index(kind) % 10), linewidth=0,
+                           hatch="///" if hatched else None)  # fmt: skip
         ax.set_yticks(range(len(lanes)), lanes, fontsize=8)
         ax.set_ylim(len(lanes) - 0.5, -0.5)
         ax.set_ylabel("device", fontsize=8)

@@ -38,7 +38,7 @@ class LogHistogram:
 
 
 def _first(v) -> float:
-    return float(np.asarray(v).reshape(-1)[0])
+    return float(v.flat[0]) if isinstance(v, np.ndarray) else float(np.asarray(v).reshape(-1)[0])
 
 
 def _sum(v) -> float:

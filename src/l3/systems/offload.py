@@ -320,8 +320,13 @@ class AttentionOffloadSystem(SystemModel):
         if self.host_merge_w:
             energy["cpu"] = energy.get("cpu", 0.0) + timing.stats["merge_host_s"] * self.host_merge_w
         steps = len(timing.durations)
-        return dataclasses.replace(timing, energy={k: np.broadcast_to(np.asarray(v, float), (steps,)).copy()
-                                                   for k, v in energy.items()})  # fmt: skip
+        return dataclasses.replace(timing, energy={k: _per_step(v, steps) for k, v in energy.items()})
+
+
+def _per_step(v, steps: int) -> np.ndarray:
+    """`v` (a scalar or per-step values) as a new float array of `steps` values."""
+    v = np.asarray(v, float)
+    return v.copy() if v.shape == (steps,) else np.full(steps, v)
 
 
 def deal(plan: Plan, groups: int) -> list[tuple[Plan, np.ndarray, np.ndarray]]:
@@ -394,15 +399,23 @@ class _SubBatchParts:
                                                                                        "merge", "head"))  # fmt: skip
         self.up, self.up_bg, self.down, self.down_bg, self.host_merge = (
             form(x[k]) for k in ("up", "up_bg", "down", "down_bg", "host_merge"))  # fmt: skip
-        self.used = (x["work"] > 0).any(axis=(0, 1))
         self.residues = []  # per residue: (ranks with work, their work, per-step mask or None where all work)
+        if one:  # one step: a rank with work has it at every step
+            w0 = x["work"][0]
+            act = w0 > 0
+            self.used = act.any(axis=0)
+            for rho in range(ranksets):
+                idx = np.flatnonzero(act[rho])
+                self.residues.append((idx, w0[rho, idx] if len(idx) < w0.shape[1] else w0[rho].copy(), None))
+            return
+        self.used = (x["work"] > 0).any(axis=(0, 1))
         for rho in range(ranksets):
             w = x["work"][:, rho, :]
             act = w > 0
             idx = np.flatnonzero(act.any(axis=0))
             mask = act[:, idx]
             w = w[:, idx] if len(idx) < w.shape[1] else np.ascontiguousarray(w)
-            self.residues.append((idx, w[0] if one else w, None if mask.all() else mask))
+            self.residues.append((idx, w, None if mask.all() else mask))
 
 
 class _Clock:

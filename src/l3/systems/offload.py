@@ -54,6 +54,7 @@ class AttentionOffloadSystem(SystemModel):
         self._qkv_bytes = (m.q_dim + 2 * m.kv_dim) * m.dtype_bytes
         self._out_bytes = m.q_dim * m.dtype_bytes
         self._kv_layer = m.kv_bytes_per_token_layer
+        self._layers_per_residue = np.bincount(np.arange(m.n_layers) % ranksets, minlength=ranksets)
 
     @property
     @abstractmethod
@@ -86,6 +87,8 @@ class AttentionOffloadSystem(SystemModel):
 
     def pcie(self, nbytes):
         """One transfer (or an array of them) split over the TP group's host links (one per GPU), seconds."""
+        if isinstance(nbytes, (int, float)) and nbytes == 0:
+            return 0.0  # nothing crosses (most iterations move no KV between tiers)
         t = self.dep.host_link.transfer_time(np.asarray(nbytes, float) / self.dep.tp)
         return float(t) if t.ndim == 0 else t
 
@@ -229,7 +232,7 @@ class AttentionOffloadSystem(SystemModel):
 
     def _timing(self, subs, L, steps, durations, intervals) -> IterationTiming:
         R, C = self.ranksets, self.channels
-        reps = np.bincount(np.arange(L) % R, minlength=R)  # layers per residue
+        reps = self._layers_per_residue
         gpu_sub, mem_sub = np.zeros((steps, 2)), np.zeros((steps, 2))
         busy = {d: np.zeros(steps) for d in self.devices}
         imb_sum, idle_sum, imb_n = np.zeros(steps), np.zeros(steps), 0
@@ -275,7 +278,7 @@ class AttentionOffloadSystem(SystemModel):
     def _with_bound(self, timing: IterationTiming, subs: list[dict], whole: dict) -> IterationTiming:
         """`timing` with its bound and the causes of the time beyond it (sched.timing.LOSSES), per step."""
         L = self.dep.model.n_layers
-        reps = np.bincount(np.arange(L) % self.ranksets, minlength=self.ranksets)  # layers per residue
+        reps = self._layers_per_residue
         G = self.groups  # at the bound a dealt batch splits evenly over the GPU groups
         g_bound = self.gpu.roofline(whole["tokens"] / G, whole["sampled"] / G, whole["flops"] / G, whole["bytes"] / G)
         m_bound = whole["device_ctx"] * L * self._kv_layer / self.attention_bw

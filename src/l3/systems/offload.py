@@ -409,7 +409,7 @@ class _SubBatchParts:
             self.used = act.any(axis=0)
             for rho in range(ranksets):
                 idx = np.flatnonzero(act[rho])
-                self.residues.append((idx, w0[rho, idx] if len(idx) < w0.shape[1] else w0[rho].copy(), None))
+                self.residues.append((idx, w0[rho, idx] if len(idx) < w0.shape[1] else w0[rho], None))  # read only
             return
         self.used = (x["work"] > 0).any(axis=(0, 1))
         for rho in range(ranksets):

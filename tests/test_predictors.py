@@ -64,3 +64,21 @@ def test_one_batch_when_splitting_would_only_reread_the_weights():
     assert out[True]["single_batch_iterations"] > 0
     assert out[True]["throughput_tok_s"] > out[False]["throughput_tok_s"]
     assert out[True]["requests_completed"] == 60
+
+
+def test_a_refit_time_cap_spaces_the_forests_refits(rng):
+    """Under a cap, a refit that falls due waits until the time since the last one is its duration over the
+    share: a tiny share keeps the first forest; without a cap every due refit runs."""
+    import pytest
+
+    rng, _ = rng
+    capped, free = ForestPredictor(window=64), ForestPredictor(window=64)
+    capped.cap_refit_time(1e-9)
+    for _ in range(40):
+        x = rng.uniform(0, 100, 3)
+        capped.add(x, x.sum())
+        free.add(x, x.sum())
+    assert capped._fitted_at == 4 and capped.predict(np.ones(3)).item() > 0  # the first forest serves
+    assert free._fitted_at >= 33  # refit at 4, 5, ..., 33 observations (growth 1.25)
+    with pytest.raises(ValueError, match="share"):
+        capped.cap_refit_time(0.0)

@@ -33,6 +33,9 @@ from l3.specs.system import SystemSpec, get_system
 
 DEFAULT_KV_TOKENS = 16_384  # KV capacity when none is given (tokens; SmolLM2 in fp32: 0.75 GB)
 RECENT_ITERATIONS = 100_000  # per-iteration records (predictor errors) an engine keeps: a server runs for days
+# The most of the wall time the scheduler's learning may take (our assumption: a forest refit costs ~10 ms here,
+# and refitting on the count rule alone cost 5% of a batch-1 decode's time)
+LEARNING_SHARE = 0.02
 
 
 @dataclass
@@ -75,6 +78,7 @@ class Engine:
         topology = Topology(kv_tiers=(kv_tokens,), slots=1 if memory_side else None)
         self.scheduler = build_scheduler(self.system, model.spec, topology, self.table, self.queue)
         self.scheduler.keep_recent(RECENT_ITERATIONS)
+        self.scheduler.cap_learning_time(LEARNING_SHARE)
         self.blocks = BlockTables(self.scheduler.kv)
         r = self.runner
         dtype = getattr(torch, kv_dtype) if kv_dtype else next(model.hf.parameters()).dtype

@@ -5,11 +5,14 @@ Both learn only from times the executor reports (simulated or measured), never f
   prefill tokens written]; attention is bandwidth-bound, so time is close to linear in these.
 - GPU: random-forest regression (scikit-learn) of [prefill chunk tokens, tokens already prefilled
   (attention work), decode requests]; GEMM time is a step function of tokens (tiles, waves), which trees follow.
-Each keeps a sliding window of recent observations and refits as it grows.
+Each keeps a sliding window of recent observations and refits as it grows. An executor whose time is real (the
+engine) caps the share of its wall time the forest's refits take (`ForestPredictor.cap_refit_time`); the
+simulator refits on the count rule alone, so its results depend on the seed alone.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 import numpy as np
@@ -78,7 +81,8 @@ class LinearPredictor(_Windowed):
 
 class ForestPredictor(_Windowed):
     """Random forest of N_TREES regression trees, refit when the number of observations grows by `refit_growth`
-    (and every 256 after).
+    (and every 256 after). With a time cap (`cap_refit_time`), a refit that falls due waits until the wall time
+    since the last refit ended is at least that refit's duration over the cap.
 
     The trees are scikit-learn's DecisionTreeRegressor, grown as its RandomForestRegressor grows them from the
     same seed: one seed per tree drawn in turn from the predictor's stream, each tree fitted on a bootstrap of
@@ -92,16 +96,35 @@ class ForestPredictor(_Windowed):
         self._trees: list[tuple[list, ...]] = []  # each fitted tree as lists: left, right, feature, threshold, value
         self._fitted_at = 0
         self._seed, self._growth = seed, refit_growth
+        self._cap: float | None = None  # the share of wall time refits may take (None: no cap)
+        self._wait_until = 0.0  # perf_counter before which a capped refit waits
+
+    def cap_refit_time(self, share: float) -> None:
+        """Refits take at most `share` (0-1] of the wall time from now on (for executors whose time is real)."""
+        if not 0.0 < share <= 1.0:
+            raise ValueError(f"refit time share must be in (0, 1], got {share}")
+        self._cap = share
 
     def add(self, x, y) -> None:
         super().add(x, y)
         grown = self.seen >= max(self._fitted_at * self._growth, self._fitted_at + 1)
         due = grown or self.seen - self._fitted_at >= 256
-        if due and len(self.y) >= 4:
-            self._trees = [(t.children_left.tolist(), t.children_right.tolist(), t.feature.tolist(),
-                            t.threshold.tolist(), t.value.reshape(-1).tolist()) for t in self.fit_trees()]  # fmt: skip
-            self._cache.clear()
-            self._fitted_at = self.seen
+        if not due or len(self.y) < 4:
+            return
+        if self._cap is None:
+            self._refit()
+            return
+        t0 = time.perf_counter()
+        if t0 >= self._wait_until:
+            self._refit()
+            t1 = time.perf_counter()
+            self._wait_until = t1 + (t1 - t0) / self._cap
+
+    def _refit(self) -> None:
+        self._trees = [(t.children_left.tolist(), t.children_right.tolist(), t.feature.tolist(),
+                        t.threshold.tolist(), t.value.reshape(-1).tolist()) for t in self.fit_trees()]  # fmt: skip
+        self._cache.clear()
+        self._fitted_at = self.seen
 
     def fit_trees(self) -> list:
         """The forest's trees (scikit-learn `Tree` objects) fitted on the window, as described above."""

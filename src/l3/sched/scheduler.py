@@ -229,6 +229,10 @@ class ContinuousBatchingScheduler:
         """Keep only the last `window` entries of what is logged per iteration (a long-running executor, e.g. a
         server; this policy logs nothing)."""
 
+    def cap_learning_time(self, share: float) -> None:
+        """Learning takes at most `share` of the wall time (an executor whose time is real; this policy does
+        not learn)."""
+
     def commit(self, plan: Plan, end_s: float) -> np.ndarray:
         """Apply a finished plan (all its steps); returns the ids of requests that completed."""
         t = self.table

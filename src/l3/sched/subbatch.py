@@ -527,6 +527,9 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         self.pim_err.keep_last(window)
         self.gpu_err.keep_last(window)
 
+    def cap_learning_time(self, share: float) -> None:
+        self.gpu_pred.cap_refit_time(share)  # the forest's refits (~10 ms each); a least-squares fit is far cheaper
+
     def report(self) -> dict:
         return {"policy": self.coord.policy, "pim_predictor_error": self.pim_err.summary(),
                 "gpu_predictor_error": self.gpu_err.summary(), "prefill_chunks_shortened": self.chunked,

@@ -113,6 +113,27 @@ def test_each_plan_says_where_attention_runs_and_what_crosses_the_link(n, system
     assert ((table.status == Status.DONE) | (table.status == Status.REJECTED)).all()
 
 
+@pytest.mark.parametrize("system", ["l3", "l3-plus"])
+def test_an_executor_that_cannot_overlap_gets_one_batch_per_iteration(system):
+    """An executor that runs a plan's sub-batches one after the other (`Topology.overlap` False) gets every
+    iteration as one batch, under both tier settings, and the predictors still learn its times."""
+    rng = np.random.default_rng(1)
+    n = 40
+    table = RequestTable()
+    spec = get_system(system)
+    if system == "l3-plus":
+        spec = with_overrides(spec, {"coordination": {"asymmetric": True}})
+    tiers = (2048, 8192) if system == "l3-plus" else (8192,)
+    sched = build_scheduler(spec, LLAMA, Topology(kv_tiers=tiers, slots=4, overlap=False), table,
+                            WaitingQueue(table))  # fmt: skip
+    plans = []
+    iters = drive(sched, table, np.sort(rng.uniform(0, 0.5, n)), rng.integers(1, 3000, n), rng.integers(1, 400, n),
+                  check=lambda plan: plans.append((plan.decode_sub.copy(), plan.prefill_sub.copy())))  # fmt: skip
+    assert iters == len(plans) > 0 and sched.single_batch > 0
+    assert not any(d.any() or p.any() for d, p in plans)
+    assert sched.gpu_pred.seen >= iters and (table.status == Status.DONE).all()
+
+
 def test_predictors_learn_a_linear_executor_exactly():
     rng = np.random.default_rng(0)
     n = 64

@@ -75,7 +75,9 @@ class Engine:
         self.system = base.model_copy(update={"scheduler": scheduler})
         self.table = RequestTable()
         self.queue = WaitingQueue(self.table)
-        topology = Topology(kv_tiers=(kv_tokens,), slots=1 if memory_side else None)
+        # The engine runs a plan's sub-batches one after the other on its one dense device, so a second
+        # sub-batch would only read the weights again: every iteration runs as one batch.
+        topology = Topology(kv_tiers=(kv_tokens,), slots=1 if memory_side else None, overlap=False)
         self.scheduler = build_scheduler(self.system, model.spec, topology, self.table, self.queue)
         self.scheduler.keep_recent(RECENT_ITERATIONS)
         self.scheduler.cap_learning_time(LEARNING_SHARE)

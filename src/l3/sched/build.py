@@ -20,12 +20,15 @@ class Topology:
     kv_tiers: KV tokens per memory tier (see KvPool); slots: placement slots of a memory-side attention device,
     None where decode attention runs on the GPUs (one batch per iteration); spread: which slots hold how many of
     each request's tokens (default: all at the request's slot); groups: GPU groups one replica's iterations
-    are dealt over (each brings its own token and batch budget)."""
+    are dealt over (each brings its own token and batch budget); overlap: whether one sub-batch's attention runs
+    while the other's dense work does (False for an executor that runs a plan's sub-batches one after the other:
+    a second sub-batch then only costs, and every iteration runs as one batch)."""
 
     kv_tiers: tuple[int, ...]
     slots: int | None = None
     spread: Spread | None = None
     groups: int = 1
+    overlap: bool = True
 
 
 def build_scheduler(system: SystemSpec, model: ModelSpec, topology: Topology, table: RequestTable,
@@ -41,4 +44,4 @@ def build_scheduler(system: SystemSpec, model: ModelSpec, topology: Topology, ta
     if topology.slots is None:
         return ContinuousBatchingScheduler(spec, kv, table, queue, replica, model)
     return SubBatchScheduler(spec, kv, table, queue, replica, model, system.coordination, topology.slots,
-                             topology.spread)  # fmt: skip
+                             topology.spread, topology.overlap)  # fmt: skip

@@ -74,11 +74,13 @@ def tiered_one_batch_time(g_all, g_dense, p):
 
 class SubBatchScheduler(ContinuousBatchingScheduler):
     def __init__(self, spec: SchedulerSpec, kv: KvPool, table: RequestTable, queue: WaitingQueue, replica: int,
-                 model: ModelSpec, coord: CoordinationSpec, positions: int, spread: Spread | None = None):  # fmt: skip
+                 model: ModelSpec, coord: CoordinationSpec, positions: int, spread: Spread | None = None,
+                 overlap: bool = True):  # fmt: skip
         """`positions`: the placement slots; `spread(placement, tokens)` says which slots hold how many of each
-        request's tokens ((request index, slot, tokens) triples; default: all at the request's slot)."""
+        request's tokens ((request index, slot, tokens) triples; default: all at the request's slot); `overlap`:
+        whether the executor overlaps the sub-batches (else every iteration runs as one batch)."""
         super().__init__(spec, kv, table, queue, replica, model)
-        self.coord, self.positions = coord, positions
+        self.coord, self.positions, self.overlap = coord, positions, overlap
         self.policy = get_policy(coord.policy)
         self.spread = spread or tokens_at_slot
         self.group = coord.decode_group or (1 if model.gqa_group == 1 else 16)
@@ -270,7 +272,8 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
             plan.prefill_sub = np.zeros(len(plan.prefill_ids), np.int8)
             self._last = self._predict(plan) if self.learning else None
             if (plan.decode_sub == 1).any():
-                if self.warm and self.coord.rebalance and (not len(self.queue) or not self._device_open):
+                if self.warm and self.coord.rebalance and self.overlap and (not len(self.queue) or
+                                                                            not self._device_open):  # fmt: skip
                     self._rebalance(plan)
                 self._one_batch_if_it_pays(plan)
             return plan
@@ -292,7 +295,7 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         # The plan's predictions, made once: the choices below read them, and they are kept for `observe`
         # unless a choice changes the plan.
         self._last = self._predict(plan) if self.learning else None
-        if self.warm and self.coord.rebalance:
+        if self.warm and self.coord.rebalance and self.overlap:
             self._rebalance(plan)
         if not self._one_batch_if_it_pays(plan) and self.warm and len(plan.prefill_ids) and len(self.queue) \
                 and not self._head_fits():  # fmt: skip
@@ -301,12 +304,16 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         return plan
 
     def _one_batch_if_it_pays(self, plan: Plan) -> bool:
-        """Run `plan` as one batch (everything in sub-batch 0) where `_choose_one_batch` says so."""
-        self._one = self.warm and self.coord.single_batch_fallback and self._choose_one_batch(plan)
+        """Run `plan` as one batch (everything in sub-batch 0) where the executor cannot overlap sub-batches or
+        `_choose_one_batch` says so."""
+        self._one = not self.overlap or (self.warm and self.coord.single_batch_fallback and
+                                          self._choose_one_batch(plan))  # fmt: skip
         if self._one:
+            split = plan.decode_sub.any() or plan.prefill_sub.any()
             plan.decode_sub, plan.prefill_sub = np.zeros_like(plan.decode_sub), np.zeros_like(plan.prefill_sub)
             self.single_batch += 1
-            self._last = self._predict(plan)
+            if split and self.learning:  # the predictions made for the split no longer describe the plan
+                self._last = self._predict(plan)
         return self._one
 
     def _predict(self, plan: Plan) -> tuple[np.ndarray, np.ndarray]:

@@ -267,13 +267,19 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         t = self.table
         plan.decode_on_device = self._device_mask(plan.decode_ids)
         plan.prefill_on_device = self._device_mask(plan.prefill_ids)
+        if not self.overlap:  # the executor runs sub-batches one after the other: a split would only cost
+            plan.decode_sub = np.zeros(len(plan.decode_ids), np.int8)
+            plan.prefill_sub = np.zeros(len(plan.prefill_ids), np.int8)
+            self._one = True
+            self.single_batch += 1
+            self._last = self._predict(plan) if self.learning else None
+            return plan
         if self.coord.asymmetric:
             plan.decode_sub = plan.decode_on_device.astype(np.int8)
             plan.prefill_sub = np.zeros(len(plan.prefill_ids), np.int8)
             self._last = self._predict(plan) if self.learning else None
             if (plan.decode_sub == 1).any():
-                if self.warm and self.coord.rebalance and self.overlap and (not len(self.queue) or
-                                                                            not self._device_open):  # fmt: skip
+                if self.warm and self.coord.rebalance and (not len(self.queue) or not self._device_open):
                     self._rebalance(plan)
                 self._one_batch_if_it_pays(plan)
             return plan
@@ -295,7 +301,7 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         # The plan's predictions, made once: the choices below read them, and they are kept for `observe`
         # unless a choice changes the plan.
         self._last = self._predict(plan) if self.learning else None
-        if self.warm and self.coord.rebalance and self.overlap:
+        if self.warm and self.coord.rebalance:
             self._rebalance(plan)
         if not self._one_batch_if_it_pays(plan) and self.warm and len(plan.prefill_ids) and len(self.queue) \
                 and not self._head_fits():  # fmt: skip
@@ -304,15 +310,13 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         return plan
 
     def _one_batch_if_it_pays(self, plan: Plan) -> bool:
-        """Run `plan` as one batch (everything in sub-batch 0) where the executor cannot overlap sub-batches or
-        `_choose_one_batch` says so."""
-        self._one = not self.overlap or (self.warm and self.coord.single_batch_fallback and
-                                          self._choose_one_batch(plan))  # fmt: skip
+        """Run `plan` as one batch (everything in sub-batch 0) where `_choose_one_batch` says so."""
+        self._one = self.warm and self.coord.single_batch_fallback and self._choose_one_batch(plan)
         if self._one:
             split = plan.decode_sub.any() or plan.prefill_sub.any()
             plan.decode_sub, plan.prefill_sub = np.zeros_like(plan.decode_sub), np.zeros_like(plan.prefill_sub)
             self.single_batch += 1
-            if split and self.learning:  # the predictions made for the split no longer describe the plan
+            if split:  # the predictions made for the split no longer describe the plan
                 self._last = self._predict(plan)
         return self._one
 

@@ -54,6 +54,26 @@ def test_probing_on_two_processes_records_the_same_choice():
     assert apart.selection == here.selection and (apart.tp, apart.dp) == (here.tp, here.dp)
     assert sum(r["status"] == "probed" for r in here.selection["candidates"]) == 2
 
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(5, 60), dp=st.sampled_from([1, 2, 4]), online=st.booleans(), seed=st.integers(0, 1000))
+def test_a_run_stopped_at_its_90_percent_time_gives_the_whole_runs_steady_throughput(n, dp, online, seed):
+    """The probe stops once its 90% time is settled (`Simulator.run(until_output=...)`): on any workload, with
+    replicas whose clocks interleave and requests arriving over time, the steady-state figure is the whole run's
+    to rounding, from fewer plans, and the stopped run knows the whole run's output."""
+    rng = np.random.default_rng(seed)
+    arrivals = np.sort(rng.uniform(0, 30, n)) if online else np.zeros(n)
+    wl = make_workload(arrivals, rng.integers(10, 600, n), rng.integers(1, 400, n), "online" if online else "offline")
+    dep = gpu_only().deploy(LLAMA, ParallelSpec(tp=4 // dp, dp=dp))
+    whole, stopped = Simulator(dep, wl).run(), Simulator(dep, wl).run(until_output=0.9)
+    assert stopped.output_total == whole.output_total == float(whole.table.output.sum())
+    assert len(stopped.metrics.series()) <= len(whole.metrics.series())
+    expected = whole.metrics.steady_throughput()
+    got = stopped.metrics.steady_throughput(stopped.output_total)
+    assert (got is None) == (expected is None)
+    if expected is not None:
+        assert got == pytest.approx(expected, rel=1e-12)
+
+
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(largest=st.integers(1_000, 60_000), seed=st.integers(0, 100))

@@ -5,8 +5,9 @@ Parallelism "auto" (docs/evaluation.md): every TP x DP that uses all the GPUs is
 workload's largest request, is dropped (if none holds it, those that reject the fewest requests stay). Each
 remaining candidate serves a probe: `PROBE_REQUESTS` requests drawn from the workload without replacement
 (seeded), all at t = 0; the one with the highest steady-state throughput (output tokens between the times 10%
-and 90% of the probe's output was out, over that interval) is run. Ties go to the smaller TP. One surviving
-candidate is taken without a probe. The same rule serves every system, so comparisons are at each one's best.
+and 90% of the probe's output was out, over that interval) is run; a probe stops once that 90% time is settled,
+since nothing after it enters the figure. Ties go to the smaller TP. One surviving candidate is taken without a
+probe. The same rule serves every system, so comparisons are at each one's best.
 A file whose `coordination.asymmetric` is "auto" (l3-plus: its HBM KV tier) doubles the candidates, with and
 without the tier, at every TP x DP (or at the fixed one) and the probe chooses among them too.
 """
@@ -23,7 +24,6 @@ import numpy as np
 
 from l3.errors import SpecError
 from l3.parallel import process_map
-from l3.sched.requests import Status
 from l3.sim.simulator import SimResult, Simulator
 from l3.specs.model import ModelSpec
 from l3.specs.system import Deployment, ParallelSpec, SystemSpec
@@ -80,8 +80,7 @@ def _best(spec: SystemSpec, model: ModelSpec, workload: Workload, seed: int, pro
     tiers = len(spec.tier_variants()) > 1
     rows, deps = [], []
     for variant, par, problem in cands:
-        row = {"tp": None, "dp": None, "status": "", "rejected": None, "probe_steady_tok_s": None,
-               "probe_throughput_tok_s": None}  # fmt: skip
+        row = {"tp": None, "dp": None, "status": "", "rejected": None, "probe_steady_tok_s": None}
         if tiers:
             row["asymmetric"] = variant.coordination.asymmetric
         rows.append(row)
@@ -103,8 +102,8 @@ def _best(spec: SystemSpec, model: ModelSpec, workload: Workload, seed: int, pro
     if len(deps) > 1:
         with process_map(min(jobs, len(deps))) as mapper:
             figures = mapper(_probe, [(dep, probe) for _, dep in deps])
-        for (row, _), (steady, whole) in zip(deps, figures, strict=True):
-            row |= {"probe_steady_tok_s": steady, "probe_throughput_tok_s": whole, "status": "probed"}
+        for (row, _), steady in zip(deps, figures, strict=True):
+            row |= {"probe_steady_tok_s": steady, "status": "probed"}
     best_row, best = max(deps, key=lambda rd: (rd[0]["probe_steady_tok_s"] or 0.0, -rd[1].tp))
     best_row["status"] = "chosen" if len(deps) > 1 else "chosen (the only candidate left)"
     best.selection |= {"probe_requests": len(probe) if len(deps) > 1 else 0,
@@ -114,12 +113,11 @@ def _best(spec: SystemSpec, model: ModelSpec, workload: Workload, seed: int, pro
     return best
 
 
-def _probe(job: tuple[Deployment, Workload]) -> tuple[float, float]:
-    """One candidate's probe: (steady-state, whole-run) output throughput on the probe workload, tok/s."""
+def _probe(job: tuple[Deployment, Workload]) -> float | None:
+    """One candidate's probe: its steady-state output throughput on the probe workload, tok/s."""
     dep, probe = job
-    res = Simulator(dep, probe).run()
-    done = res.table.status == Status.DONE
-    return res.metrics.steady_throughput(), float(res.table.output[done].sum()) / res.simulated_time_s
+    res = Simulator(dep, probe).run(until_output=0.9)
+    return res.metrics.steady_throughput(res.output_total)
 
 
 def deploy(spec: SystemSpec, model: ModelSpec, workload: Workload, seed: int = 0,

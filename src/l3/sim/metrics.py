@@ -90,6 +90,7 @@ class Metrics:
         self.energy_j: dict[str, float] = {}  # sums over steps of dynamic energy, by sched.timing.ENERGY_PARTS
         self.kv_block_s: np.ndarray | None = None  # per KV tier: blocks held x seconds, summed over replicas
         self.sample = TimelineSample(timeline_plans)
+        self.output_tokens = 0  # tokens put out by the plans recorded so far
         # replica, t0, t1, steps, batch, tokens, bound (s: the sum of the plan's steps' bounds)
         self._series: list[tuple[int, float, float, int, int, float, float]] = []
 
@@ -111,6 +112,7 @@ class Metrics:
         self.bound_s += bound
         t1 = t0 + total(durations)
         tokens = n_decode * k + int(plan.prefill_completes.sum())
+        self.output_tokens += tokens
         self._series.append((replica, t0, t1, k, plan.batch_size, tokens, bound))
         if timing.intervals:
             self.sample.add(len(self._series) - 1, (replica, t0, timing.intervals))
@@ -133,15 +135,18 @@ class Metrics:
         """Rows (replica, t0, t1, steps, batch, tokens, bound seconds), one per executed plan."""
         return np.asarray(self._series, dtype=float).reshape(-1, 7)
 
-    def output_times(self, fractions) -> np.ndarray:
-        """Times (s) at which each fraction of all output tokens was out (see `output_times`)."""
+    def output_times(self, fractions, total: float | None = None) -> np.ndarray:
+        """Times (s) at which each fraction of all output tokens (`total`, by default the recorded plans') was
+        out (see `output_times`)."""
         s = self.series()
-        return output_times(s[:, 1], s[:, 2], s[:, 5], fractions)
+        return output_times(s[:, 1], s[:, 2], s[:, 5], fractions, total)
 
-    def steady_throughput(self) -> float | None:
-        """Output tokens/s between the times 10% and 90% of all output tokens were out (None if no span)."""
-        t10, t90 = self.output_times([0.1, 0.9])
-        total = float(self.series()[:, 5].sum())
+    def steady_throughput(self, total: float | None = None) -> float | None:
+        """Output tokens/s between the times 10% and 90% of all output tokens were out (None if no span).
+        `total`: the run's whole output where the plans recorded stop short of it (`Simulator.run`'s
+        `until_output`); by default the recorded plans' tokens."""
+        t10, t90 = self.output_times([0.1, 0.9], total)
+        total = float(self.series()[:, 5].sum()) if total is None else total
         return 0.8 * total / (t90 - t10) if t90 > t10 else None
 
     def steady_bound_s(self) -> float | None:
@@ -162,10 +167,12 @@ class Metrics:
         return float((s[:, 2] - s[:, 1]).sum())
 
 
-def output_times(t0: np.ndarray, t1: np.ndarray, tokens: np.ndarray, fractions) -> np.ndarray:
-    """Times at which the given fractions of all `tokens` were out, where plan i puts out tokens[i] evenly over
+def output_times(t0: np.ndarray, t1: np.ndarray, tokens: np.ndarray, fractions,
+                 total: float | None = None) -> np.ndarray:  # fmt: skip
+    """Times at which the given fractions of all output were out, where plan i puts out tokens[i] evenly over
     [t0[i], t1[i]] (exact at step granularity for a run of equal steps; plans of several replicas overlap).
-    The cumulative count is piecewise linear; each fraction is found on its segment. NaN if no tokens."""
+    The cumulative count is piecewise linear; each fraction is found on its segment. NaN if no tokens, or if
+    the plans given never reach a fraction of `total` (by default the plans' own tokens)."""
     fractions = np.atleast_1d(np.asarray(fractions, float))
     keep = tokens > 0
     t0, t1, tokens = t0[keep], t1[keep], tokens[keep]
@@ -183,10 +190,13 @@ def output_times(t0: np.ndarray, t1: np.ndarray, tokens: np.ndarray, fractions) 
     # count just after times[k] (jumps included), and the count just before it
     after = np.cumsum(jump + np.concatenate([[0.0], rate_after[:-1] * np.diff(times)]))
     before = after - jump
-    total = after[-1]
+    total = after[-1] if total is None else total
     out = np.empty(len(fractions))
     for i, q in enumerate(fractions):  # few fractions; each a binary search
         target = q * total
+        if target > after[-1]:
+            out[i] = np.nan
+            continue
         k = min(int(np.searchsorted(after, target, side="left")), len(times) - 1)  # first point reaching it
         if k > 0 and before[k] >= target > after[k - 1] and rate_after[k - 1] > 0:  # on the segment before k
             out[i] = min(times[k - 1] + (target - after[k - 1]) / rate_after[k - 1], times[k])

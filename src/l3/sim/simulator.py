@@ -35,8 +35,9 @@ class SimResult:
     table: RequestTable
     metrics: Metrics
     schedulers: list[ContinuousBatchingScheduler]
-    simulated_time_s: float
+    simulated_time_s: float  # the run's end (with `until_output`: the last replica clock when it stopped)
     wall_time_s: float
+    output_total: float  # output tokens of the requests not rejected (what the whole run puts out)
 
 
 class Simulator:
@@ -69,7 +70,11 @@ class Simulator:
     def _next_arrival(self) -> float:
         return float(self.workload.arrival_s[self._arrived]) if self._arrived < len(self.workload) else np.inf
 
-    def run(self, progress: Callable[[int], None] | None = None) -> SimResult:
+    def run(self, progress: Callable[[int], None] | None = None, until_output: float | None = None) -> SimResult:
+        """Serve the workload. `until_output` (a fraction, 0-1]: stop once the time that fraction of the run's
+        output is out is settled (every plan that starts before it has run; the output is that of every request
+        not rejected, known once all have arrived): the figures up to that time are the whole run's, those
+        after it are missing (`SimResult.output_total` says what the whole run puts out)."""
         wall0 = time.perf_counter()
         clocks = [(0.0, r) for r in range(len(self.schedulers))]
         heapq.heapify(clocks)
@@ -85,8 +90,23 @@ class Simulator:
             if progress is not None and self.completed != done_before:
                 done_before = self.completed
                 progress(done_before + len(self.table.reject_reason))
+            if until_output is not None and self._settled(until_output, clocks[0][0]):
+                end = max(c for c, _ in clocks)
+                break
         return SimResult(self.dep, self.workload, self.system, self.table, self.metrics, self.schedulers, end,
-                         time.perf_counter() - wall0)  # fmt: skip
+                         time.perf_counter() - wall0, self._output_total())  # fmt: skip
+
+    def _output_total(self) -> float:
+        """Output tokens of the workload's requests not rejected (all of them once the run is done)."""
+        rejected = np.fromiter(self.table.reject_reason, np.int64, len(self.table.reject_reason))
+        return float(self.workload.output_len.sum() - self.workload.output_len[rejected].sum())
+
+    def _settled(self, fraction: float, earliest: float) -> bool:
+        """Whether the time `fraction` of the output is out is known: every request has arrived, the plans run
+        so far reach it, and no replica may still start a plan before it (`earliest`: the earliest clock)."""
+        if self._arrived < len(self.workload) or self.metrics.output_tokens < fraction * self._output_total():
+            return False
+        return bool(self.metrics.output_times(fraction, self._output_total())[0] <= earliest)
 
     def _act(self, r: int, now: float) -> float | None:
         """Let replica r act at time `now`; returns its next clock, or None when it has nothing left."""

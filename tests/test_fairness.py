@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import make_workload
+from l3.parallel import process_map
 from l3.report.compare import compare
 from l3.report.study import ratio_cell
 from l3.report.summary import summarize
@@ -175,3 +179,21 @@ def test_a_study_simulates_a_run_once_when_the_probe_picks_the_papers_parallelis
     assert auto["parallelism_candidates"][-1]["status"].startswith("chosen")
     assert paper["wall_time_s"] == auto["wall_time_s"]  # one simulation, reported twice
     assert paper["throughput_tok_s"] == auto["throughput_tok_s"] > 0
+
+
+def _pid_after(seconds: float) -> tuple[float, int]:
+    time.sleep(seconds)
+    return seconds, os.getpid()
+
+
+def test_the_process_map_shares_items_between_this_process_and_its_workers():
+    """`process_map(2)`: results in item order; this process runs the first item and, while the worker is busy,
+    takes items from the back; an item's error reaches the caller."""
+    items = [0.6, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05, 0.3]
+    with process_map(2) as mapper:
+        out = mapper(_pid_after, items)
+        assert [s for s, _ in out] == items
+        here = {i for i, (_, pid) in enumerate(out) if pid == os.getpid()}
+        assert 0 in here and len(here) < len(items) and 7 in here  # the last, longest left, is taken back here
+        with pytest.raises(ValueError):
+            mapper(_pid_after, [0.0, -1.0])

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
@@ -285,6 +285,13 @@ def test_smollm2_greedy_equals_transformers_on_cpu_and_gpu_backends():
     want = reference(model, prompts, 64)
     for backend in ("cpu", "gpu"):
         assert Engine(model, backend=backend, kv_tokens=4096).generate(prompts, 64) == want, backend
+    # every projection also comes in the GGUF file's blocks, checked bit for bit against its fp32 weight
+    linears = [n for n, m in model.hf.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert sorted(model.packed) == sorted(linears) and {w.kind for w in model.packed.values()} == {"Q4_1", "Q8_0"}
+    if host_kernel.packed_available():  # the packed kernel on every projection of every decode step
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(dense.PIN, dense.PACKED)
+            assert Engine(model, backend="cpu", kv_tokens=4096).generate(prompts, 64) == want
 
 
 def test_the_simulator_imports_no_torch():
@@ -430,6 +437,48 @@ def test_the_host_gemv_matches_float64(n, k, threads, seed):
     want = w.float().double() @ x.float().double()
     assert got.shape == (n,) and float((got.double() - want).abs().max()) <= 1e-5 * max(1.0, k**0.5)
     assert host_kernel.gemv(w, x) is None  # float64: not the kernel's
+
+
+def _random_blocks(gen: np.random.Generator, kind: str, n: int, blocks: int) -> np.ndarray:
+    """n rows of `blocks` random GGUF blocks: fp16 scale (and minimum for Q4_1), random codes."""
+    scales = gen.normal(0.0, 0.05, (n, blocks, 2 if kind == "Q4_1" else 1)).astype(np.float16).view(np.uint8)
+    codes = gen.integers(0, 256, (n, blocks, 16 if kind == "Q4_1" else 32), dtype=np.uint8)
+    return np.ascontiguousarray(np.concatenate([scales, codes], axis=2).reshape(n, -1))
+
+
+@settings(deadline=None)  # the first call may build the host kernels
+@given(kind=st.sampled_from(["Q4_1", "Q8_0"]), n=st.integers(1, 70), blocks=st.integers(1, 6),
+       rows=st.integers(1, host_kernel.PACKED_MAX_ROWS), split=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_the_packed_kernel_matches_float64(kind, n, blocks, rows, split, seed):
+    """x W^T from GGUF blocks against float64 over the weights gguf-py dequantizes; each row of a several-row
+    call is the one-row call's result bit for bit (the same sums in the same order), split over threads or not."""
+    from l3.engine.packed import PackedWeight, dequantize
+
+    if not host_kernel.packed_available():
+        pytest.skip("no C compiler or no AVX-512F here: packed weights are not used")
+    gen = np.random.default_rng(seed)
+    w = PackedWeight(kind, _random_blocks(gen, kind, n, blocks), 32 * blocks)
+    x = torch.from_numpy(gen.standard_normal((rows, w.k))).float()
+    with pytest.MonkeyPatch.context() as mp:  # every call split over the threads, or none
+        mp.setattr(host_kernel, "PACKED_MIN_BYTES_PER_THREAD", 1 if split else 1 << 40)
+        got = host_kernel.gemv_packed(w.blocks, w.code, w.k, x)
+    want = x.double().numpy() @ dequantize(w).astype(np.float64).T
+    scale = np.abs(x.double().numpy()) @ np.abs(dequantize(w).astype(np.float64)).T
+    assert got.shape == (rows, n) and (np.abs(got.double().numpy() - want) <= 1e-6 * w.k**0.5 * scale + 1e-30).all()
+    for r in range(rows):
+        assert torch.equal(host_kernel.gemv_packed(w.blocks, w.code, w.k, x[r : r + 1])[0], got[r])
+    assert host_kernel.gemv_packed(w.blocks, w.code, w.k, x.double()) is None  # float64: not the kernel's
+
+
+def test_packed_rows_undo_the_gguf_llama_permutation_as_transformers_does():
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    from l3.engine.packed import _llama_rows
+
+    for n, heads in ((576, 9), (192, 3), (64, 4)):
+        rows = np.arange(n)[:, None]
+        want = LlamaTensorProcessor()._reverse_permute_weights(rows, heads, heads)[:, 0]
+        assert np.array_equal(_llama_rows(n, heads), want)
 
 
 def test_fp16_kv_on_the_cpu_backend_agrees_with_the_gpu_backend(tiny_models, monkeypatch):

@@ -66,7 +66,7 @@ class Engine:
         if backend not in BACKENDS:
             raise EngineError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
         self.model, self.backend_name = model, backend
-        self.runner = DecoderRunner(model.hf, model.family)
+        self.runner = DecoderRunner(model.hf, model.family, model.packed)
         memory_side = backend != "gpu"
         base = system or get_system("l3" if memory_side else "gpu-only")
         update = {"block_size": block_size} | ({} if max_batched_tokens is None else

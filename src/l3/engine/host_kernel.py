@@ -1,8 +1,9 @@
-"""The engine's host kernels (csrc/): fused decode attention over KV in host memory (host_attention.c) and the
-dense layers' one-row projections (host_gemv.c), built with the system's C compiler at first use into a cache
-folder (`L3_CACHE_DIR`, default ~/.cache/l3) and called through ctypes, which releases the GIL, so requests, KV
-heads or weight rows run on several host threads at once. `available()` is False (and the engine keeps its
-PyTorch paths) where there is no compiler or the CPU lacks AVX2, FMA or F16C."""
+"""The engine's host kernels (csrc/): fused decode attention over KV in host memory (host_attention.c), the
+dense layers' one-row projections (host_gemv.c) and few-row projections against weights in GGUF block formats
+(host_packed.c), built with the system's C compiler at first use into a cache folder (`L3_CACHE_DIR`, default
+~/.cache/l3) and called through ctypes, which releases the GIL, so requests, KV heads or weight rows run on
+several host threads at once. `available()` is False (and the engine keeps its PyTorch paths) where there is no
+compiler or the CPU lacks AVX2, FMA or F16C; `packed_available()` also needs AVX-512F."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch
 from l3.cache import cache_dir
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = [CSRC / "host_attention.c", CSRC / "host_gemv.c"]  # one library; both include csrc/simd.h
+SOURCES = [CSRC / "host_attention.c", CSRC / "host_gemv.c", CSRC / "host_packed.c"]  # one library
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC"]
 MAX_GROUP, MAX_HEAD_DIM = 8, 256  # the kernel's limits: query heads per KV head, elements per head
 # Keys per thread below which a run is not split over the threads by key ranges (assumed, not measured: a short
@@ -32,15 +33,25 @@ MIN_ROWS_PER_THREAD = 256
 # Weight rows per thread below which a one-row projection is not split further (assumed, like the above: a
 # thread hand-off costs tens of microseconds, about what 64 rows of a 4K-wide fp32 weight take to stream).
 GEMV_MIN_ROWS_PER_THREAD = 64
+# Bytes of packed weight per thread below which a packed projection stays on one thread (measured on the Xeon of
+# docs/benchmarks.md, SmolLM2's 211 projections at one row: 20.0-20.5 ms with 1 MB, where only the LM head split;
+# 12.9-13.0 ms with 64 KB and 12.5-12.8 ms with 16 KB, where every projection splits over the OpenMP threads).
+PACKED_MIN_BYTES_PER_THREAD = 1 << 14
+PACKED_MAX_ROWS = 64  # rows of x per packed call (a decode batch; each weight row is read once per 8 of them)
 Partial = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def _cpu_has_flags() -> bool:
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
-        return False
-    return {"avx2", "fma", "f16c"} <= set(flags.split())
+        return frozenset()
+    return frozenset(flags.split()[1:])
+
+
+def _cpu_has_flags() -> bool:
+    return {"avx2", "fma", "f16c"} <= _cpu_flags()
 
 
 @functools.cache
@@ -55,8 +66,12 @@ def _library() -> ctypes.CDLL | None:
     if not lib.exists():
         cache.mkdir(parents=True, exist_ok=True)
         tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-        done = subprocess.run([cc, *FLAGS, "-o", str(tmp), *map(str, SOURCES), "-lm"], capture_output=True)
-        if done.returncode != 0:
+        for openmp in (["-fopenmp"], []):  # OpenMP where the compiler has it (the packed kernel's threads)
+            done = subprocess.run([cc, *FLAGS, *openmp, "-o", str(tmp), *map(str, SOURCES), "-lm"],
+                                  capture_output=True)  # fmt: skip
+            if done.returncode == 0:
+                break
+        else:
             return None
         tmp.replace(lib)
     dll = ctypes.CDLL(str(lib))
@@ -67,11 +82,18 @@ def _library() -> ctypes.CDLL | None:
     dll.l3_decode.restype = None
     dll.l3_gemv_f32.argtypes = [p, n, p, p, n, n]
     dll.l3_gemv_f32.restype = None
+    dll.l3_gemv_packed.argtypes = [p, i, n, n, p, i, p, n, n, n, i]
+    dll.l3_gemv_packed.restype = None
     return dll
 
 
 def available() -> bool:
     return _library() is not None
+
+
+def packed_available() -> bool:
+    """Whether the packed-weight kernel runs here (the library, and a CPU with AVX-512F)."""
+    return "avx512f" in _cpu_flags() and available()
 
 
 @functools.cache
@@ -105,6 +127,23 @@ def gemv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
     t = max(1, min(torch.get_num_threads(), n // GEMV_MIN_ROWS_PER_THREAD))
     cuts = [n * i // t // 8 * 8 for i in range(t)] + [n]
     side_by_side(lambda a, b: call(*args, a, b), list(itertools.pairwise(cuts)), t)
+    return y
+
+
+def gemv_packed(blocks: np.ndarray, kind: int, k: int, x: torch.Tensor) -> torch.Tensor | None:
+    """x W^T for W (N, K) held as `blocks` (N rows of GGUF blocks, uint8, C-contiguous; kind 0: Q4_1, 1: Q8_0)
+    and x (rows, K) fp32 on the CPU, rows <= PACKED_MAX_ROWS: (rows, N) fp32, W's rows split over PyTorch's
+    threads (its OpenMP runtime) where each gets PACKED_MIN_BYTES_PER_THREAD; None where the kernel does not
+    serve it."""
+    rows = x.shape[0]
+    if not (x.dtype == torch.float32 and x.device.type == "cpu" and 1 <= rows <= PACKED_MAX_ROWS
+            and x.shape[1] == k and packed_available()):  # fmt: skip
+        return None
+    x = x.contiguous()
+    n, row_bytes = blocks.shape
+    y = torch.empty(rows, n, dtype=torch.float32)
+    t = max(1, min(torch.get_num_threads(), blocks.nbytes // PACKED_MIN_BYTES_PER_THREAD))
+    _library().l3_gemv_packed(blocks.ctypes.data, kind, row_bytes, k, x.data_ptr(), rows, y.data_ptr(), n, 0, n, t)
     return y
 
 

@@ -9,10 +9,11 @@ import importlib.util
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from l3.cache import cache_dir
+from l3.engine import packed
 from l3.errors import EngineError, SpecError
 from l3.specs.model import ModelSpec, model_from_hf_dict
 
@@ -23,13 +24,15 @@ SMOLLM2 = "smollm2"
 @dataclass
 class LoadedModel:
     """A loaded model: the transformers module (weights on `device`), its tokenizer (None where the source has
-    none), its family and the spec the scheduler sizes it by."""
+    none), its family, the spec the scheduler sizes it by, and the projections a GGUF source also gives in its
+    block formats (module name -> packed weight; fp32 on the CPU only, see `engine.packed`)."""
 
     hf: object
     tokenizer: object | None
     family: str
     spec: ModelSpec
     source: str
+    packed: dict = field(default_factory=dict)
 
 
 def _smollm2_file() -> Path:
@@ -99,6 +102,7 @@ def load_model(source: str, dtype: str = "float32", device: str = "cpu") -> Load
     if torch_dtype is None:
         raise EngineError(f"--dtype {dtype!r}: expected float32, float16 or bfloat16")
     folder, gguf = _where(source)
+    gguf_path = folder / gguf if gguf else None
     if gguf:  # converted once, then loaded as a folder
         folder = _converted(folder, gguf)
     try:
@@ -127,4 +131,16 @@ def load_model(source: str, dtype: str = "float32", device: str = "cpu") -> Load
         spec = model_from_hf_dict(cfg, f"{source} (config)")
     except SpecError as exc:
         raise EngineError(str(exc)) from None
-    return LoadedModel(hf, tokenizer, family, spec, source)
+    packed_weights = {}
+    if gguf_path is not None and torch_dtype == torch.float32 and device == "cpu":
+        packed_weights = packed.load(folder)
+        if packed_weights is None:  # checked once against the loaded weights, then kept beside them
+            try:
+                packed_weights = packed.from_gguf(gguf_path, hf)
+            except (ValueError, KeyError, IndexError, OSError):  # a file gguf-py reads in part: no packed forms
+                packed_weights = {}
+            try:
+                packed.save(folder, packed_weights)
+            except OSError:  # a read-only cache: checked again at the next load
+                pass
+    return LoadedModel(hf, tokenizer, family, spec, source, packed_weights)

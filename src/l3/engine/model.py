@@ -19,7 +19,8 @@ Attention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tens
 
 
 class DecoderRunner:
-    def __init__(self, hf, family: str):
+    def __init__(self, hf, family: str, packed: dict | None = None):
+        """`packed`: module name -> its weight in GGUF blocks (`LoadedModel.packed`), for the dense forms."""
         self.hf, self.family = hf, family
         cfg = hf.config
         self.n_heads = cfg.num_attention_heads
@@ -32,7 +33,9 @@ class DecoderRunner:
         # OPT folds 1/sqrt(head_dim) into Q; the others scale the scores
         self.scale = 1.0 if self.opt else self.head_dim**-0.5
         self.window = getattr(cfg, "sliding_window", None) if family == "mistral" else None
-        self.dense = DenseForms(m for m in hf.modules() if isinstance(m, torch.nn.Linear))
+        modules = dict(hf.named_modules())
+        self.dense = DenseForms((m for m in modules.values() if isinstance(m, torch.nn.Linear)),
+                                {modules[name]: w for name, w in (packed or {}).items()})  # fmt: skip
 
     @property
     def device(self) -> torch.device:

@@ -80,6 +80,8 @@ def _library() -> ctypes.CDLL | None:
     dll.l3_partial.restype = None
     dll.l3_decode.argtypes = [p, p, i, n, i, i, i, p, p, i, i, i, i, p, p]
     dll.l3_decode.restype = None
+    dll.l3_decode_spans.argtypes = [p, p, i, n, i, i, i, p, p, p, i, p, p, i]
+    dll.l3_decode_spans.restype = None
     dll.l3_gemv_f32.argtypes = [p, n, p, p, n, n]
     dll.l3_gemv_f32.restype = None
     dll.l3_gemv_packed.argtypes = [p, i, n, n, p, i, p, n, n, n, i]
@@ -191,8 +193,8 @@ class DecodeRuns:
 
 class HostAttention:
     """Decode attention over keys and values in host memory (fp16 or fp32) on `threads` host threads: whole
-    batches of requests over their runs of contiguous slots (`decode`), or one request's run as partials
-    (`partials`)."""
+    batches of requests over their runs of contiguous slots (`decode`; the spans shared among PyTorch's OpenMP
+    threads inside the library, with no Python thread hand-off), or one request's run as partials (`partials`)."""
 
     def __init__(self, threads: int):
         self.threads = max(1, threads)
@@ -213,15 +215,10 @@ class HostAttention:
         b, h = q.shape[:2]
         qs = (q * scale).contiguous()
         out = torch.empty(b, h, e)
-        call = _library().l3_decode
-        f32 = int(k.dtype == torch.float32)
-        args = (k.data_ptr(), v.data_ptr(), f32, k.stride(0), kvh, h // kvh, e, where.runs.ctypes.data,
-                where.run_lo.ctypes.data)  # fmt: skip
-
-        def span(b0, b1, h0, h1) -> None:
-            call(*args, b0, b1, h0, h1, qs.data_ptr(), out.data_ptr())
-
-        side_by_side(span, where.spans, self.threads)
+        spans = np.asarray(where.spans, np.int64).reshape(-1, 4)
+        _library().l3_decode_spans(k.data_ptr(), v.data_ptr(), int(k.dtype == torch.float32), k.stride(0), kvh,
+                                   h // kvh, e, where.runs.ctypes.data, where.run_lo.ctypes.data, spans.ctypes.data,
+                                   len(spans), qs.data_ptr(), out.data_ptr(), self.threads)  # fmt: skip
         return out
 
     def partials(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> list[Partial]:

@@ -193,3 +193,18 @@ void l3_decode(const void *k, const void *v, int f32, long hs, int kvh, int G, i
         }
     }
 }
+
+/* l3_decode over `n` spans (first request, end request, first KV head, end KV head; 4 longs each), shared among
+   `threads` OpenMP threads (one at a time each; the library shares PyTorch's OpenMP runtime where it is linked
+   with -fopenmp, otherwise the spans run in turn on the calling thread). */
+void l3_decode_spans(const void *k, const void *v, int f32, long hs, int kvh, int G, int E, const long *runs,
+                     const long *run_lo, const long *spans, int n, const float *q, float *out, int threads) {
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && n > 1)
+#endif
+    for (int i = 0; i < n; i++) {
+        const long *s = spans + 4 * i;
+        l3_decode(k, v, f32, hs, kvh, G, E, runs, run_lo, (int)s[0], (int)s[1], (int)s[2], (int)s[3], q, out);
+    }
+    (void)threads;
+}

@@ -43,43 +43,54 @@ TARGET static inline void q8_0_block(const uint8_t *p, __m512 *w0, __m512 *w1) {
     *w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), d);
 }
 
-/* y[r, n] = W[n, :] . x[r, :] for r < rows and n0 <= n < n1; W rows of `row_bytes` bytes of blocks,
-   x rows of K floats, y rows of N floats. kind 0: Q4_1 (20-byte blocks), 1: Q8_0 (34-byte blocks). */
-TARGET static void packed_rows(const uint8_t *w, int kind, long row_bytes, long K, const float *x, int rows,
-                               float *y, long N, long n0, long n1) {
-    const long blocks = K / QK, bb = kind == 0 ? 20 : 34;
-    long n = n0;
-    if (rows == 1) {  /* one row of x: two weight rows at a time, two chains of sums */
-        for (; n + 2 <= n1; n += 2) {
-            const uint8_t *a = w + n * row_bytes, *b = a + row_bytes;
-            __m512 sa = _mm512_setzero_ps(), sb = _mm512_setzero_ps();
-            for (long j = 0; j < blocks; j++) {
-                __m512 x0 = _mm512_loadu_ps(x + j * QK), x1 = _mm512_loadu_ps(x + j * QK + 16), w0, w1;
-                if (kind == 0) q4_1_block(a + j * bb, &w0, &w1); else q8_0_block(a + j * bb, &w0, &w1);
-                sa = _mm512_fmadd_ps(w1, x1, _mm512_fmadd_ps(w0, x0, sa));
-                if (kind == 0) q4_1_block(b + j * bb, &w0, &w1); else q8_0_block(b + j * bb, &w0, &w1);
-                sb = _mm512_fmadd_ps(w1, x1, _mm512_fmadd_ps(w0, x0, sb));
-            }
-            y[n] = _mm512_reduce_add_ps(sa);
-            y[n + 1] = _mm512_reduce_add_ps(sb);
+/* y[r, n + i] = W[n + i, :] . x[r, :] for r < M, i < TWO (1 or 2 weight rows from a; the second at b): each
+   weight block rebuilt once for all M rows of x, each x vector loaded once for both weight rows. M, TWO and KIND
+   are constants where it is called (the compiler then keeps the 2 M sums in registers). Every sum adds its
+   block's two products in block order, whatever M and TWO: a row's result does not depend on its batch. */
+TARGET static inline __attribute__((always_inline)) void tile(const uint8_t *a, const uint8_t *b, const int KIND,
+                                                              long blocks, const float *x, long K, const int M,
+                                                              const int TWO, float *y, long N) {
+    const long bb = KIND == 0 ? 20 : 34;
+    __m512 sa[MAX_X], sb[MAX_X];
+    for (int r = 0; r < M; r++) sa[r] = sb[r] = _mm512_setzero_ps();
+    for (long j = 0; j < blocks; j++) {
+        __m512 a0, a1, b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
+        if (KIND == 0) q4_1_block(a + j * bb, &a0, &a1); else q8_0_block(a + j * bb, &a0, &a1);
+        if (TWO == 2) { if (KIND == 0) q4_1_block(b + j * bb, &b0, &b1); else q8_0_block(b + j * bb, &b0, &b1); }
+        const float *xj = x + j * QK;
+        for (int r = 0; r < M; r++) {
+            __m512 x0 = _mm512_loadu_ps(xj + r * K), x1 = _mm512_loadu_ps(xj + r * K + 16);
+            sa[r] = _mm512_fmadd_ps(a1, x1, _mm512_fmadd_ps(a0, x0, sa[r]));
+            if (TWO == 2) sb[r] = _mm512_fmadd_ps(b1, x1, _mm512_fmadd_ps(b0, x0, sb[r]));
         }
     }
-    for (; n < n1; n++) {  /* each weight block rebuilt once for every MAX_X rows of x */
-        const uint8_t *a = w + n * row_bytes;
+    for (int r = 0; r < M; r++) {
+        y[r * N] = _mm512_reduce_add_ps(sa[r]);
+        if (TWO == 2) y[r * N + 1] = _mm512_reduce_add_ps(sb[r]);
+    }
+}
+
+#define TILE_M(KIND, TWO, M) \
+    case M: tile(a, b, KIND, blocks, xr, K, M, TWO, yr, N); break;
+#define TILES(KIND, TWO) \
+    switch (m) { TILE_M(KIND, TWO, 1) TILE_M(KIND, TWO, 2) TILE_M(KIND, TWO, 3) TILE_M(KIND, TWO, 4) \
+                 TILE_M(KIND, TWO, 5) TILE_M(KIND, TWO, 6) TILE_M(KIND, TWO, 7) TILE_M(KIND, TWO, 8) }
+
+/* y[r, n] = W[n, :] . x[r, :] for r < rows and n0 <= n < n1; W rows of `row_bytes` bytes of blocks, x rows of K
+   floats, y rows of N floats. kind 0: Q4_1 (20-byte blocks), 1: Q8_0 (34-byte blocks). Weight rows go two at a
+   time against every MAX_X rows of x in turn. */
+TARGET static void packed_rows(const uint8_t *w, int kind, long row_bytes, long K, const float *x, int rows,
+                               float *y, long N, long n0, long n1) {
+    const long blocks = K / QK;
+    for (long n = n0; n < n1; n += 2) {
+        const uint8_t *a = w + n * row_bytes, *b = a + row_bytes;
+        const int two = n + 1 < n1;
         for (int r0 = 0; r0 < rows; r0 += MAX_X) {
             const int m = rows - r0 < MAX_X ? rows - r0 : MAX_X;
             const float *xr = x + r0 * K;
-            __m512 s[MAX_X];
-            for (int r = 0; r < m; r++) s[r] = _mm512_setzero_ps();
-            for (long j = 0; j < blocks; j++) {
-                __m512 w0, w1;
-                if (kind == 0) q4_1_block(a + j * bb, &w0, &w1); else q8_0_block(a + j * bb, &w0, &w1);
-                const float *xj = xr + j * QK;
-                for (int r = 0; r < m; r++)
-                    s[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xj + r * K + 16),
-                                           _mm512_fmadd_ps(w0, _mm512_loadu_ps(xj + r * K), s[r]));
-            }
-            for (int r = 0; r < m; r++) y[(r0 + r) * N + n] = _mm512_reduce_add_ps(s[r]);
+            float *yr = y + r0 * N + n;
+            if (kind == 0) { if (two) { TILES(0, 2) } else { TILES(0, 1) } }
+            else { if (two) { TILES(1, 2) } else { TILES(1, 1) } }
         }
     }
 }

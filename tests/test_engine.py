@@ -508,3 +508,18 @@ def test_a_long_running_engine_keeps_a_bounded_record_of_predictor_errors(tiny_m
     errors = engine.scheduler.pim_err.errors, engine.scheduler.gpu_err.errors
     assert all(len(e) == 5 for e in errors)  # 40 iterations measured, the last 5 kept
     assert engine.scheduler.report()["gpu_predictor_error"]["n"] == 5
+
+
+@given(t=st.integers(1, 40), heads=st.integers(1, 9), half=st.integers(1, 64), seed=st.integers(0, 2**32 - 1))
+def test_the_engines_rotary_embedding_is_transformers_bit_for_bit(t, heads, half, seed):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from l3.engine.model import rotary
+
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(t, heads, 2 * half, generator=gen) * 10
+    angle = torch.randn(t, 2 * half, generator=gen) * 100
+    cos, sin = angle.cos()[None], angle.sin()[None]  # (1, T, E), as the model's rotary module gives them
+    want, _ = apply_rotary_pos_emb(q.transpose(0, 1)[None], q.transpose(0, 1)[None], cos, sin)
+    signed = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
+    assert torch.equal(rotary(q, cos[0, :, None], signed[:, None]), want[0].transpose(0, 1))

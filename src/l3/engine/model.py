@@ -18,6 +18,14 @@ from l3.engine.dense import DenseForms
 Attention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """transformers' rotary embedding of x (T, heads, E), x cos + rotate_half(x) sin, bit for bit in fewer
+    operations: rotate_half(x) = (-x2, x1) for x = (x1, x2), so rotate_half(x) sin = (x2, x1) (-sin1, sin2), the
+    same products (a sign moved between exact factors), and (x2, x1) is x rolled by half its width. cos and
+    signed_sin = (-sin1, sin2) are (T, 1, E)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
+
+
 class DecoderRunner:
     def __init__(self, hf, family: str, packed: dict | None = None):
         """`packed`: module name -> its weight in GGUF blocks (`LoadedModel.packed`), for the dense forms."""
@@ -58,7 +66,9 @@ class DecoderRunner:
                 x = d.project_in(x)
             return x + d.embed_positions.weight[positions + d.embed_positions.offset], None
         cos, sin = d.rotary_emb(x[None], positions[None])
-        return x, (cos, sin)
+        half = cos.shape[-1] // 2
+        signed = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)  # once a step, for `rotary`
+        return x, (cos[0, :, None], signed[:, None])
 
     def _qkv(self, attn, h, rope):
         t = h.shape[0]
@@ -67,11 +77,7 @@ class DecoderRunner:
         v = self.dense.linear(attn.v_proj, h).view(t, self.n_kv_heads, self.head_dim)
         if self.opt:
             return q * attn.scaling, k, v
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        cos, sin = rope
-        q, k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
-        return q[0].transpose(0, 1), k[0].transpose(0, 1), v
+        return rotary(q, *rope), rotary(k, *rope), v
 
     def _layer(self, i, layer, x, rope, attention):
         if self.opt:

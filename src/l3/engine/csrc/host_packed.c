@@ -82,12 +82,12 @@ TARGET static inline __attribute__((always_inline)) void tile(const uint8_t *a, 
 TARGET static void packed_rows(const uint8_t *w, int kind, long row_bytes, long K, const float *x, int rows,
                                float *y, long N, long n0, long n1) {
     const long blocks = K / QK;
-    for (long n = n0; n < n1; n += 2) {
-        const uint8_t *a = w + n * row_bytes, *b = a + row_bytes;
-        const int two = n + 1 < n1;
-        for (int r0 = 0; r0 < rows; r0 += MAX_X) {
-            const int m = rows - r0 < MAX_X ? rows - r0 : MAX_X;
-            const float *xr = x + r0 * K;
+    for (int r0 = 0; r0 < rows; r0 += MAX_X) {  /* a chunk of x stays in L1 while the weight rows stream past */
+        const int m = rows - r0 < MAX_X ? rows - r0 : MAX_X;
+        const float *xr = x + r0 * K;
+        for (long n = n0; n < n1; n += 2) {
+            const uint8_t *a = w + n * row_bytes, *b = a + row_bytes;
+            const int two = n + 1 < n1;
             float *yr = y + r0 * N + n;
             if (kind == 0) { if (two) { TILES(0, 2) } else { TILES(0, 1) } }
             else { if (two) { TILES(1, 2) } else { TILES(1, 1) } }

@@ -211,8 +211,8 @@ class PagedBackend(AttentionBackend):
         self._write = torch.from_numpy(np.concatenate(slots)).to(self.k.device)
 
     def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k[layer][:, self._write] = k.to(self.k.device, self.kv_dtype).transpose(0, 1)
-        self.v[layer][:, self._write] = v.to(self.v.device, self.kv_dtype).transpose(0, 1)
+        self.k[layer].index_copy_(1, self._write, k.to(self.k.device, self.kv_dtype).transpose(0, 1))
+        self.v[layer].index_copy_(1, self._write, v.to(self.v.device, self.kv_dtype).transpose(0, 1))
 
     def _bind_decodes(self, decodes: list[Segment]) -> None:
         """How the next layers attend these decode segments: with the host kernel over each request's runs of
@@ -314,6 +314,8 @@ class CpuAttention(PagedBackend):
         whole = self.n_blocks * self.block_size  # the kernel takes a whole contiguous run in one pass
         self._pieces = [self._pieces_of(s, whole if self.kernel else PIECE_TOKENS) for s in self._long]
         self._chunks = self._chunk_reads(segments)  # compute-bound: their keys are gathered for the fused kernel
+        # a batch of decodes alone, each attended by the batched kernel: its output is the kernel's, row for row
+        self._kernel_only = bool(self.kernel) and len(decodes) == len(segments) and not self._long
 
     def _pieces_of(self, s: Segment, limit: int) -> list[tuple[int, int, torch.Tensor | None]]:
         """(first slot, last slot + 1, mask or None where every key is visible) of each piece of at most `limit`
@@ -333,6 +335,9 @@ class CpuAttention(PagedBackend):
     def __call__(self, layer, q, k, v):
         self._store(layer, k, v)
         qh = q.to("cpu", torch.float32)
+        if self._kernel_only:  # rows in segment order, one per decode: no gather or scatter of rows
+            out = self.kernel.decode(qh, self.k[layer], self.v[layer], self._decode_runs, self.scale)
+            return out.to(q.device, q.dtype)
         kl, vl = self.k[layer], self.v[layer]
         out = torch.empty(qh.shape, dtype=torch.float32)
         self._decodes_attend(layer, qh, out)

@@ -168,6 +168,11 @@ class DecodeRuns:
     run_lo: np.ndarray  # int64 (B + 1,)
     spans: tuple[tuple[int, int, int, int], ...]
 
+    @functools.cached_property
+    def span_array(self) -> np.ndarray:
+        """`spans` as int64 (S, 4), as the library reads them."""
+        return np.asarray(self.spans, np.int64).reshape(-1, 4)
+
     @classmethod
     def of(cls, slots: list[np.ndarray], kv_heads: int, threads: int) -> DecodeRuns:
         """From each request's key slots: requests split over the threads in contiguous groups of about equal
@@ -215,7 +220,7 @@ class HostAttention:
         b, h = q.shape[:2]
         qs = (q * scale).contiguous()
         out = torch.empty(b, h, e)
-        spans = np.asarray(where.spans, np.int64).reshape(-1, 4)
+        spans = where.span_array
         _library().l3_decode_spans(k.data_ptr(), v.data_ptr(), int(k.dtype == torch.float32), k.stride(0), kvh,
                                    h // kvh, e, where.runs.ctypes.data, where.run_lo.ctypes.data, spans.ctypes.data,
                                    len(spans), qs.data_ptr(), out.data_ptr(), self.threads)  # fmt: skip

@@ -188,8 +188,9 @@ def _pid_after(seconds: float) -> tuple[float, int]:
 
 def test_the_process_map_shares_items_between_this_process_and_its_workers():
     """`process_map(2)`: results in item order; this process runs the first item and, while the worker is busy,
-    takes items from the back; an item's error reaches the caller."""
-    items = [0.6, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05, 0.3]
+    takes items from the back; an item's error reaches the caller. (The worker cannot reach the last item before
+    this process is done with the first: items 1-6 take it 1.2 s, the first 0.6 s.)"""
+    items = [0.6, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.3]
     with process_map(2) as mapper:
         out = mapper(_pid_after, items)
         assert [s for s, _ in out] == items

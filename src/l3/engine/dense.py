@@ -82,11 +82,10 @@ class DenseForms:
 
     def __init__(self, modules: Iterable[torch.nn.Linear], packed: dict[torch.nn.Linear, PackedWeight] | None = None):
         self.packed = packed or {}
-        self.peers: dict[tuple, list[torch.nn.Linear]] = {}  # (N, K, dtype[, format]) -> every weight of that kind
-        self.order: list[tuple[torch.nn.Linear, tuple]] = []  # (module, its kind) in model order
-        for mod in modules:
-            self.peers.setdefault(self._kind(mod), []).append(mod)
-            self.order.append((mod, self._kind(mod)))
+        self.order = [(mod, self._kind(mod)) for mod in modules]  # (module, its kind) in model order
+        self.first: dict[tuple, torch.nn.Linear] = {}  # (N, K, dtype[, format]) -> the first weight of that kind
+        for mod, kind in self.order:
+            self.first.setdefault(kind, mod)
         # (module, rows, pinned form) -> the form serving it: a decode step makes 200-odd calls, and this lookup
         # costs about 1.2 us a call less than finding the form anew from the weight's shape and row bucket
         self._served: dict[tuple, Form] = {}
@@ -128,14 +127,14 @@ class DenseForms:
         """Time every form over the model's weights in model order (each form where it serves a kind, else
         `linear`); keep the fastest for every kind in x's row bucket, and return `key`'s."""
         rows, everyone = x.shape[0], self._forms()
-        xs = {k: torch.randn(rows, k, dtype=x.dtype) for k in {p[0].weight.shape[1] for p in self.peers.values()}}
+        xs = {kd[1]: torch.randn(rows, kd[1], dtype=x.dtype) for kd in self.first}
         xs[x.shape[1]] = x
-        serves = {(name, kd): everyone[name](p[0], xs[kd[1]]) is not None  # each called once per kind, untimed
-                  for name in everyone for kd, p in self.peers.items()}  # fmt: skip
+        serves = {(name, kd): everyone[name](m, xs[kd[1]]) is not None  # each called once per kind, untimed
+                  for name in everyone for kd, m in self.first.items()}  # fmt: skip
         spent = {(name, kd): float("inf") for name, kd in serves}
         for _ in range(ROUNDS):
             for name, form in everyone.items():
-                totals = dict.fromkeys(self.peers, 0.0)
+                totals = dict.fromkeys(self.first, 0.0)
                 for m, kd in self.order:
                     f = form if serves[name, kd] else _linear
                     t0 = time.perf_counter()
@@ -144,7 +143,7 @@ class DenseForms:
                 for kd, t in totals.items():
                     if serves[name, kd]:
                         spent[name, kd] = min(spent[name, kd], t)
-        for kd in self.peers:
+        for kd in self.first:
             best = min((name for name in everyone if serves[name, kd]), key=lambda n: spent[n, kd])
             DenseForms.chosen[(*kd[:3], bucket(rows), *kd[3:])] = best
         return DenseForms.chosen[key]

@@ -104,9 +104,11 @@ class Simulator:
     def _settled(self, fraction: float, earliest: float) -> bool:
         """Whether the time `fraction` of the output is out is known: every request has arrived, the plans run
         so far reach it, and no replica may still start a plan before it (`earliest`: the earliest clock)."""
-        if self._arrived < len(self.workload) or self.metrics.output_tokens < fraction * self._output_total():
+        if self._arrived < len(self.workload):
             return False
-        return bool(self.metrics.output_times(fraction, self._output_total())[0] <= earliest)
+        total = self._output_total()
+        return self.metrics.output_tokens >= fraction * total and bool(
+            self.metrics.output_times(fraction, total)[0] <= earliest)
 
     def _act(self, r: int, now: float) -> float | None:
         """Let replica r act at time `now`; returns its next clock, or None when it has nothing left."""

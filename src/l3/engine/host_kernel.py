@@ -26,6 +26,10 @@ from l3.cache import cache_dir
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / "host_attention.c", CSRC / "host_gemv.c", CSRC / "host_packed.c"]  # one library
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC"]
+# Optional flags, tried in this order until the compiler takes them: OpenMP (the packed kernel's threads) and
+# instruction choice and scheduling tuned for the CPU that builds the library (tuning never adds an instruction
+# the baseline flags do not allow; the packed kernel at 32 rows ran 14% faster on the Xeon of docs/benchmarks.md)
+OPTIONAL_FLAGS = (["-fopenmp", "-mtune=native"], ["-fopenmp"], [])
 MAX_GROUP, MAX_HEAD_DIM = 8, 256  # the kernel's limits: query heads per KV head, elements per head
 # Keys per thread below which a run is not split over the threads by key ranges (assumed, not measured: a short
 # run's extra partial and thread hand-off are not worth its few microseconds of reading).
@@ -60,14 +64,14 @@ def _library() -> ctypes.CDLL | None:
     if cc is None or not _cpu_has_flags():
         return None
     code = b"".join(f.read_bytes() for f in [*SOURCES, CSRC / "simd.h"])
-    digest = hashlib.sha256(code + " ".join(FLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(code + " ".join(FLAGS + sum(OPTIONAL_FLAGS, [])).encode()).hexdigest()[:16]
     cache = cache_dir()
     lib = cache / f"host_kernels-{digest}.so"
     if not lib.exists():
         cache.mkdir(parents=True, exist_ok=True)
         tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-        for openmp in (["-fopenmp"], []):  # OpenMP where the compiler has it (the packed kernel's threads)
-            done = subprocess.run([cc, *FLAGS, *openmp, "-o", str(tmp), *map(str, SOURCES), "-lm"],
+        for extra in OPTIONAL_FLAGS:
+            done = subprocess.run([cc, *FLAGS, *extra, "-o", str(tmp), *map(str, SOURCES), "-lm"],
                                   capture_output=True)  # fmt: skip
             if done.returncode == 0:
                 break

@@ -64,7 +64,7 @@ def _library() -> ctypes.CDLL | None:
     if cc is None or not _cpu_has_flags():
         return None
     code = b"".join(f.read_bytes() for f in [*SOURCES, CSRC / "simd.h"])
-    digest = hashlib.sha256(code + " ".join(FLAGS + sum(OPTIONAL_FLAGS, [])).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(code + repr((FLAGS, OPTIONAL_FLAGS)).encode()).hexdigest()[:16]
     cache = cache_dir()
     lib = cache / f"host_kernels-{digest}.so"
     if not lib.exists():
@@ -88,7 +88,7 @@ def _library() -> ctypes.CDLL | None:
     dll.l3_decode_spans.restype = None
     dll.l3_gemv_f32.argtypes = [p, n, p, p, n, n]
     dll.l3_gemv_f32.restype = None
-    dll.l3_gemv_packed.argtypes = [p, i, n, n, p, i, p, n, n, n, i]
+    dll.l3_gemv_packed.argtypes = [p, p, i, n, p, i, p, n, n, n, i]
     dll.l3_gemv_packed.restype = None
     return dll
 
@@ -136,20 +136,21 @@ def gemv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
     return y
 
 
-def gemv_packed(blocks: np.ndarray, kind: int, k: int, x: torch.Tensor) -> torch.Tensor | None:
-    """x W^T for W (N, K) held as `blocks` (N rows of GGUF blocks, uint8, C-contiguous; kind 0: Q4_1, 1: Q8_0)
-    and x (rows, K) fp32 on the CPU, rows <= PACKED_MAX_ROWS: (rows, N) fp32, W's rows split over PyTorch's
-    threads (its OpenMP runtime) where each gets PACKED_MIN_BYTES_PER_THREAD; None where the kernel does not
-    serve it."""
+def gemv_packed(codes: np.ndarray, scales: np.ndarray, kind: int, k: int, x: torch.Tensor) -> torch.Tensor | None:
+    """x W^T for W (N, K) from GGUF blocks in the kernel's layout (`engine.packed.PackedWeight`: `codes` N rows of
+    code bytes, uint8, and `scales` fp32, both C-contiguous; kind 0: Q4_1, 1: Q8_0) and x (rows, K) fp32 on the
+    CPU, rows <= PACKED_MAX_ROWS: (rows, N) fp32, W's rows split over PyTorch's threads (its OpenMP runtime)
+    where each gets PACKED_MIN_BYTES_PER_THREAD; None where the kernel does not serve it."""
     rows = x.shape[0]
     if not (x.dtype == torch.float32 and x.device.type == "cpu" and 1 <= rows <= PACKED_MAX_ROWS
             and x.shape[1] == k and packed_available()):  # fmt: skip
         return None
     x = x.contiguous()
-    n, row_bytes = blocks.shape
+    n = len(codes)
     y = torch.empty(rows, n, dtype=torch.float32)
-    t = max(1, min(torch.get_num_threads(), blocks.nbytes // PACKED_MIN_BYTES_PER_THREAD))
-    _library().l3_gemv_packed(blocks.ctypes.data, kind, row_bytes, k, x.data_ptr(), rows, y.data_ptr(), n, 0, n, t)
+    t = max(1, min(torch.get_num_threads(), (codes.nbytes + scales.nbytes) // PACKED_MIN_BYTES_PER_THREAD))
+    _library().l3_gemv_packed(codes.ctypes.data, scales.ctypes.data, kind, k, x.data_ptr(), rows, y.data_ptr(), n, 0,
+                              n, t)  # fmt: skip
     return y
 
 

@@ -1,11 +1,12 @@
 """Projection weights kept in their GGUF block formats beside the dequantized fp32 model.
 
 transformers loads a GGUF file's Q4_1 and Q8_0 tensors as fp32 (4 bytes a weight); the engine runs the same fp32
-model, so a decode step streams every weight's 4 bytes. Kept as the file's blocks (0.625 and 1.06 bytes a weight),
-the host kernel (`host_kernel.gemv_packed`) rebuilds each weight in fp32 as gguf-py does and makes the same
-products, summed in another order. A tensor is kept only where its blocks dequantize bit for bit to the loaded
-module's weight (so a name or row-order mismatch only means no packed form); the check runs once, when the
-cache entry is made, beside the converted model (`loader._converted`).
+model, so a decode step streams every weight's 4 bytes. Kept from the file's blocks (0.75 and 1.125 bytes a
+weight: each block's codes, and its fp16 scales widened to fp32, exactly, so that the kernel broadcasts them
+from memory), the host kernel (`host_kernel.gemv_packed`) rebuilds each weight in fp32 as gguf-py does and makes
+the same products, summed in another order. A tensor is kept only where its blocks dequantize bit for bit to the
+loaded module's weight (so a name or row-order mismatch only means no packed form); the check runs once, when
+the cache entry is made, beside the converted model (`loader._converted`), which keeps the file's blocks.
 """
 
 from __future__ import annotations
@@ -17,16 +18,35 @@ from pathlib import Path
 import numpy as np
 
 KINDS = {"Q4_1": 0, "Q8_0": 1}  # the GGUF block formats the kernel reads -> its kind code
+# Per block of 32 weights: its fp16 scales (Q4_1: d and the minimum m; Q8_0: d), then its code bytes
+LAYOUT = {"Q4_1": (2, 16), "Q8_0": (1, 32)}
 FILE = "packed.npz"  # in the converted model's cache folder
 
 
 @dataclass(frozen=True)
 class PackedWeight:
-    """A (N, K) weight as N rows of GGUF blocks (uint8, C-contiguous); `kind`: a key of KINDS."""
+    """A (N, K) weight from GGUF blocks in the kernel's layout: `codes` (N, K / 32 x code bytes a block; uint8)
+    and `scales` (N, K / 32, scales a block; fp32, the blocks' fp16 values); `kind`: a key of KINDS."""
 
     kind: str
-    blocks: np.ndarray
+    codes: np.ndarray
+    scales: np.ndarray
     k: int
+
+    @classmethod
+    def from_blocks(cls, kind: str, blocks: np.ndarray, k: int) -> PackedWeight:
+        """From N rows of GGUF blocks (uint8)."""
+        n_scales, code_bytes = LAYOUT[kind]
+        b = blocks.reshape(len(blocks), k // 32, 2 * n_scales + code_bytes)
+        scales = np.ascontiguousarray(b[..., : 2 * n_scales]).view(np.float16).astype(np.float32)
+        return cls(kind, np.ascontiguousarray(b[..., 2 * n_scales :]).reshape(len(blocks), -1), scales, k)
+
+    @property
+    def blocks(self) -> np.ndarray:
+        """The N rows of GGUF blocks again (fp16 -> fp32 -> fp16 is exact)."""
+        n = len(self.codes)
+        half = self.scales.astype(np.float16).view(np.uint8)
+        return np.concatenate([half, self.codes.reshape(n, self.k // 32, -1)], axis=2).reshape(n, -1)
 
     @property
     def code(self) -> int:
@@ -79,7 +99,7 @@ def from_gguf(path: Path, hf) -> dict[str, PackedWeight]:
             if arch_name == "llama" and gname.endswith(("attn_q", "attn_k")):
                 heads = cfg.num_attention_heads if gname.endswith("attn_q") else cfg.num_key_value_heads
                 blocks = blocks[_llama_rows(n, heads)]
-            packed = PackedWeight(t.tensor_type.name, np.ascontiguousarray(blocks), k)
+            packed = PackedWeight.from_blocks(t.tensor_type.name, blocks, k)
             if np.array_equal(dequantize(packed), mod.weight.detach().numpy()):
                 out[name] = packed
                 break
@@ -101,7 +121,7 @@ def load(folder: Path) -> dict[str, PackedWeight] | None:
             out = {}
             for key in data.files:
                 name, kind, k = key.rsplit("|", 2)
-                out[name] = PackedWeight(kind, data[key], int(k))
+                out[name] = PackedWeight.from_blocks(kind, data[key], int(k))
             return out
     except (OSError, ValueError, KeyError):
         return None

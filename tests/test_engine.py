@@ -90,6 +90,53 @@ def test_greedy_tokens_equal_transformers_generate(tiny_models, family, backend)
         assert isinstance(engine.scheduler, SubBatchScheduler) and engine.scheduler.gpu_pred.seen > 0
 
 
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_the_interleaved_forward_gives_each_sub_batch_its_own_forward(tiny_models, family):
+    """Two sub-batches interleaved layer by layer (one's attention between the other's dense work) give the
+    logits of two separate forwards bit for bit, with every piece of work timed."""
+    from l3.engine.link import HostLink
+
+    model = tiny_models[family]
+    runner, rng = Engine(model, backend="cpu").runner, np.random.default_rng(1)
+    batches = []
+    for n in (7, 3):
+        tokens = torch.from_numpy(rng.integers(3, 300, n))
+        batches.append((tokens, torch.arange(n), torch.tensor([n - 1])))
+
+    def attend_causally(n):  # a prefill chunk attending its own keys (no KV store needed)
+        def attention(layer, q, k, v):
+            mask = torch.ones(n, n, dtype=torch.bool).tril()
+            return torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(0, 1), k.transpose(0, 1).repeat_interleave(q.shape[1] // k.shape[1], 0),
+                v.transpose(0, 1).repeat_interleave(q.shape[1] // k.shape[1], 0), attn_mask=mask,
+                scale=runner.scale).transpose(0, 1)  # fmt: skip
+
+        return attention
+
+    attentions = [attend_causally(len(b[0])) for b in batches]
+    res = runner.forward_pair(batches, attentions, HostLink())
+    for (tokens, positions, last), attention, got in zip(batches, attentions, res.logits, strict=True):
+        assert torch.equal(got, runner.forward(tokens, positions, attention, last))
+    assert all(t > 0 for t in res.dense_s + res.attention_s)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_overlapped_sub_batches_give_the_reference_tokens(tiny_models, family, monkeypatch):
+    """The engine with overlap forced on (on a CPU it gains nothing, but runs the same interleaved path a GPU
+    does): the scheduler splits iterations into two sub-batches, each attended by its own view of the backend,
+    and the tokens stay transformers'."""
+    model = tiny_models[family]
+    prompts = prompts_for(300, seed=4)
+    engine = Engine(model, backend="cpu", kv_tokens=8192, overlap=True)
+    pairs = []
+    run_pair = engine._run_pair
+    monkeypatch.setattr(engine, "_run_pair", lambda *a: pairs.append(1) or run_pair(*a))
+    assert engine.generate(prompts, 24) == reference(model, prompts, 24)
+    assert len(pairs) >= 2, pairs  # iterations ran as two interleaved sub-batches
+    with pytest.raises(EngineError, match="overlap needs a memory-side"):
+        Engine(model, backend="gpu", overlap=True)
+
+
 @pytest.mark.parametrize("form", ["linear", "transposed", "gemv"])
 def test_every_pinned_dense_form_gives_the_reference_tokens(tiny_models, form, monkeypatch):
     monkeypatch.setenv(dense.PIN, form)

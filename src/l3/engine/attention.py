@@ -12,12 +12,13 @@
   re-layout into bank bytes, decode attention in the bank/rank PU arithmetic with chunked softmax; prefill
   chunks attend on the dense device over the KV read back from the banks (FP16), as L3's GPUs do.
 
-A backend is called once per layer with the batch's Q, K, V (after `bind` told it the batch's segments); it
-stores K and V first, then attends.
+A backend is called once per layer with the batch's Q, K, V (after `bind` told it the batch's segments; `bound`
+gives a view with a binding of its own, for a second sub-batch in flight); it stores K and V first, then attends.
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -169,6 +170,13 @@ class AttentionBackend(ABC):
     def bind(self, segments: list[Segment]) -> None:
         """The segments of the batch the next `__call__`s (one per layer) are for."""
         self.segments = segments
+
+    def bound(self, segments: list[Segment]) -> AttentionBackend:
+        """A view of this backend bound to `segments`: the same KV store, a binding of its own (two sub-batches
+        in flight at once each call their own view)."""
+        view = copy.copy(self)
+        view.bind(segments)
+        return view
 
     @abstractmethod
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

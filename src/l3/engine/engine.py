@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from l3.engine.attention import BACKENDS, Segment
+from l3.engine.link import link_for
 from l3.engine.loader import LoadedModel
 from l3.engine.model import DecoderRunner
 from l3.engine.sampling import GREEDY, Sampler, SamplingParams
@@ -57,17 +58,26 @@ class Output:
 class Engine:
     def __init__(self, model: LoadedModel, backend: str = "cpu", kv_tokens: int = DEFAULT_KV_TOKENS,
                  block_size: int = 16, kv_dtype: str | None = None, system: SystemSpec | None = None,
-                 threads: int | None = None, max_batched_tokens: int | None = None):  # fmt: skip
+                 threads: int | None = None, max_batched_tokens: int | None = None,
+                 overlap: bool | None = None):  # fmt: skip
         """`backend`: where decode attention runs (attention.BACKENDS); `kv_tokens`: KV capacity; `kv_dtype`:
         storage of the paged KV (default: the model's dtype); `system`: the scheduler and coordination specs
         (default: `l3` for a memory-side backend, `gpu-only` for `gpu`); `threads`: the host threads PyTorch
         uses (default: as set); `max_batched_tokens`: tokens per iteration, decodes + prefill chunks (default:
-        the system's; smaller chunks shorten the steps that decoding requests wait on)."""
+        the system's; smaller chunks shorten the steps that decoding requests wait on); `overlap`: run a plan's
+        two sub-batches interleaved, one's attention on the host while the dense device runs the other's layers
+        (`DecoderRunner.forward_pair`; default: where the dense device is a GPU and attention is memory-side; on
+        a CPU both sides share the same cores, so each iteration runs as one batch)."""
         if backend not in BACKENDS:
             raise EngineError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
         self.model, self.backend_name = model, backend
         self.runner = DecoderRunner(model.hf, model.family, model.packed)
         memory_side = backend != "gpu"
+        if overlap and not memory_side:
+            raise EngineError("overlap needs a memory-side attention backend (cpu or pim): gpu attends on the "
+                              "dense device")  # fmt: skip
+        self.overlap = memory_side and self.runner.device.type == "cuda" if overlap is None else overlap
+        self.link = link_for(self.runner.device)
         base = system or get_system("l3" if memory_side else "gpu-only")
         update = {"block_size": block_size} | ({} if max_batched_tokens is None else
                                                 {"max_batched_tokens": max_batched_tokens})  # fmt: skip
@@ -75,9 +85,9 @@ class Engine:
         self.system = base.model_copy(update={"scheduler": scheduler})
         self.table = RequestTable()
         self.queue = WaitingQueue(self.table)
-        # The engine runs a plan's sub-batches one after the other on its one dense device, so a second
-        # sub-batch would only read the weights again: every iteration runs as one batch.
-        topology = Topology(kv_tiers=(kv_tokens,), slots=1 if memory_side else None, overlap=False)
+        # Without overlap the engine runs a plan's sub-batches one after the other on its one dense device, so a
+        # second sub-batch would only read the weights again: every iteration then runs as one batch.
+        topology = Topology(kv_tiers=(kv_tokens,), slots=1 if memory_side else None, overlap=self.overlap)
         self.scheduler = build_scheduler(self.system, model.spec, topology, self.table, self.queue)
         self.scheduler.keep_recent(RECENT_ITERATIONS)
         self.scheduler.cap_learning_time(LEARNING_SHARE)
@@ -182,16 +192,17 @@ class Engine:
         self.attention.free(rid)
 
     def execute(self, plan: Plan) -> tuple[IterationTiming, list[tuple[int, int]]]:
-        """Run both sub-batches of `plan` (one after the other on this device) and time each one's dense part
-        and attention part (what the predictors learn from)."""
+        """Run both sub-batches of `plan` (interleaved where the engine overlaps them, else one after the other)
+        and time each one's dense part and attention part (what the predictors learn from)."""
         gpu, mem = np.zeros((1, 2)), np.zeros((1, 2))
         produced: list[tuple[int, int]] = []
         t0 = time.perf_counter()
-        for x in (0, 1):
-            sb = plan.sub_batch(x)
-            if sb.empty:
-                continue
-            produced += self._run(sb, gpu, mem, x)
+        subs = [(x, sb) for x in (0, 1) if not (sb := plan.sub_batch(x)).empty]
+        if self.overlap and len(subs) == 2:
+            produced = self._run_pair(subs[0][1], subs[1][1], gpu, mem)
+        else:
+            for x, sb in subs:
+                produced += self._run(sb, gpu, mem, x)
         d = np.array([time.perf_counter() - t0])
         stats = {}
         sim = self.attention.simulated_step_s(self.table.context(plan.decode_ids[plan.decode_on_device]))
@@ -201,7 +212,9 @@ class Engine:
         return IterationTiming(d, {"gpu": gpu.sum(axis=1), "memory": mem.sum(axis=1)}, sub_gpu_s=gpu,
                                sub_mem_s=mem, stats=stats), produced  # fmt: skip
 
-    def _run(self, sb: Plan, gpu: np.ndarray, mem: np.ndarray, x: int) -> list[tuple[int, int]]:
+    def _inputs(self, sb: Plan) -> tuple[list[Segment], torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+        """A sub-batch as the model takes it: its requests' segments (KV blocks ensured), the flat batch of
+        tokens and their positions, and (request id, row) of each row whose logits give a new token."""
         t = self.table
         segments, feed, positions, sampled = [], [], [], []
         row = 0
@@ -224,6 +237,10 @@ class Engine:
             if done:
                 sampled.append((rid, row - 1))
         dev = self.runner.device
+        return segments, torch.tensor(feed, device=dev), torch.tensor(positions, device=dev), sampled
+
+    def _run(self, sb: Plan, gpu: np.ndarray, mem: np.ndarray, x: int) -> list[tuple[int, int]]:
+        segments, tokens, positions, sampled = self._inputs(sb)
         attn_s = [0.0]
         self.attention.bind(segments)
 
@@ -234,17 +251,31 @@ class Engine:
             return out
 
         t0 = time.perf_counter()
-        last = torch.tensor([r for _, r in sampled], dtype=torch.long, device=dev)
-        logits = self.runner.forward(torch.tensor(feed, device=dev), torch.tensor(positions, device=dev), timed,
-                                     last)  # fmt: skip
+        logits = self.runner.forward(tokens, positions, timed, self._rows(sampled))
         total = time.perf_counter() - t0
         mem[0, x], gpu[0, x] = attn_s[0], total - attn_s[0]
+        return self._sample(sampled, logits)
+
+    def _run_pair(self, sb0: Plan, sb1: Plan, gpu: np.ndarray, mem: np.ndarray) -> list[tuple[int, int]]:
+        """Both sub-batches interleaved (`DecoderRunner.forward_pair`), each attended by its own view of the
+        backend."""
+        ins = [self._inputs(sb) for sb in (sb0, sb1)]
+        views = [self.attention.bound(segments) for segments, *_ in ins]
+        batches = [(tokens, positions, self._rows(sampled)) for _, tokens, positions, sampled in ins]
+        res = self.runner.forward_pair(batches, views, self.link)
+        gpu[0], mem[0] = res.dense_s, res.attention_s
+        return [p for (*_, sampled), logits in zip(ins, res.logits, strict=True) for p in self._sample(sampled, logits)]
+
+    def _rows(self, sampled: list[tuple[int, int]]) -> torch.Tensor:
+        return torch.tensor([r for _, r in sampled], dtype=torch.long, device=self.runner.device)
+
+    def _sample(self, sampled: list[tuple[int, int]], logits: torch.Tensor) -> list[tuple[int, int]]:
+        """(request id, next token) of each sampled row from its logits (kept where `self.logits` asks)."""
         if self.logits is not None:
             for (rid, _), row in zip(sampled, logits.cpu().numpy(), strict=True):
                 self.logits.setdefault(rid, []).append(row)
         rids = [rid for rid, _ in sampled]
-        nxt = self.sampler(logits, rids)
-        return list(zip(rids, nxt, strict=True))
+        return list(zip(rids, self.sampler(logits, rids), strict=True))
 
     # --- conveniences -------------------------------------------------------------------------------
     def stream(self) -> Iterator[tuple[int, int]]:

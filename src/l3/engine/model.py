@@ -8,14 +8,26 @@ learned positions (offset 2), LayerNorm, a plain MLP and Q pre-scaled by 1/sqrt(
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 
 from l3.engine.dense import DenseForms
+from l3.engine.link import HostLink
 
 # attention(layer, q (T, H, E), k (T, KVH, E), v (T, KVH, E)) -> (T, H, E): the engine's backend stores k, v
 Attention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Interleaved(NamedTuple):
+    """What `DecoderRunner.forward_pair` gives per sub-batch: logits (float32) at its `last` rows, seconds of
+    dense-device work, seconds of attention (host clock)."""
+
+    logits: tuple[torch.Tensor, torch.Tensor]
+    dense_s: tuple[float, float]
+    attention_s: tuple[float, float]
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -55,8 +67,46 @@ class DecoderRunner:
         """Logits (float32) at the rows `last` of a flat batch of `tokens` at `positions`."""
         x, rope = self._embed(tokens, positions)
         for i, layer in enumerate(self.layers):
-            x = self._layer(i, layer, x, rope, attention)
+            x = self._post(layer, x, attention(i, *self._pre(layer, x, rope)))
         return self._head(x[last]).float()
+
+    @torch.inference_mode()
+    def forward_pair(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                     attentions: Sequence[Attention], link: HostLink) -> Interleaved:  # fmt: skip
+        """Two sub-batches ((tokens, positions, last) each, attended by `attentions[i]`) through the model
+        interleaved as L3 runs them: each layer's attention of one sub-batch runs on the host while the dense
+        device works through the other's layer (queued ahead of it: its dense work after the previous attention
+        and before the next). On CUDA the two overlap; on a CPU the same order runs one step at a time, with the
+        results of two `forward` calls."""
+        xs, ropes, pending, marks = [], [], [], ([], [])
+        attention_s = [0.0, 0.0]
+        first = self.layers[0]
+        for s, (tokens, positions, _) in enumerate(batches):
+            m = link.mark()
+            x, rope = self._embed(tokens, positions)
+            pending.append(link.to_host(self._pre(first, x, rope)))
+            marks[s].append((m, link.mark()))
+            xs.append(x)
+            ropes.append(rope)
+        for i, layer in enumerate(self.layers):
+            for s in (0, 1):
+                q, k, v = link.wait(pending[s])
+                t = time.perf_counter()
+                out = link.to_device(attentions[s](i, q, k, v))
+                attention_s[s] += time.perf_counter() - t
+                m = link.mark()
+                xs[s] = self._post(layer, xs[s], out)
+                if i + 1 < len(self.layers):
+                    pending[s] = link.to_host(self._pre(self.layers[i + 1], xs[s], ropes[s]))
+                marks[s].append((m, link.mark()))
+        logits = []
+        for s, (_, _, last) in enumerate(batches):
+            m = link.mark()
+            logits.append(self._head(xs[s][last]).float())
+            marks[s].append((m, link.mark()))
+        link.finish()
+        dense_s = tuple(sum(link.elapsed(a, b) for a, b in ms) for ms in marks)
+        return Interleaved(tuple(logits), dense_s, tuple(attention_s))
 
     def _embed(self, tokens, positions):
         d = self.decoder
@@ -79,20 +129,25 @@ class DecoderRunner:
             return q * attn.scaling, k, v
         return rotary(q, *rope), rotary(k, *rope), v
 
-    def _layer(self, i, layer, x, rope, attention):
+    def _pre(self, layer, x, rope):
+        """The layer's Q, K, V from the residual stream x."""
         if self.opt:
-            attn = layer.self_attn
             h = layer.self_attn_layer_norm(x) if layer.do_layer_norm_before else x
-            q, k, v = self._qkv(attn, h, rope)
-            x = x + self.dense.linear(attn.out_proj, attention(i, q, k, v).reshape(x.shape[0], -1))
+        else:
+            h = layer.input_layernorm(x)
+        return self._qkv(layer.self_attn, h, rope)
+
+    def _post(self, layer, x, a):
+        """The residual stream after the layer, from x and the layer's attention output a (T, H, E)."""
+        a = a.reshape(x.shape[0], -1)
+        if self.opt:
+            x = x + self.dense.linear(layer.self_attn.out_proj, a)
             if not layer.do_layer_norm_before:
                 x = layer.self_attn_layer_norm(x)
             h = layer.final_layer_norm(x) if layer.do_layer_norm_before else x
             x = x + self.dense.linear(layer.fc2, layer.activation_fn(self.dense.linear(layer.fc1, h)))
             return x if layer.do_layer_norm_before else layer.final_layer_norm(x)
-        attn = layer.self_attn
-        q, k, v = self._qkv(attn, layer.input_layernorm(x), rope)
-        x = x + self.dense.linear(attn.o_proj, attention(i, q, k, v).reshape(x.shape[0], -1))
+        x = x + self.dense.linear(layer.self_attn.o_proj, a)
         mlp, h = layer.mlp, layer.post_attention_layernorm(x)  # the gated MLP of Llama, Mistral and Qwen2
         gate, up = self.dense.linear(mlp.gate_proj, h), self.dense.linear(mlp.up_proj, h)
         return x + self.dense.linear(mlp.down_proj, mlp.act_fn(gate) * up)

@@ -346,3 +346,10 @@ def test_the_sampler_keeps_to_the_nucleus_and_its_seed():
     assert [again(logits, [5])[0] for _ in range(50)] == draws[:50].tolist()  # the seed alone fixes them
     sampler.add(9, SamplingParams())
     assert sampler(logits, [9]) == [0]  # greedy
+
+
+def test_greedy_picks_the_first_largest_logit_as_torch_argmax_does():
+    rng = np.random.default_rng(7)
+    for rows, vocab in ((1, 5), (3, 300), (32, 4096)):
+        logits = torch.from_numpy(rng.integers(-3, 4, (rows, vocab)).astype(np.float32))  # many ties
+        assert Sampler()(logits, list(range(rows))) == logits.argmax(dim=-1).tolist()

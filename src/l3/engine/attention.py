@@ -10,7 +10,7 @@
   attention, as on the `gpu` backend.
 - `pim`: the project's functional DIMM-PIM model (`devices.pim.functional`): KV written through the mapping and
   re-layout into bank bytes, decode attention in the bank/rank PU arithmetic with chunked softmax; prefill
-  chunks attend on the dense device over the KV read back from the banks (FP16), as L3's GPUs do.
+  chunks attend in fp32 over the KV read back from the banks (FP16), on the host.
 
 A backend is called once per layer with the batch's Q, K, V (after `bind` told it the batch's segments; `bound`
 gives a view with a binding of its own, for a second sub-batch in flight); it stores K and V first, then attends.

@@ -510,13 +510,13 @@ def test_the_packed_kernel_matches_float64(kind, n, blocks, rows, split, seed):
     x = torch.from_numpy(gen.standard_normal((rows, w.k))).float()
     with pytest.MonkeyPatch.context() as mp:  # every call split over the threads, or none
         mp.setattr(host_kernel, "PACKED_MIN_BYTES_PER_THREAD", 1 if split else 1 << 40)
-        got = host_kernel.gemv_packed(w.codes, w.scales, w.code, w.k, x)
+        got = host_kernel.gemv_packed(w, x)
     want = x.double().numpy() @ dequantize(w).astype(np.float64).T
     scale = np.abs(x.double().numpy()) @ np.abs(dequantize(w).astype(np.float64)).T
     assert got.shape == (rows, n) and (np.abs(got.double().numpy() - want) <= 1e-6 * w.k**0.5 * scale + 1e-30).all()
     for r in range(rows):
-        assert torch.equal(host_kernel.gemv_packed(w.codes, w.scales, w.code, w.k, x[r : r + 1])[0], got[r])
-    assert host_kernel.gemv_packed(w.codes, w.scales, w.code, w.k, x.double()) is None  # float64: not the kernel's
+        assert torch.equal(host_kernel.gemv_packed(w, x[r : r + 1])[0], got[r])
+    assert host_kernel.gemv_packed(w, x.double()) is None  # float64: not the kernel's
 
 
 def test_packed_rows_undo_the_gguf_llama_permutation_as_transformers_does():

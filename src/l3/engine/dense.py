@@ -96,7 +96,7 @@ class DenseForms:
 
     def _packed(self, mod: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
         p = self.packed.get(mod)
-        return None if p is None else host_kernel.gemv_packed(p.codes, p.scales, p.code, p.k, x)
+        return None if p is None else host_kernel.gemv_packed(p, x)
 
     def _forms(self) -> dict[str, Form]:
         return FORMS | {PACKED: self._packed}

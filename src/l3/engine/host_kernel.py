@@ -17,11 +17,15 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from l3.cache import cache_dir
+
+if TYPE_CHECKING:
+    from l3.engine.packed import PackedWeight
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / "host_attention.c", CSRC / "host_gemv.c", CSRC / "host_packed.c"]  # one library
@@ -136,21 +140,21 @@ def gemv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
     return y
 
 
-def gemv_packed(codes: np.ndarray, scales: np.ndarray, kind: int, k: int, x: torch.Tensor) -> torch.Tensor | None:
-    """x W^T for W (N, K) from GGUF blocks in the kernel's layout (`engine.packed.PackedWeight`: `codes` N rows of
-    code bytes, uint8, and `scales` fp32, both C-contiguous; kind 0: Q4_1, 1: Q8_0) and x (rows, K) fp32 on the
-    CPU, rows <= PACKED_MAX_ROWS: (rows, N) fp32, W's rows split over PyTorch's threads (its OpenMP runtime)
-    where each gets PACKED_MIN_BYTES_PER_THREAD; None where the kernel does not serve it."""
+def gemv_packed(w: PackedWeight, x: torch.Tensor) -> torch.Tensor | None:
+    """x W^T for W (N, K) from GGUF blocks in the kernel's layout (`engine.packed.PackedWeight`: codes and fp32
+    scales) and x (rows, K) fp32 on the CPU, rows <= PACKED_MAX_ROWS: (rows, N) fp32, W's rows split over
+    PyTorch's threads (its OpenMP runtime) where each gets PACKED_MIN_BYTES_PER_THREAD; None where the kernel
+    does not serve it."""
     rows = x.shape[0]
     if not (x.dtype == torch.float32 and x.device.type == "cpu" and 1 <= rows <= PACKED_MAX_ROWS
-            and x.shape[1] == k and packed_available()):  # fmt: skip
+            and x.shape[1] == w.k and packed_available()):  # fmt: skip
         return None
     x = x.contiguous()
-    n = len(codes)
+    n = len(w.codes)
+    codes, scales, nbytes = w.addresses
     y = torch.empty(rows, n, dtype=torch.float32)
-    t = max(1, min(torch.get_num_threads(), (codes.nbytes + scales.nbytes) // PACKED_MIN_BYTES_PER_THREAD))
-    _library().l3_gemv_packed(codes.ctypes.data, scales.ctypes.data, kind, k, x.data_ptr(), rows, y.data_ptr(), n, 0,
-                              n, t)  # fmt: skip
+    t = max(1, min(torch.get_num_threads(), nbytes // PACKED_MIN_BYTES_PER_THREAD))
+    _library().l3_gemv_packed(codes, scales, w.code, w.k, x.data_ptr(), rows, y.data_ptr(), n, 0, n, t)
     return y
 
 

@@ -92,7 +92,7 @@ def _library() -> ctypes.CDLL | None:
     dll.l3_decode_spans.restype = None
     dll.l3_gemv_f32.argtypes = [p, n, p, p, n, n]
     dll.l3_gemv_f32.restype = None
-    dll.l3_gemv_packed.argtypes = [p, p, i, n, p, i, p, n, n, n, i]
+    dll.l3_gemv_packed.argtypes = [p, p, i, n, p, i, p, n, i]
     dll.l3_gemv_packed.restype = None
     return dll
 
@@ -154,7 +154,7 @@ def gemv_packed(w: PackedWeight, x: torch.Tensor) -> torch.Tensor | None:
     codes, scales, nbytes = w.addresses
     y = torch.empty(rows, n, dtype=torch.float32)
     t = max(1, min(torch.get_num_threads(), nbytes // PACKED_MIN_BYTES_PER_THREAD))
-    _library().l3_gemv_packed(codes, scales, w.code, w.k, x.data_ptr(), rows, y.data_ptr(), n, 0, n, t)
+    _library().l3_gemv_packed(codes, scales, w.code, w.k, x.data_ptr(), rows, y.data_ptr(), n, t)
     return y
 
 

@@ -65,7 +65,7 @@ def dequantize(w: PackedWeight) -> np.ndarray:
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize as gguf_dequantize
 
-    return gguf_dequantize(w.blocks, GGMLQuantizationType[w.kind]).reshape(len(w.blocks), w.k)
+    return gguf_dequantize(w.blocks, GGMLQuantizationType[w.kind]).reshape(len(w.codes), w.k)
 
 
 def _llama_rows(n: int, heads: int) -> np.ndarray:

@@ -15,6 +15,8 @@
 #endif
 
 #define QK 32     /* weights per block */
+#define CODE_BYTES(KIND) ((KIND) == 0 ? 16 : 32)  /* a block's code bytes: Q4_1 (kind 0), Q8_0 (kind 1) */
+#define SCALES(KIND) ((KIND) == 0 ? 2 : 1)        /* a block's fp32 scales: (d, m) for Q4_1, d for Q8_0 */
 #define MAX_X 8   /* rows of x per pass over a weight row (their sums stay in registers) */
 
 #define TARGET __attribute__((target("avx512f,fma")))
@@ -45,7 +47,7 @@ TARGET static inline __attribute__((always_inline)) void tile(const uint8_t *a, 
                                                               const float *db, const int KIND, long blocks,
                                                               const float *x, long K, const int M, const int TWO,
                                                               float *y, long N) {
-    const long cb = KIND == 0 ? 16 : 32, ns = KIND == 0 ? 2 : 1;  /* code bytes and scales per block */
+    const long cb = CODE_BYTES(KIND), ns = SCALES(KIND);
     __m512 sa[MAX_X], sb[MAX_X];
     for (int r = 0; r < M; r++) sa[r] = sb[r] = _mm512_setzero_ps();
     for (long j = 0; j < blocks; j++) {
@@ -80,8 +82,7 @@ TARGET static inline __attribute__((always_inline)) void tile(const uint8_t *a, 
    floats, y rows of N floats. Weight rows go two at a time against every MAX_X rows of x in turn. */
 TARGET static void packed_rows(const uint8_t *codes, const float *scales, int kind, long K, const float *x,
                                int rows, float *y, long N, long n0, long n1) {
-    const long blocks = K / QK, row_bytes = blocks * (kind == 0 ? 16 : 32);
-    const long row_scales = blocks * (kind == 0 ? 2 : 1);
+    const long blocks = K / QK, row_bytes = blocks * CODE_BYTES(kind), row_scales = blocks * SCALES(kind);
     for (int r0 = 0; r0 < rows; r0 += MAX_X) {  /* a chunk of x stays in L1 while the weight rows stream past */
         const int m = rows - r0 < MAX_X ? rows - r0 : MAX_X;
         const float *xr = x + r0 * K;
@@ -96,22 +97,22 @@ TARGET static void packed_rows(const uint8_t *codes, const float *scales, int ki
     }
 }
 
-/* The rows n0 <= n < n1 as above, split over `threads` OpenMP threads in even runs (the library is linked with
-   -fopenmp where the compiler has it, and then shares the process's OpenMP runtime, PyTorch's, whose threads
-   wait between parallel regions; without it, one thread). */
+/* All N rows as above, split over `threads` OpenMP threads in even runs (the library is linked with -fopenmp
+   where the compiler has it, and then shares the process's OpenMP runtime, PyTorch's, whose threads wait between
+   parallel regions; without it, one thread). */
 TARGET void l3_gemv_packed(const uint8_t *codes, const float *scales, int kind, long K, const float *x, int rows,
-                           float *y, long N, long n0, long n1, int threads) {
+                           float *y, long N, int threads) {
 #ifdef _OPENMP
     if (threads > 1) {
 #pragma omp parallel num_threads(threads)
         {
-            long t = omp_get_thread_num(), T = omp_get_num_threads(), span = n1 - n0;
-            long a = n0 + span * t / T / 2 * 2, b = t + 1 == T ? n1 : n0 + span * (t + 1) / T / 2 * 2;
+            long t = omp_get_thread_num(), T = omp_get_num_threads();
+            long a = N * t / T / 2 * 2, b = t + 1 == T ? N : N * (t + 1) / T / 2 * 2;
             packed_rows(codes, scales, kind, K, x, rows, y, N, a, b);
         }
         return;
     }
 #endif
     (void)threads;
-    packed_rows(codes, scales, kind, K, x, rows, y, N, n0, n1);
+    packed_rows(codes, scales, kind, K, x, rows, y, N, 0, N);
 }

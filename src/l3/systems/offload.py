@@ -22,9 +22,10 @@ from l3.sched import Topology
 from l3.sched.plan import BatchShape, Plan
 from l3.sched.requests import RequestTable
 from l3.sched.subbatch import tokens_at_slot
-from l3.sched.timing import Interval, IterationTiming
+from l3.sched.timing import IterationTiming
 from l3.specs.system import Deployment
 from l3.systems.base import SystemModel
+from l3.systems.layer_clock import PART_ROWS, layer_times, unit_loads
 
 BULK_SAMPLE_EVERY = 256  # steps between exact memory-side evaluations in a multi-step run (linear in between)
 WAIT_THRESHOLD = 0.05  # a side "waited" in an iteration if it idled more than this fraction of it
@@ -148,7 +149,9 @@ class AttentionOffloadSystem(SystemModel):
                 mean = {k: sum(p[k] for p in per_group) / len(per_group) for k in mean}
             down_bg = self.pcie(migrating * self._kv_layer)
             energy = {k: interp(np.asarray(v, float)) for k, v in energy.items()}
-            subs.append({"s": s, "n_dec": len(dev), "work": interp(work), "stalled": interp(stalled), **parts,
+            work = np.ascontiguousarray(interp(work))
+            loads = unit_loads(work, np.ascontiguousarray(interp(stalled)), self._layers_per_residue, self.channels)
+            subs.append({"s": s, "n_dec": len(dev), "work": work, "loads": loads, **parts,
                          "down_bg": down_bg, "mean": mean | {"down_bg": down_bg},
                          "energy": energy,
                          "pcie_bytes": mean["pcie_bytes"] * len(per_group) + migrating * self._kv_layer})  # fmt: skip
@@ -189,57 +192,27 @@ class AttentionOffloadSystem(SystemModel):
         return float(layer.pre_attn), float(layer.post_attn)
 
     def _schedule(self, subs: list[dict], L: int, steps: int, record: bool) -> IterationTiming:
-        """Run the per-layer dependency graph on the GPU, the PCIe directions and every rank (vectorised over
-        steps). Each rank serves one sub-batch's layer after another; different ranks run concurrently.
-
-        The graph repeats every R layers (the rankset rotation), and every period after the first (whose layer
-        0 has no post-attention work) is the same map of resource times. All updates are max-plus (max and +),
-        so that map commutes with a uniform shift: once one such period advances every resource by the same
-        amount, every later one does too, and the remaining whole periods are added in one step; the result is
-        exactly that of running them. A one-step iteration runs on Python floats (and one row of rank times).
-        """
-        R, n, one = self.ranksets, self.n_ranks, steps == 1
-        clock = _Clock(one, steps, n, seq=not self.coord.pipeline, record=record, lanes=self._rank_lanes)
-        parts = [_SubBatchParts(x, R, one) for x in subs]
-        used = np.zeros(n, bool)
-        for p in parts:
-            used |= p.used
-        layer, last = 0, None
-        while layer < L:
-            if layer % R == 0 and layer and not record:
-                now = clock.state([p.s for p in parts], used)
-                if last is not None:
-                    delta = now - last
-                    if (np.ptp(delta, axis=-1) <= 1e-12 * np.abs(delta).max(initial=1.0)).all():
-                        m = (L - layer) // R
-                        clock.shift(m * (delta[..., 0] if not one else float(delta[0])))
-                        layer += m * R
-                        last = None
-                        if layer >= L:
-                            break
-                last = now
-            for p in parts:
-                clock.layer(p, layer)
-            layer += 1
-        gpu_free = clock.gpu
-        for p in parts:
-            start = clock.max(gpu_free, clock.ret[p.s])
-            gpu_free = start + p.merge + p.post + p.head
-            clock.note("gpu", start, gpu_free, p.name + " dense+head")
-        durations = clock.max(gpu_free, clock.max(clock.up, clock.down))
-        durations = np.full(1, durations) if one else durations
-        return self._timing(subs, L, steps, durations, clock.intervals)
+        """Run the per-layer dependency graph on the GPU, the PCIe directions and every rank, per step
+        (`layer_clock`). Each rank serves one sub-batch's layer after another; different ranks run concurrently."""
+        parts = np.empty((len(subs), len(PART_ROWS), steps))
+        for i, x in enumerate(subs):
+            for j, k in enumerate(PART_ROWS):
+                parts[i, j] = x[k]
+        works = [x["work"] for x in subs]
+        durations, intervals = layer_times(L, self.ranksets, not self.coord.pipeline, [x["s"] for x in subs], parts,
+                                           works, record, self._rank_lanes)  # fmt: skip
+        return self._timing(subs, L, steps, durations, intervals)
 
     def _timing(self, subs, L, steps, durations, intervals) -> IterationTiming:
-        R, C = self.ranksets, self.channels
-        reps = self._layers_per_residue
+        R = self.ranksets
         gpu_sub, mem_sub = np.zeros((steps, 2)), np.zeros((steps, 2))
         busy = {d: np.zeros(steps) for d in self.devices}
         imb_sum, idle_sum, imb_n = np.zeros(steps), np.zeros(steps), 0
         merge = {"merge_gpu_s": np.zeros(steps), "merge_host_s": np.zeros(steps)}
         stall = np.zeros((steps, R))  # per rankset: its ranks' mean time blocked by transfers
         for x in subs:
-            stall += np.einsum("srcq,r->sq", x["stalled"].reshape(steps, R, C, R), reps) / C
+            slowest, mean, ratio, idle, by_rankset, stalled, _ = x["loads"]
+            stall += stalled
             gpu_sub[:, x["s"]] = L * (x["pre"] + x["pattn"] + x["post"] + x["merge"]) + x["head"]
             avg = x["mean"]  # over the GPU groups the sub-batch is dealt to (one, but for a shared pool)
             busy["gpu"] += L * (avg["pre"] + avg["pattn"] + avg["post"] + avg["merge"]) + avg["head"]
@@ -248,19 +221,13 @@ class AttentionOffloadSystem(SystemModel):
             # The sub-batch's own PIM time: each layer's slowest rank (what the scheduler balances against
             # the other sub-batch's GPU time). Busy time of `pim` and of each rankset: the mean over their
             # ranks of the time each rank computed (a rank is a serial resource, so this is <= elapsed time).
-            w = x["work"]  # (steps, R, ranks); rank = channel * R + rankset
-            slowest = w.max(axis=2)
-            mem_sub[:, x["s"]] = slowest @ reps
+            mem_sub[:, x["s"]] = slowest
             if x["n_dec"]:
-                mean = w.mean(axis=2)
-                busy[self.memory_device] += mean @ reps
-                if R > 1:
-                    by_rankset = w.reshape(steps, R, C, R).mean(axis=2)
-                    for q, lane in enumerate(self._rankset_lanes):
-                        busy[lane] += by_rankset[:, :, q] @ reps
-                ratio = np.where(mean > 0, slowest / np.where(mean > 0, mean, 1.0), 1.0)
-                imb_sum += ratio @ reps
-                idle_sum += (w == 0).mean(axis=2) @ reps
+                busy[self.memory_device] += mean
+                for q, lane in enumerate(self._rankset_lanes):
+                    busy[lane] += by_rankset[:, q]
+                imb_sum += ratio
+                idle_sum += idle
                 imb_n += L
             merge["merge_gpu_s"] += L * avg["merge"]
             merge["merge_host_s"] += L * x["host_merge"]
@@ -278,14 +245,13 @@ class AttentionOffloadSystem(SystemModel):
     def _with_bound(self, timing: IterationTiming, subs: list[dict], whole: dict) -> IterationTiming:
         """`timing` with its bound and the causes of the time beyond it (sched.timing.LOSSES), per step."""
         L = self.dep.model.n_layers
-        reps = self._layers_per_residue
         G = self.groups  # at the bound a dealt batch splits evenly over the GPU groups
         g_bound = self.gpu.roofline(whole["tokens"] / G, whole["sampled"] / G, whole["flops"] / G, whole["bytes"] / G)
         m_bound = whole["device_ctx"] * L * self._kv_layer / self.attention_bw
         steps = len(timing.durations)
         per_unit, chain = np.zeros((steps, self.n_ranks)), 0.0
         for x in subs:  # each unit's time over the whole iteration (a unit is a serial resource)
-            per_unit += np.einsum("srn,r->sn", x["work"], reps)
+            per_unit += x["loads"][-1]
             chain += L * (x["up"] + x["down"] + x["down_bg"] + x["host_merge"])
         working = (per_unit > 0).sum(axis=1)
         m_all, m_max = per_unit.mean(axis=1), per_unit.max(axis=1)
@@ -385,137 +351,3 @@ class StepInterpolation:
         if len(values) == 2:  # one segment: every step between the same two samples (no gathering)
             return values[0] * self._w1.reshape(shape) + values[1] * self._w.reshape(shape)
         return values[self._i] * self._w1.reshape(shape) + values[self._i + 1] * self._w.reshape(shape)
-
-
-class _SubBatchParts:
-    """One sub-batch's per-layer times in the form `_Clock` consumes: floats for a one-step iteration, else
-    per-step arrays; per layer residue, the ranks it occupies and their work."""
-
-    def __init__(self, x: dict, ranksets: int, one: bool):
-        self.s, self.name = x["s"], "AB"[x["s"]]
-
-        def form(v):
-            v = np.asarray(v, float)
-            return float(v.reshape(-1)[0]) if one else v
-
-        self.pre, self.pattn, self.post, self.merge, self.head = (form(x[k]) for k in ("pre", "pattn", "post",
-                                                                                       "merge", "head"))  # fmt: skip
-        self.up, self.up_bg, self.down, self.down_bg, self.host_merge = (
-            form(x[k]) for k in ("up", "up_bg", "down", "down_bg", "host_merge"))  # fmt: skip
-        self.residues = []  # per residue: (ranks with work, their work, per-step mask or None where all work)
-        if one:  # one step: a rank with work has it at every step
-            w0 = x["work"][0]
-            act = w0 > 0
-            self.used = act.any(axis=0)
-            for rho in range(ranksets):
-                idx = np.flatnonzero(act[rho])
-                self.residues.append((idx, w0[rho, idx] if len(idx) < w0.shape[1] else w0[rho], None))  # read only
-            return
-        self.used = (x["work"] > 0).any(axis=(0, 1))
-        for rho in range(ranksets):
-            w = x["work"][:, rho, :]
-            act = w > 0
-            idx = np.flatnonzero(act.any(axis=0))
-            mask = act[:, idx]
-            w = w[:, idx] if len(idx) < w.shape[1] else np.ascontiguousarray(w)
-            self.residues.append((idx, w, None if mask.all() else mask))
-
-
-class _Clock:
-    """Free times of the GPU, the two host-link directions, each sub-batch's return and every rank, advanced
-    layer by layer (`AttentionOffloadSystem._schedule`). Scalars are floats (one step) or (steps,) arrays; ranks
-    (n,) or (steps, n). `seq`: without the pipeline every part waits for all earlier parts. `lanes`: each rank's
-    timeline lane (when recording)."""
-
-    def __init__(self, one: bool, steps: int, n: int, seq: bool, record: bool, lanes: list[str]):
-        self.one, self.seq, self.record, self.lanes = one, seq, record, lanes
-        zero = 0.0 if one else np.zeros(steps)
-        self.gpu = self.up = self.down = zero
-        self.ret = [zero, zero]
-        self.ranks = np.zeros(n) if one else np.zeros((steps, n))
-        self.max = max if one else np.maximum
-        self.intervals: list[Interval] = []
-
-    def note(self, dev: str, a, b, label: str, layer: int = -1) -> None:
-        """Record `dev` busy from a to b (step 0) when recording."""
-        if self.record:
-            a, b = (float(a), float(b)) if self.one else (float(a[0]), float(b[0]))
-            if b > a:
-                self.intervals.append(Interval(dev, a, b, label, layer))
-
-    def _barrier(self, t) -> None:
-        if self.seq:
-            self.gpu = self.up = self.down = t
-            self.ranks[...] = t if self.one else t[:, None]
-
-    def state(self, subs: list[int], used: np.ndarray) -> np.ndarray:
-        """The resource times that feed later decisions (..., resources): those of the sub-batches `subs` and
-        the ranks `used`."""
-        ret = [self.ret[s] for s in subs]
-        if self.one:
-            return np.array([self.gpu, self.up, self.down, *ret, *self.ranks[used]])
-        return np.column_stack([self.gpu, self.up, self.down, *ret, self.ranks[:, used]])
-
-    def shift(self, d) -> None:
-        """Advance every resource by d (float or per step)."""
-        self.gpu, self.up, self.down = self.gpu + d, self.up + d, self.down + d
-        self.ret = [r + d for r in self.ret]
-        self.ranks += d if self.one else d[:, None]
-
-    def layer(self, p: _SubBatchParts, layer: int) -> None:
-        """One layer of sub-batch p: dense work, Q/K/V up, attention on its ranks, output down."""
-        mx, s, name = self.max, p.s, p.name
-        start = mx(self.gpu, self.ret[s])
-        dense_end = start + (p.merge + p.post if layer else 0.0) + p.pre
-        self.gpu = dense_end + p.pattn
-        if self.record:
-            self.note("gpu", start, dense_end, f"{name} dense", layer)
-            self.note("gpu", dense_end, self.gpu, f"{name} attn on GPU (prefill, HBM tier)", layer)
-        self._barrier(self.gpu)
-        up_start = mx(dense_end if not self.seq else self.gpu, self.up)
-        up_end = up_start + p.up
-        self.up = up_end + p.up_bg
-        if self.record:
-            self.note("pcie_up", up_start, up_end, f"{name} QKV", layer)
-            self.note("pcie_up", up_end, self.up, f"{name} prefill KV", layer)
-        self._barrier(self.up)
-        idx, work, mask = p.residues[layer % len(p.residues)]
-        if not len(idx):
-            self.ret[s] = self.gpu
-            return
-        ready = up_end if not self.seq else self.up
-        ready_col = ready if self.one else ready[:, None]
-        if mask is None and len(idx) == self.ranks.shape[-1] and not self.record:  # every rank, in place
-            np.maximum(self.ranks, ready_col, out=self.ranks)
-            self.ranks += work
-            pim_end = float(self.ranks.max()) if self.one else self.ranks.max(axis=1)
-            self._return(p, pim_end, layer)
-            return
-        before = self.ranks[..., idx]
-        r_start = np.maximum(before, ready_col)
-        r_end = r_start + work
-        if mask is None:
-            self.ranks[..., idx] = r_end
-            pim_end = float(r_end.max()) if self.one else r_end.max(axis=1)
-        else:  # some ranks idle at some steps
-            self.ranks[..., idx] = np.where(mask, r_end, before)
-            pim_end = np.max(np.where(mask, r_end, ready_col), axis=-1)
-            pim_end = float(pim_end) if self.one else pim_end
-        if self.record:
-            label, lanes = f"{name} attn", self.lanes
-            a, b = ((r_start, r_end) if self.one else (r_start[0], r_end[0]))
-            self.intervals += [Interval(lanes[r], x, y, label, layer)
-                               for r, x, y in zip(idx.tolist(), a.tolist(), b.tolist(), strict=True) if y > x]
-        self._return(p, pim_end, layer)
-
-    def _return(self, p: _SubBatchParts, pim_end, layer: int) -> None:
-        """Sub-batch p's attention outputs go down the host link once its ranks are done at `pim_end`."""
-        s, name = p.s, p.name
-        self._barrier(pim_end)
-        dn_start = self.max(pim_end + p.host_merge, self.down)
-        self.ret[s] = dn_start + p.down
-        self.down = self.ret[s] + p.down_bg
-        if self.record:
-            self.note("pcie_down", dn_start, self.ret[s], f"{name} out", layer)
-            self.note("pcie_down", self.ret[s], self.down, f"{name} KV to HBM", layer)
-        self._barrier(self.down)

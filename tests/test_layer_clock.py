@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from l3.systems.layer_clock import PART_ROWS, layer_times, unit_loads
+from l3.systems.offload import StepInterpolation
 
 
 def _reference(n_layers, ranksets, seq, sub_of, parts, works):
@@ -87,14 +88,20 @@ def test_schedule_equals_every_layer_run(seed, two, seq, ranksets, layers, steps
 
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), ranksets=st.sampled_from([1, 2, 4]), channels=st.integers(1, 5),
-       steps=st.integers(1, 5))  # fmt: skip
+       steps=st.sampled_from([1, 2, 7, 300, 700]))  # fmt: skip
 def test_unit_loads_match_float64_reference(seed, ranksets, channels, steps):
+    """The loads of every step (interpolated between the iteration's samples) against numpy in float64."""
     rng = np.random.default_rng(seed)
     n = channels * ranksets
-    work = rng.uniform(0, 1e-3, (steps, ranksets, n)) * (rng.random((steps, ranksets, n)) < 0.7)
-    stalled = rng.uniform(0, 1e-4, (steps, ranksets, n))
+    interp = StepInterpolation(steps)
+    shape = (len(interp.offsets), ranksets, n)
+    work_at = rng.uniform(0, 1e-3, shape) * (rng.random(shape) < 0.7)
+    stalled_at = rng.uniform(0, 1e-4, shape)
+    work, stalled = interp(work_at), interp(stalled_at)
     reps = rng.integers(0, 30, ranksets)
-    slowest, mean, ratio, idle, by_rankset, stall, per_unit = unit_loads(work, stalled, reps, channels)
+    *loads, full = unit_loads(work_at, stalled_at, interp.segment, interp.weight0, interp.weight, reps, channels)
+    slowest, mean, ratio, idle, by_rankset, stall, per_unit = loads
+    np.testing.assert_array_equal(full, work)
     mu = work.mean(axis=2)
     np.testing.assert_allclose(slowest, work.max(axis=2) @ reps, rtol=1e-12)
     np.testing.assert_allclose(mean, mu @ reps, rtol=1e-12)

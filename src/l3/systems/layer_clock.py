@@ -216,31 +216,41 @@ class LayerRecord(Sequence):
 
 
 @numba.njit(cache=True)
-def unit_loads(work, stalled, reps, channels):
-    """What a sub-batch's units do in an iteration, per step: from `work` and `stalled` (steps, R, n), the seconds
-    each unit is occupied by, and blocked by transfers in, one layer of each residue rho (n = channels x R
-    units, unit = channel x R + rankset), weighted by the layers of each residue `reps`. Returns, summed over
-    the layers: the slowest unit's time, the mean unit's, the slowest / mean ratio (1 where no unit works), the
-    fraction of units idle, each rankset's mean unit time (steps, R), each rankset's mean time blocked by
-    transfers (steps, R), and each unit's time (steps, n)."""
-    steps, n_res, n = work.shape
+def unit_loads(work, stalled, segment, weight0, weight, reps, channels):
+    """What a sub-batch's units do in an iteration, per step. `work` and `stalled` (samples, R, n): the seconds
+    each unit is occupied by, and blocked by transfers in, one layer of each residue rho (n = channels x R units,
+    unit = channel x R + rankset) at the iteration's sampled steps; step s takes sample segment[s] x weight0[s] +
+    sample segment[s] + 1 x weight[s] (`StepInterpolation`; one sample: every step is it). Weighted by the layers
+    of each residue `reps` and summed over the layers, per step: the slowest unit's time, the mean unit's, the
+    slowest / mean ratio (1 where no unit works), the fraction of units idle, each rankset's mean unit time
+    (steps, R), each rankset's mean time blocked by transfers (steps, R) and each unit's time (steps, n); and the
+    work at every step (steps, R, n)."""
+    n_samples, n_res, n = work.shape
+    steps = len(segment)
+    full = np.empty((steps, n_res, n))
     slowest, mean, ratio, idle = np.zeros(steps), np.zeros(steps), np.zeros(steps), np.zeros(steps)
     by_rankset, stall, per_unit = np.zeros((steps, n_res)), np.zeros((steps, n_res)), np.zeros((steps, n))
     for s in range(steps):
+        i, a, b = segment[s], weight0[s], weight[s]
         for rho in range(n_res):
             k = float(reps[rho])
             top, total, zeros = -np.inf, 0.0, 0
             for u in range(n):
-                v = work[s, rho, u]
+                if n_samples == 1:
+                    v, blocked = work[0, rho, u], stalled[0, rho, u]
+                else:
+                    v = work[i, rho, u] * a + work[i + 1, rho, u] * b
+                    blocked = stalled[i, rho, u] * a + stalled[i + 1, rho, u] * b
+                full[s, rho, u] = v
                 top = max(top, v)
                 total += v
                 zeros += v == 0.0
                 per_unit[s, u] += k * v
                 by_rankset[s, u % n_res] += k * v / channels
-                stall[s, u % n_res] += k * stalled[s, rho, u] / channels
+                stall[s, u % n_res] += k * blocked / channels
             mu = total / n
             slowest[s] += k * top
             mean[s] += k * mu
             ratio[s] += k * (top / mu if mu > 0.0 else 1.0)
             idle[s] += k * zeros / n
-    return slowest, mean, ratio, idle, by_rankset, stall, per_unit
+    return slowest, mean, ratio, idle, by_rankset, stall, per_unit, full

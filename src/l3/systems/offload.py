@@ -107,7 +107,7 @@ class AttentionOffloadSystem(SystemModel):
     # --- the iteration --------------------------------------------------------------------------------
     def run(self, plan: Plan, table: RequestTable, steps: int, record: bool = False) -> IterationTiming:
         L = self.dep.model.n_layers
-        interp = StepInterpolation(steps)
+        interp = step_interpolation(steps)
         offsets = interp.offsets
         grow = np.arange(steps, dtype=float)  # each step every decode request attends one token more
         subs = []
@@ -149,8 +149,8 @@ class AttentionOffloadSystem(SystemModel):
                 mean = {k: sum(p[k] for p in per_group) / len(per_group) for k in mean}
             down_bg = self.pcie(migrating * self._kv_layer)
             energy = {k: interp(np.asarray(v, float)) for k, v in energy.items()}
-            work = np.ascontiguousarray(interp(work))
-            loads = unit_loads(work, np.ascontiguousarray(interp(stalled)), self._layers_per_residue, self.channels)
+            *loads, work = unit_loads(np.ascontiguousarray(work), np.ascontiguousarray(stalled), interp.segment,
+                                      interp.weight0, interp.weight, self._layers_per_residue, self.channels)
             subs.append({"s": s, "n_dec": len(dev), "work": work, "loads": loads, **parts,
                          "down_bg": down_bg, "mean": mean | {"down_bg": down_bg},
                          "energy": energy,
@@ -332,22 +332,29 @@ def deal(plan: Plan, groups: int) -> list[tuple[Plan, np.ndarray, np.ndarray]]:
 class StepInterpolation:
     """The steps of a `steps`-step iteration evaluated exactly (`offsets`: both ends and every
     BULK_SAMPLE_EVERY-th step between), and values known there (first axis) linearly interpolated to every step
-    0..steps-1 (the weights computed once for every quantity of the iteration)."""
+    0..steps-1: step k takes sample segment[k] x weight0[k] + sample segment[k] + 1 x weight[k] (the weights
+    computed once for every quantity of the iteration; `step_interpolation` makes one per step count)."""
 
     def __init__(self, steps: int):
         self.steps = steps
         samples = 2 + (steps - 1) // BULK_SAMPLE_EVERY
         self.offsets = offsets = np.unique(np.linspace(0, steps - 1, samples).round().astype(int))
-        if steps > 1:
-            k = np.arange(steps)
-            self._i = np.clip(np.searchsorted(offsets, k, side="right") - 1, 0, len(offsets) - 2)
-            self._w = (k - offsets[self._i]) / (offsets[self._i + 1] - offsets[self._i])
-            self._w1 = 1 - self._w
+        if steps == 1:
+            self.segment, self.weight0, self.weight = np.zeros(1, np.int64), np.ones(1), np.zeros(1)
+            return
+        k = np.arange(steps)
+        self.segment = np.clip(np.searchsorted(offsets, k, side="right") - 1, 0, len(offsets) - 2)
+        self.weight = (k - offsets[self.segment]) / (offsets[self.segment + 1] - offsets[self.segment])
+        self.weight0 = 1 - self.weight
 
     def __call__(self, values: np.ndarray) -> np.ndarray:
         if self.steps == 1:
             return values
         shape = (-1, *([1] * (values.ndim - 1)))
         if len(values) == 2:  # one segment: every step between the same two samples (no gathering)
-            return values[0] * self._w1.reshape(shape) + values[1] * self._w.reshape(shape)
-        return values[self._i] * self._w1.reshape(shape) + values[self._i + 1] * self._w.reshape(shape)
+            return values[0] * self.weight0.reshape(shape) + values[1] * self.weight.reshape(shape)
+        i = self.segment
+        return values[i] * self.weight0.reshape(shape) + values[i + 1] * self.weight.reshape(shape)
+
+
+step_interpolation = functools.lru_cache(maxsize=1024)(StepInterpolation)

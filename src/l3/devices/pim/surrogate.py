@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numba
 import numpy as np
 
 from l3.devices.pim.kernels import KernelShape, rank_layer_stream
@@ -180,16 +181,7 @@ class PimSurrogate:
         """Add refresh to pieces t (ranks, categories + counts) whose bank side ends `tail` before the end and
         whose first round takes about `first` cycles (refreshes there cost c_1, later ones c_ref, and each
         re-opens the rows it closed). Returns t and the refreshes per rank."""
-        busy = t[:, :_NC].sum(axis=1) - tail
-        c = np.where(busy > 0, (c_1 * np.minimum(first, busy) + c_ref * np.maximum(busy - first, 0))
-                     / np.maximum(busy, 1), c_ref)  # fmt: skip
-        half = self.refi // 2
-        n = np.zeros(len(t))
-        for _ in range(3):
-            end = busy + n * c
-            n = np.where(end >= half, np.floor((end - half) / self.refi) + 1, 0)
-        t[:, _REFRESH] += n * c
-        t[:, _ACT] += n * self.acts_per_refresh
+        n = _add_refresh(t, tail, first, c_1, c_ref, float(self.refi), self.acts_per_refresh)
         return t, n
 
     def rank_cycles(self, contexts: np.ndarray, rank: np.ndarray, n_ranks: int) -> np.ndarray:
@@ -205,21 +197,8 @@ class PimSurrogate:
         if contexts.size == 0:
             return np.zeros((n_ranks, _NC)), np.zeros((n_ranks, _NV - _NC)), n_ref
         b, e, tail, c_1, c_ref = self._lookup(-(-contexts // self.shape.n_bk))
-        # every (rank, piece) sum in one bincount: each bin adds its requests in input order, as per column
-        cells = (rank * _NV)[:, None] + np.arange(_NV)
-        out = np.bincount(cells.ravel(), weights=b.ravel(), minlength=n_ranks * _NV).reshape(n_ranks, _NV)
-        out *= self._rounds
-        n = np.bincount(rank, minlength=n_ranks)
-        last, first = np.full(n_ranks, -1), np.full(n_ranks, len(rank))
-        np.maximum.at(last, rank, np.arange(len(rank)))
-        np.minimum.at(first, rank, np.arange(len(rank)))
-        on = n > 0
-        out[on] += (n[on] - 1)[:, None] * self._h + e[last[on]]
-        weight = b[:, :_NC].sum(axis=1)  # refresh delay per event: c_ref of the rank's requests, weighted by time
-        c_rank = np.bincount(rank, weights=weight * c_ref, minlength=n_ranks)[on] / np.bincount(
-            rank, weights=weight, minlength=n_ranks)[on]  # fmt: skip
-        f = first[on]
-        out[on], n_ref[on] = self._with_refresh(out[on], tail[last[on]], weight[f], c_1[f], c_rank)
+        out, n_ref = _compose(b, e, tail, c_1, c_ref, rank, n_ranks, float(self._rounds), self._h, float(self.refi),
+                              self.acts_per_refresh)  # fmt: skip
         return out[:, :_NC], out[:, _NC:], n_ref
 
     def uniform_cycles(self, n_requests: np.ndarray, context: np.ndarray) -> np.ndarray:
@@ -229,3 +208,68 @@ class PimSurrogate:
         b, e, tail, c_1, c_ref = self._lookup(-(-ctx // self.shape.n_bk))
         t = (n * self._rounds)[:, None] * b + (n - 1)[:, None] * self._h + e
         return self._with_refresh(t, tail, b[:, :_NC].sum(axis=1), c_1, c_ref)[0][:, :_NC].sum(axis=1) * (n > 0)
+
+
+@numba.njit(cache=True)
+def _add_refresh(t, tail, first, c_1, c_ref, refi, acts_per_refresh):
+    """`PimSurrogate._with_refresh` in place on t; returns the refreshes per row. Refreshes fall due while the
+    bank side is busy, first at tREFI / 2, then every tREFI; each costs c (c_1 in the first round, c_ref after,
+    weighted by time), which lengthens the busy time they fall in (three passes settle the count)."""
+    half = refi // 2
+    n_out = np.zeros(len(t))
+    for i in range(len(t)):
+        busy = -tail[i]
+        for j in range(_NC):
+            busy += t[i, j]
+        if busy > 0:
+            c = (c_1[i] * min(first[i], busy) + c_ref[i] * max(busy - first[i], 0.0)) / max(busy, 1.0)
+        else:
+            c = c_ref[i]
+        n = 0.0
+        for _ in range(3):
+            end = busy + n * c
+            n = np.floor((end - half) / refi) + 1 if end >= half else 0.0
+        t[i, _REFRESH] += n * c
+        t[i, _ACT] += n * acts_per_refresh
+        n_out[i] = n
+    return n_out
+
+
+@numba.njit(cache=True)
+def _compose(b, e, tail, c_1, c_ref, rank, n_ranks, rounds, h, refi, acts_per_refresh):
+    """Every rank's pieces (n_ranks, categories + counts) and refreshes of one layer: request i (pieces B b[i],
+    E e[i], bank tail, c_1, c_ref) on rank rank[i]; a rank serves its requests in input order:
+    T = R sum B + (n - 1) H + E(last) + refresh, refresh weighted by the time of each request's rounds."""
+    m, nv = b.shape
+    out = np.zeros((n_ranks, nv))
+    count = np.zeros(n_ranks, np.int64)
+    last, first = np.full(n_ranks, -1), np.full(n_ranks, m)
+    w_sum, wc_sum = np.zeros(n_ranks), np.zeros(n_ranks)
+    weight = np.zeros(m)
+    for i in range(m):
+        r = rank[i]
+        for j in range(nv):
+            out[r, j] += b[i, j]
+        count[r] += 1
+        last[r] = i
+        first[r] = min(first[r], i)
+        for j in range(_NC):
+            weight[i] += b[i, j]
+    for i in range(m):  # each rank's refresh delay per event: its requests' c_ref, weighted by their time
+        r = rank[i]
+        wc_sum[r] += weight[i] * c_ref[i]
+        w_sum[r] += weight[i]
+    on = np.flatnonzero(count > 0)
+    busy = np.empty((len(on), nv))
+    for k in range(len(on)):
+        r = on[k]
+        for j in range(nv):
+            busy[k, j] = out[r, j] * rounds + ((count[r] - 1) * h[j] + e[last[r], j])
+    tails, firsts = tail[last[on]], weight[first[on]]
+    n_ref = np.zeros(n_ranks)
+    refreshes = _add_refresh(busy, tails, firsts, c_1[first[on]], wc_sum[on] / w_sum[on], refi, acts_per_refresh)
+    for k in range(len(on)):
+        r = on[k]
+        out[r] = busy[k]
+        n_ref[r] = refreshes[k]
+    return out, n_ref

@@ -283,6 +283,11 @@ class GpuCostModel:
     def embed_and_head(self, n_tokens, n_sampled) -> np.ndarray:
         """One iteration's work outside the decoder layers, seconds: the embedding of its `n_tokens` tokens and the
         final norm and vocabulary projection of its `n_sampled` sampled tokens."""
+        final_norm, vocabulary = self.lm_head(n_sampled)
+        return self.embedding(n_tokens) + final_norm + vocabulary
+
+    def lm_head(self, n_sampled) -> tuple[np.ndarray, np.ndarray]:
+        """Seconds of the final norm and of the vocabulary projection of `n_sampled` sampled tokens."""
         md = self.model
         final_norm = self.memory_kernel("norm", self.memory_op_bytes(n_sampled)["input_layernorm"])
-        return self.embedding(n_tokens) + final_norm + self.gemm(n_sampled, md.vocab_size // self.tp, md.d_model)
+        return final_norm, self.gemm(n_sampled, md.vocab_size // self.tp, md.d_model)

@@ -40,7 +40,7 @@ def _first(v) -> float:
 
 
 def _sum(v) -> float:
-    return float(np.sum(v))
+    return float(v.sum()) if isinstance(v, np.ndarray) else float(np.sum(v))
 
 
 class TimelineSample:

@@ -47,7 +47,9 @@ class AttentionOffloadSystem(SystemModel):
         self._rank_lanes = [f"rankset{r % ranksets}/rank{r}" for r in range(self.n_ranks)]  # timeline lane names
         self._gpu_parts = functools.lru_cache(maxsize=4096)(self._gpu_parts_uncached)
         self._dense = functools.lru_cache(maxsize=4096)(self._dense_uncached)
-        self._head = functools.lru_cache(maxsize=1024)(lambda t, n: float(self.gpu.embed_and_head(t, n)))
+        # embed_and_head(t, n): its parts recur apart (token and sampled counts pair up anew in most iterations)
+        self._embedding = functools.lru_cache(maxsize=4096)(lambda t: float(self.gpu.embedding(t)))
+        self._lm_head = functools.lru_cache(maxsize=4096)(lambda n: tuple(map(float, self.gpu.lm_head(n))))
         self._rankset_lanes = tuple(f"rankset{s}" for s in range(ranksets)) if ranksets > 1 else ()
         self.devices = ("gpu", self.memory_device, "pcie_up", "pcie_down", *self._rankset_lanes)
         self._stall_names = [f"transfer_stall_rankset{q}" for q in range(ranksets)]
@@ -179,9 +181,11 @@ class AttentionOffloadSystem(SystemModel):
         """Per-layer GPU and PCIe seconds of a sub-batch (the same shapes recur: cached). n_decode and
         prefill_tokens count only the requests whose KV lives on the memory side (what crosses the link)."""
         pre, post = self._dense(n_tokens)
+        norm, vocabulary = self._lm_head(n_sampled)
+        head = self._embedding(n_tokens) + norm + vocabulary  # as GpuCostModel.embed_and_head adds them
         up, down = n_decode * self._qkv_bytes + prefill_tokens * self._kv_layer, n_decode * self._out_bytes
         return {"pre": pre, "pattn": float(self.gpu.prefill_attention(pairs, kv_tokens)), "post": post,
-                "head": self._head(n_tokens, n_sampled), "up": self.pcie(n_decode * self._qkv_bytes),
+                "head": head, "up": self.pcie(n_decode * self._qkv_bytes),
                 "up_bg": self.pcie(prefill_tokens * self._kv_layer), "down": self.pcie(n_decode * self._out_bytes),
                 "up_bytes": float(up), "down_bytes": float(down)}  # fmt: skip
 

@@ -181,7 +181,9 @@ class PimSurrogate:
         """Add refresh to pieces t (ranks, categories + counts) whose bank side ends `tail` before the end and
         whose first round takes about `first` cycles (refreshes there cost c_1, later ones c_ref, and each
         re-opens the rows it closed). Returns t and the refreshes per rank."""
-        n = _add_refresh(t, tail, first, c_1, c_ref, float(self.refi), self.acts_per_refresh)
+        c = np.ascontiguousarray
+        n = _add_refresh(t, c(tail, float), c(first, float), c(c_1, float), c(c_ref, float), float(self.refi),
+                         float(self.acts_per_refresh))  # fmt: skip
         return t, n
 
     def rank_cycles(self, contexts: np.ndarray, rank: np.ndarray, n_ranks: int) -> np.ndarray:
@@ -197,8 +199,10 @@ class PimSurrogate:
         if contexts.size == 0:
             return np.zeros((n_ranks, _NC)), np.zeros((n_ranks, _NV - _NC)), n_ref
         b, e, tail, c_1, c_ref = self._lookup(-(-contexts // self.shape.n_bk))
-        out, n_ref = _compose(b, e, tail, c_1, c_ref, rank, n_ranks, float(self._rounds), self._h, float(self.refi),
-                              self.acts_per_refresh)  # fmt: skip
+        c = np.ascontiguousarray  # one type signature: one compiled kernel
+        out, n_ref = _compose(c(b, float), c(e, float), c(tail, float), c(c_1, float), c(c_ref, float), rank,
+                              int(n_ranks), float(self._rounds), c(self._h, float), float(self.refi),
+                              float(self.acts_per_refresh))  # fmt: skip
         return out[:, :_NC], out[:, _NC:], n_ref
 
     def uniform_cycles(self, n_requests: np.ndarray, context: np.ndarray) -> np.ndarray:

@@ -151,30 +151,11 @@ class PimSurrogate:
     # --- composition ---------------------------------------------------------------------------------
     def _lookup(self, s: np.ndarray, segments: bool = True) -> tuple[np.ndarray, ...]:
         """B (n, categories + counts), E (n, categories + counts), bank tail, c_1 and c_ref (n,) for slot counts
-        s >= 1."""
-        p, big = self.period, s > self.s_hi
-        far = big.any()
-        if far:
-            q = np.where(big, -(-(s - self.s_hi) // p), 0)
-            r = s - q * p
-            self._fill(np.concatenate([r, r[big] - p]))
-            row = self._tab[r]
-            b = row[:, :_NV] + q[:, None] * (row[:, :_NV] - self._tab[np.where(big, r - p, r), :_NV])
-        else:  # all in the measured range: the samples themselves
-            self._fill(s)
-            row = self._tab[s]
-            b = row[:, :_NV]
-        if segments and self.shape.mapped:
-            b = b + ((s - 1) // self.shape.segment)[:, None] * self._x
-        c_1, c_ref = row[:, -2], row[:, -1]
-        if far:
-            # Past the measured range: a round hides the delay of its edge refreshes as the sample it extends
-            # does (h = (c_long - c_ref(r)) B(r) per round), and every further refresh costs c_long, the delay
-            # per refresh inside one long round of this kernel (measured): c_ref(s) = c_long - h / B(s).
-            c_ref = np.where(big, self._c1_long - (self._c1_long - c_ref) * row[:, :_NC].sum(axis=1)
-                             / np.maximum(b[:, :_NC].sum(axis=1), 1.0), c_ref)  # fmt: skip
-            c_1 = np.where(big, self._c1_long, c_1)
-        return b, row[:, _NV : 2 * _NV], row[:, -3], c_1, c_ref
+        s >= 1 (`_lookup_rows`), measuring the rows they need first."""
+        s = np.ascontiguousarray(s, np.int64)
+        self._fill(_rows_needed(s, self._tab, self.s_hi, self.period))
+        return _lookup_rows(s, self._tab, self.s_hi, self.period, self.shape.segment, np.ascontiguousarray(self._x),
+                            bool(segments and self.shape.mapped), float(self._c1_long))  # fmt: skip
 
     def _with_refresh(self, t: np.ndarray, tail: np.ndarray, first: np.ndarray, c_1: np.ndarray,
                       c_ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
@@ -199,10 +180,8 @@ class PimSurrogate:
         if contexts.size == 0:
             return np.zeros((n_ranks, _NC)), np.zeros((n_ranks, _NV - _NC)), n_ref
         b, e, tail, c_1, c_ref = self._lookup(-(-contexts // self.shape.n_bk))
-        c = np.ascontiguousarray  # one type signature: one compiled kernel
-        out, n_ref = _compose(c(b, float), c(e, float), c(tail, float), c(c_1, float), c(c_ref, float), rank,
-                              int(n_ranks), float(self._rounds), c(self._h, float), float(self.refi),
-                              float(self.acts_per_refresh))  # fmt: skip
+        out, n_ref = _compose(b, e, tail, c_1, c_ref, rank, int(n_ranks), float(self._rounds),
+                              np.ascontiguousarray(self._h, float), float(self.refi), float(self.acts_per_refresh))
         return out[:, :_NC], out[:, _NC:], n_ref
 
     def uniform_cycles(self, n_requests: np.ndarray, context: np.ndarray) -> np.ndarray:
@@ -277,3 +256,51 @@ def _compose(b, e, tail, c_1, c_ref, rank, n_ranks, rounds, h, refi, acts_per_re
         out[r] = busy[k]
         n_ref[r] = refreshes[k]
     return out, n_ref
+
+
+@numba.njit(cache=True)
+def _rows_needed(s, tab, s_hi, period):
+    """The measured rows (slot counts) `_lookup_rows` reads for slot counts s that `tab` does not hold yet."""
+    out = np.empty(2 * len(s), np.int64)
+    k = 0
+    for v in s:
+        r = v - -(-(v - s_hi) // period) * period if v > s_hi else v
+        for row in (r, r - period) if v > s_hi else (r, r):
+            if np.isnan(tab[row, 0]):
+                out[k] = row
+                k += 1
+    return out[:k]
+
+
+@numba.njit(cache=True)
+def _lookup_rows(s, tab, s_hi, period, segment, x, segments, c1_long):
+    """B, E (n, categories + counts), bank tail, c_1 and c_ref (n,) of slot counts s >= 1 from the measured rows
+    `tab`. Within the measured range (s <= s_hi) a row is its sample; past it, s = r + q x period with r the
+    count q periods back inside the range, and B(s) = B(r) + q (B(r) - B(r - period)). With `segments`, each
+    score-buffer segment boundary adds X. Past the range a round hides the delay of its edge refreshes as the
+    sample it extends does (h = (c_long - c_ref(r)) B(r) per round), and every further refresh costs c_long, the
+    delay per refresh inside one long round: c_ref(s) = c_long - h / B(s), c_1(s) = c_long."""
+    n = len(s)
+    b, e = np.empty((n, _NV)), np.empty((n, _NV))
+    tail, c_1, c_ref = np.empty(n), np.empty(n), np.empty(n)
+    for i in range(n):
+        v = s[i]
+        far = v > s_hi
+        q = -(-(v - s_hi) // period) if far else 0
+        r = v - q * period
+        for j in range(_NV):
+            b[i, j] = tab[r, j] + q * (tab[r, j] - tab[r - period, j]) if far else tab[r, j]
+            e[i, j] = tab[r, _NV + j]
+        if segments:
+            k = (v - 1) // segment
+            for j in range(_NV):
+                b[i, j] = b[i, j] + k * x[j]
+        tail[i], c_1[i], c_ref[i] = tab[r, 2 * _NV], tab[r, 2 * _NV + 1], tab[r, 2 * _NV + 2]
+        if far:
+            measured, grown = 0.0, 0.0
+            for j in range(_NC):
+                measured += tab[r, j]
+                grown += b[i, j]
+            c_ref[i] = c1_long - (c1_long - c_ref[i]) * measured / max(grown, 1.0)
+            c_1[i] = c1_long
+    return b, e, tail, c_1, c_ref

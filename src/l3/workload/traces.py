@@ -12,12 +12,15 @@ import io
 import json
 import reprlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from l3.errors import WorkloadError
 from l3.workload.workload import Workload, from_rows
+
+if TYPE_CHECKING:
+    import pandas as pd  # imported where a file is parsed: 0.15 s that the built-in workloads need not pay
 
 #: CSV formats: name -> (required columns, description). Columns map to (arrival, prompt, output).
 CSV_FORMATS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -46,6 +49,8 @@ def load_trace(path: Path, name: str | None = None) -> Workload:
 
 def _numbers(values: pd.Series, lines: np.ndarray, file: str, field: str, *, integer: bool) -> np.ndarray:
     """Vectorised parse of one column; WorkloadError naming file, first bad line and field."""
+    import pandas as pd
+
     num = pd.to_numeric(values, errors="coerce").astype(np.float64).to_numpy()
     bad = ~np.isfinite(num)
     if values.dtype == bool or values.dtype == object:  # JSON true/false is no number
@@ -68,6 +73,8 @@ def _read_csv(path: Path, text: str) -> tuple[pd.DataFrame, np.ndarray]:
     """The data rows as strings under the header's (stripped) names, and each row's line number; blank lines are
     skipped; a row whose field count differs from the header's, a repeated column name or a CSV syntax error is a
     WorkloadError naming the line."""
+    import pandas as pd
+
     reader = csv.reader(io.StringIO(text))
     body, lines = [], []
     try:
@@ -89,6 +96,8 @@ def _read_csv(path: Path, text: str) -> tuple[pd.DataFrame, np.ndarray]:
 
 
 def _parse_csv(path: Path, text: str, name: str) -> Workload:
+    import pandas as pd
+
     df, lines = _read_csv(path, text)
     header = set(df.columns)
     fmt = max(CSV_FORMATS, key=lambda f: len(header & set(CSV_FORMATS[f][0])))
@@ -129,6 +138,8 @@ def _parse_csv(path: Path, text: str, name: str) -> Workload:
 
 
 def _parse_jsonl(path: Path, text: str, name: str) -> Workload:
+    import pandas as pd
+
     numbered = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip()]
     try:  # one C-level parse for the whole file; per-line parse only to locate an error
         records = json.loads("[" + ",".join(line for _, line in numbered) + "]")

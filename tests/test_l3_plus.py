@@ -12,11 +12,14 @@ from hypothesis import strategies as st
 from conftest import make_workload
 from l3.errors import SpecError
 from l3.report.summary import summarize
+from l3.sched import build_scheduler
 from l3.sched.kv import HBM_TIER
 from l3.sched.plan import Plan
+from l3.sched.requests import RequestTable, WaitingQueue
 from l3.sim.simulator import Simulator
 from l3.specs.model import ModelSpec, get_model
 from l3.specs.system import ParallelSpec, SystemSpec, get_system, with_overrides
+from l3.systems import build_system
 from l3.systems.l3 import L3System
 from l3.systems.offload import deal
 
@@ -226,3 +229,26 @@ def test_summary_reports_idle_ranks_merge_cost_and_tier_occupancy(placement):
         assert s["partial_merge_s"]["host"] > 0.0 and s["partial_merge_s"]["gpu"] == 0.0
     (used,) = s["kv_tiers"]["mean_used_fraction"]
     assert 0.0 < used < 1.0 and s["kv_tiers"]["names"] == ["kv"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 40), st.booleans())
+def test_the_busiest_slot_features_of_a_batch_equal_those_of_its_prefixes(seed, n, striped):
+    """`_attention_row` of a batch (its own computation) is `_attention_rows`' last row, whose prefixes share one
+    spread: the busiest slot's tokens and requests, its prefill tokens written, all decode tokens."""
+    rng = np.random.default_rng(seed)
+    spec = get_system("l3")
+    if striped:
+        spec = with_overrides(get_system("l3-plus"), {"coordination": {"asymmetric": False}})
+    dep = spec.deploy(get_model("qwen-72b"), "paper")
+    topo = build_system(dep).topology()
+    table = RequestTable()
+    sched = build_scheduler(spec, dep.model, topo, table, WaitingQueue(table))
+    ctx = rng.integers(1, 40_000, n).astype(float)
+    place = rng.integers(0, topo.slots, n)
+    written = rng.integers(0, 3, sched.positions) * rng.integers(0, 5000, sched.positions).astype(float)
+    ends = sorted({int(m) for m in rng.integers(1, n + 1, 3)} | {n})
+    rows = sched._attention_rows(ctx, place, written, ends)
+    np.testing.assert_array_equal(sched._attention_row(ctx, place, written), rows[-1])
+    for m, row in zip(ends, rows, strict=True):
+        np.testing.assert_array_equal(sched._attention_row(ctx[:m], place[:m], written), row)

@@ -223,7 +223,10 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
 
     def _attention_row(self, ctx: np.ndarray, place: np.ndarray, written: np.ndarray) -> np.ndarray:
         """`pim_features` of decodes with contexts `ctx` at slots `place`, beside `written` prefill tokens per slot."""
-        return self._attention_rows(ctx, place, written, [len(ctx)])[0]
+        _, slot, held = self.spread(place, ctx)
+        tokens = np.bincount(slot, weights=held, minlength=self.positions)
+        k = int(np.argmax(tokens + written))
+        return np.array([tokens[k], np.count_nonzero(slot == k), written[k], ctx.sum()], float)
 
     def _attention_rows(self, ctx: np.ndarray, place: np.ndarray, written: np.ndarray, ends) -> np.ndarray:
         """`_attention_row` of the first m decodes for each m of `ends` (ascending), from one spread of them all

@@ -3,6 +3,7 @@ iteration's time beyond the hardware's bound goes. Shared by the simulated and t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -30,7 +31,7 @@ class IterationTiming:
     sub_gpu_s: np.ndarray | None = None  # (steps, sub-batches): GPU seconds of each sub-batch
     sub_mem_s: np.ndarray | None = None  # (steps, sub-batches): memory-side attention seconds of each sub-batch
     stats: dict[str, np.ndarray] = field(default_factory=dict)  # per step: extra quantities to average
-    intervals: list[Interval] = field(default_factory=list)  # only for single steps, when asked
+    intervals: Sequence[Interval] = field(default_factory=list)  # only for single steps, when asked
     bound: np.ndarray | None = None  # per step: the hardware's lower bound on its duration (see LOSSES)
     losses: dict[str, np.ndarray] = field(default_factory=dict)  # per step: duration - bound, by cause (LOSSES)
     energy: dict[str, np.ndarray] = field(default_factory=dict)  # per step: dynamic joules by ENERGY_PARTS

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from l3.errors import L3Error
 from l3.sweep.spec import Point, SweepSpec
@@ -84,21 +83,28 @@ def evaluate(p: Point) -> dict:
 
 class SweepStore:
     """The sweep's Parquet file: read on start, rewritten (to a temporary file, then renamed) after every point,
-    so it always holds every finished point and nothing half-written."""
+    so it always holds every finished point and nothing half-written. Columns are the union of the rows' fields in
+    order of first appearance; a row without a field holds a null there."""
 
     def __init__(self, path: Path):
+        import pyarrow.parquet as pq
+
         self.path = path
-        self.rows: list[dict] = pd.read_parquet(path).to_dict("records") if path.exists() else []
+        self.rows: list[dict] = pq.read_table(path).to_pylist() if path.exists() else []
+        self._columns = dict.fromkeys(k for row in self.rows for k in row)
 
     def done(self) -> set[str]:
         return {r["point_id"] for r in self.rows}
 
     def add(self, row: dict) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         self.rows.append(row)
-        df = pd.DataFrame(self.rows)
-        df = df.astype(object).where(pd.notna(df), None)  # one null per missing value, whatever the column type
+        self._columns |= dict.fromkeys(row)
+        table = pa.Table.from_pydict({k: [r.get(k) for r in self.rows] for k in self._columns})
         tmp = self.path.with_name(self.path.name + ".tmp")
-        df.to_parquet(tmp, index=False)
+        pq.write_table(table, tmp)
         os.replace(tmp, self.path)
 
 

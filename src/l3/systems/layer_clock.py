@@ -1,4 +1,4 @@
-"""The per-layer schedule of one iteration of an attention-offload system, compiled (numba).
+"""The per-layer schedule of one iteration of an attention-offload system and its units' loads, compiled (numba).
 
 Free times of the GPU, the two host-link directions, each sub-batch's return and every unit (rank) advance layer
 by layer: per sub-batch, its dense work and prefill attention on the GPU, its Q/K/V up the host link, attention on
@@ -10,6 +10,8 @@ The graph repeats every R layers (the rankset rotation), and every period after 
 post-attention work) is the same map of resource times. That map commutes with a uniform shift: once one period
 advances every resource by the same amount, every later one does too, and the remaining whole periods are added
 in one step (`shortcut`; exact up to rounding). Recording (one step) keeps every part's start and end instead.
+`unit_loads` sums what the units do over the layers (slowest, mean, idle, per rankset) for the iteration's timing
+record and bound.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from l3.sched.timing import Interval
 # The rows of a sub-batch's per-layer times (`layer_times`' `parts`, (P, len(PART_ROWS), steps)), in seconds.
 PART_ROWS = ("pre", "pattn", "post", "merge", "head", "up", "up_bg", "down", "down_bg", "host_merge")
 PRE, PATTN, POST, MERGE, HEAD, UP, UP_BG, DOWN, DOWN_BG, HOST_MERGE = range(len(PART_ROWS))
-# What a recorded layer keeps of each sub-batch (`record`'s `layers`, (P, L, len(REC_COLS))), seconds.
+# What a recorded layer keeps of each sub-batch (`LayerRecord.layers`, (P, L, len(REC_COLS))), seconds.
 REC_COLS = ("start", "dense_end", "gpu_end", "up_start", "up_end", "up_free", "down_start", "returned", "down_free")
 SHORTCUT_RTOL = 1e-12  # a period's advance counts as uniform within this fraction of its largest advance
 

@@ -58,6 +58,13 @@ REBALANCE_GAIN = 0.03
 DEVICE_SIZES = 20
 
 
+def _busiest(tokens: np.ndarray, count: np.ndarray, written: np.ndarray, total: float) -> list[float]:
+    """The PIM features of decodes holding `tokens` and `count` requests per slot beside `written` prefill tokens:
+    [the busiest slot's decode tokens, its requests, its tokens written, all decode tokens `total`]."""
+    k = int(np.argmax(tokens + written))
+    return [tokens[k], count[k], written[k], total]
+
+
 def layer_time(g0: np.ndarray, g1: np.ndarray, p0: np.ndarray, p1: np.ndarray) -> np.ndarray:
     """A pipelined layer's time from its sub-batches' GPU (g) and attention (p) times: at least both GPU parts,
     both attention parts, and each sub-batch's GPU part followed by its own attention."""
@@ -225,8 +232,7 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         """`pim_features` of decodes with contexts `ctx` at slots `place`, beside `written` prefill tokens per slot."""
         _, slot, held = self.spread(place, ctx)
         tokens = np.bincount(slot, weights=held, minlength=self.positions)
-        k = int(np.argmax(tokens + written))
-        return np.array([tokens[k], np.count_nonzero(slot == k), written[k], ctx.sum()], float)
+        return np.array(_busiest(tokens, np.bincount(slot, minlength=self.positions), written, ctx.sum()), float)
 
     def _attention_rows(self, ctx: np.ndarray, place: np.ndarray, written: np.ndarray, ends) -> np.ndarray:
         """`_attention_row` of the first m decodes for each m of `ends` (ascending), from one spread of them all
@@ -240,8 +246,7 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
             tokens += np.bincount(slot[start:cut], weights=held[start:cut], minlength=self.positions)
             count += np.bincount(slot[start:cut], minlength=self.positions)
             start = cut
-            k = int(np.argmax(tokens + written))
-            rows.append([tokens[k], count[k], written[k], ctx[:m].sum()])
+            rows.append(_busiest(tokens, count, written, ctx[:m].sum()))
         return np.array(rows, float)
 
     def _device_mask(self, ids: np.ndarray) -> np.ndarray:

@@ -162,9 +162,9 @@ class PimSurrogate:
         """Add refresh to pieces t (ranks, categories + counts) whose bank side ends `tail` before the end and
         whose first round takes about `first` cycles (refreshes there cost c_1, later ones c_ref, and each
         re-opens the rows it closed). Returns t and the refreshes per rank."""
-        c = np.ascontiguousarray
-        n = _add_refresh(t, c(tail, float), c(first, float), c(c_1, float), c(c_ref, float), float(self.refi),
-                         float(self.acts_per_refresh))  # fmt: skip
+        flat = np.ascontiguousarray  # one compiled signature for every caller
+        n = _add_refresh(t, flat(tail, float), flat(first, float), flat(c_1, float), flat(c_ref, float),
+                         float(self.refi), float(self.acts_per_refresh))  # fmt: skip
         return t, n
 
     def rank_cycles(self, contexts: np.ndarray, rank: np.ndarray, n_ranks: int) -> np.ndarray:
@@ -259,16 +259,25 @@ def _compose(b, e, tail, c_1, c_ref, rank, n_ranks, rounds, h, refi, acts_per_re
 
 
 @numba.njit(cache=True)
+def _sample_of(v, s_hi, period):
+    """(q, r): slot count v as r + q periods, r the sample it extends inside the measured range (q = 0 within)."""
+    q = -(-(v - s_hi) // period) if v > s_hi else 0
+    return q, v - q * period
+
+
+@numba.njit(cache=True)
 def _rows_needed(s, tab, s_hi, period):
     """The measured rows (slot counts) `_lookup_rows` reads for slot counts s that `tab` does not hold yet."""
     out = np.empty(2 * len(s), np.int64)
     k = 0
     for v in s:
-        r = v - -(-(v - s_hi) // period) * period if v > s_hi else v
-        for row in (r, r - period) if v > s_hi else (r, r):
-            if np.isnan(tab[row, 0]):
-                out[k] = row
-                k += 1
+        q, r = _sample_of(v, s_hi, period)
+        if np.isnan(tab[r, 0]):
+            out[k] = r
+            k += 1
+        if q and np.isnan(tab[r - period, 0]):
+            out[k] = r - period
+            k += 1
     return out[:k]
 
 
@@ -286,8 +295,7 @@ def _lookup_rows(s, tab, s_hi, period, segment, x, segments, c1_long):
     for i in range(n):
         v = s[i]
         far = v > s_hi
-        q = -(-(v - s_hi) // period) if far else 0
-        r = v - q * period
+        q, r = _sample_of(v, s_hi, period)
         for j in range(_NV):
             b[i, j] = tab[r, j] + q * (tab[r, j] - tab[r - period, j]) if far else tab[r, j]
             e[i, j] = tab[r, _NV + j]

@@ -63,7 +63,7 @@ def main() -> None:
                       f"{r['requests_rejected']} | {r['throughput_tok_s']:.1f} | {r['steady_throughput_tok_s']:.1f} | "
                       f"{ratio_cell(r, g)} | {r['mean_batch_size']:.1f}"
                       f" | {r['tbt_p50_s']:.3f} | {fmt_err(r.get('pim_predictor_error'))} | "
-                      f"{fmt_err(r.get('gpu_predictor_error'))} | {r.get('rank_load_imbalance', float('nan')):.2f} | "
+                      f"{fmt_err(r.get('gpu_predictor_error'))} | {r.get('rank_load_imbalance') or float('nan'):.2f} | "
                       f"{r['total_wall_s']:.1f} |")
     if opts.only in (None, "online"):
         jobs = [(sysname, None, m, "mooncake-conversation", n, None) for m in MODELS for sysname in ("gpu-only", "l3")]

@@ -3,8 +3,8 @@ where partials merge (docs/l3-plus.md).
 
 Serves one seeded synthetic set per model on `l3` and on `l3-plus` with each (chunk_tokens, stripe_over,
 partial_merge), all at the paper's TP x DP (the same deployment for every row, so rows differ only in
-placement), and prints total and steady-state throughput, mean per-layer rank imbalance (slowest / mean rank),
-the fraction of the physical bound reached and the wall time of each simulation.
+placement), and prints total and steady-state throughput, mean per-layer rank imbalance (slowest / mean working
+rank), the fraction of the physical bound reached and the wall time of each simulation.
 Usage: python bench/stripe_sweep.py [--models qwen-72b,opt-66b] [--workload openr1] [--requests 200]
        [--chunks 512,1024,2048,4096,8192] [--jobs 2]
 """

@@ -211,18 +211,21 @@ def test_with_the_pim_unused_l3_plus_runs_gpu_only_iterations():
         np.testing.assert_array_equal(ra[:, 3:6], rb[:, 3:6])  # steps, batch, tokens of every plan
         np.testing.assert_allclose(ra[:, 2] - ra[:, 1], rb[:, 2] - rb[:, 1], rtol=1e-9)
     np.testing.assert_allclose(a.table.finish_s, b.table.finish_s, rtol=1e-9)
+    assert summarize(a)["rank_load_imbalance"] is None  # no layer attended on the PIM
 
 
 # --- reporting -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("placement", ["rank", "striped"])
 def test_summary_reports_idle_ranks_merge_cost_and_tier_occupancy(placement):
-    """One long request: on one rank per layer, 15 of the 16 ranks idle; striped over the replica, none do and the
+    """One long request: on one rank per layer, 15 of the 16 ranks idle, and the one working rank is the slowest
+    and the mean working rank at once (idle ranks are not imbalance); striped over the replica, none idle and the
     host merges its partials. KV occupancy is a share of capacity."""
     wl = make_workload([0.0], [16], [64 * 256], mode="offline")
     s = summarize(Simulator(spec(placement=placement, over="replica", merge="host").deploy(TINY), wl).run())
     n_ranks = system(placement=placement, over="replica", merge="host").n_ranks
     if placement == "rank":
         assert s["idle_rank_fraction"] == pytest.approx(1 - 1 / n_ranks)
+        assert s["rank_load_imbalance"] == pytest.approx(1.0)
         assert s["partial_merge_s"]["host"] == 0.0
     else:
         assert s["idle_rank_fraction"] < 0.05

@@ -105,8 +105,9 @@ def test_unit_loads_match_float64_reference(seed, ranksets, channels, steps):
     mu = work.mean(axis=2)
     np.testing.assert_allclose(slowest, work.max(axis=2) @ reps, rtol=1e-12)
     np.testing.assert_allclose(mean, mu @ reps, rtol=1e-12)
-    np.testing.assert_allclose(ratio, np.where(mu > 0, work.max(axis=2) / np.where(mu > 0, mu, 1), 1) @ reps,
-                               rtol=1e-12)  # fmt: skip
+    working = (work > 0).sum(axis=2)  # the ratio is over the mean working unit's time
+    mu_working = np.where(working > 0, work.sum(axis=2) / np.maximum(working, 1), 1.0)
+    np.testing.assert_allclose(ratio, np.where(working > 0, work.max(axis=2) / mu_working, 1) @ reps, rtol=1e-12)
     np.testing.assert_allclose(idle, (work == 0).mean(axis=2) @ reps, rtol=1e-12)
     by = work.reshape(steps, ranksets, channels, ranksets).mean(axis=2)
     np.testing.assert_allclose(by_rankset, np.einsum("srq,r->sq", by, reps), rtol=1e-12, atol=1e-18)

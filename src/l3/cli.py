@@ -100,7 +100,7 @@ def print_summary(s: dict) -> None:
 
         rows[-2:-2] = [
             ("scheduler policy", str(s["policy"])),
-            ("rank load imbalance (slowest / mean)", _fmt(s["rank_load_imbalance"])),
+            ("rank load imbalance (slowest / mean working)", _fmt(s["rank_load_imbalance"])),
             ("PIM predictor error, median / p90", err(s["pim_predictor_error"])),
             ("GPU predictor error, median / p90", err(s["gpu_predictor_error"])),
             ("iterations where GPU / PIM waited", f"{s['gpu_waited_fraction']:.0%} / {s['pim_waited_fraction']:.0%}"),

@@ -170,6 +170,10 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.0%}"
 
 
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
 def main_study(n: int, systems: tuple[str, ...] = PAPER_SYSTEMS, name: str = "main") -> tuple[list[Run], Callable]:
     """The paper's matrix (models x workloads x `systems`) in both parallelism views; figures `{name}-{view}.png`."""
     runs = [Run(f"{s} [{v}]", s, m, w, n, parallel="auto" if v == "best" else "paper")
@@ -252,7 +256,8 @@ def ablation_study(n: int) -> tuple[list[Run], Callable]:
         for r in rows:
             line = (f"| {r['label']} | {r['throughput_tok_s']:.1f} | {r[LEAD]:.1f} | {ratio_cell(r, base)} | "
                     f"{r['bound_fraction']:.0%} | {r['tbt_p50_s']:.3f} | {r['mean_batch_size']:.1f} | "
-                    f"{r['rank_load_imbalance']:.2f} | {np.mean([*r['transfer_stall_s'].values()]):.1f} |")  # fmt: skip
+                    f"{_ratio(r['rank_load_imbalance'])} | "
+                    f"{np.mean([*r['transfer_stall_s'].values()]):.1f} |")  # fmt: skip
             if extra:
                 line += f" {r['busy_fraction']['pim']:.0%} | {_pct(r['kv_tiers'].get('hbm_request_share'))} |"
             lines.append(line)

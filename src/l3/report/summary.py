@@ -153,8 +153,10 @@ def coordination_summary(res: SimResult) -> dict:
     reports = [s.report() for s in res.schedulers]
     out = {
         "policy": reports[0].get("policy"),
-        "rank_load_imbalance": m.stats["imbalance"] / m.steps,
-        # over the layers whose attention ran on the memory side: the mean fraction of its units with nothing
+        # over the layers whose attention ran on the memory side: the mean of the slowest unit's time over the mean
+        # working unit's, and the mean fraction of its units with nothing to do
+        "rank_load_imbalance": m.stats["imbalance"] / m.stats["device_layers"] if m.stats["device_layers"]
+        else None,
         "idle_rank_fraction": m.stats["idle_unit_layers"] / m.stats["device_layers"] if m.stats["device_layers"]
         else None,
         # seconds merging striped requests' partial attentions (l3-plus): on the GPUs (per GPU group, in the

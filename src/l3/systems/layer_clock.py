@@ -224,9 +224,9 @@ def unit_loads(work, stalled, segment, weight0, weight, reps, channels):
     unit = channel x R + rankset) at the iteration's sampled steps; step s takes sample segment[s] x weight0[s] +
     sample segment[s] + 1 x weight[s] (`StepInterpolation`; one sample: every step is it). Weighted by the layers
     of each residue `reps` and summed over the layers, per step: the slowest unit's time, the mean unit's, the
-    slowest / mean ratio (1 where no unit works), the fraction of units idle, each rankset's mean unit time
-    (steps, R), each rankset's mean time blocked by transfers (steps, R) and each unit's time (steps, n); and the
-    work at every step (steps, R, n)."""
+    slowest / mean working unit's ratio (1 where no unit works), the fraction of units idle, each rankset's mean
+    unit time (steps, R), each rankset's mean time blocked by transfers (steps, R) and each unit's time (steps, n);
+    and the work at every step (steps, R, n)."""
     n_samples, n_res, n = work.shape
     steps = len(segment)
     full = np.empty((steps, n_res, n))
@@ -253,6 +253,6 @@ def unit_loads(work, stalled, segment, weight0, weight, reps, channels):
             mu = total / n
             slowest[s] += k * top
             mean[s] += k * mu
-            ratio[s] += k * (top / mu if mu > 0.0 else 1.0)
+            ratio[s] += k * (top * (n - zeros) / total if total > 0.0 else 1.0)
             idle[s] += k * zeros / n
     return slowest, mean, ratio, idle, by_rankset, stall, per_unit, full

@@ -236,8 +236,9 @@ class AttentionOffloadSystem(SystemModel):
             merge["merge_gpu_s"] += L * avg["merge"]
             merge["merge_host_s"] += L * x["host_merge"]
         stats = {
-            "imbalance": imb_sum / imb_n if imb_n else np.ones(steps),
-            # per step: layers whose attention ran on the units, and the fraction of units idle in each, summed
+            # per step, over the layers whose attention ran on the units: their count, and summed over them the
+            # slowest / mean working unit's time and the fraction of units idle
+            "imbalance": imb_sum,
             "device_layers": np.full(steps, float(imb_n)), "idle_unit_layers": idle_sum, **merge,
             **{name: stall[:, q] for q, name in enumerate(self._stall_names)},
             "gpu_waited": (durations - busy["gpu"] > WAIT_THRESHOLD * durations).astype(float),

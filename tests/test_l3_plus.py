@@ -15,7 +15,7 @@ from l3.report.summary import summarize
 from l3.sched import build_scheduler
 from l3.sched.kv import HBM_TIER
 from l3.sched.plan import Plan
-from l3.sched.requests import RequestTable, WaitingQueue
+from l3.sched.requests import RequestTable, Status, WaitingQueue
 from l3.sim.simulator import Simulator
 from l3.specs.model import ModelSpec, get_model
 from l3.specs.system import ParallelSpec, SystemSpec, get_system, with_overrides
@@ -27,13 +27,14 @@ TINY = ModelSpec(name="tiny", n_layers=4, d_model=512, n_heads=4, n_kv_heads=4, 
                  ffn_kind="gated", vocab_size=1000)  # fmt: skip
 
 
-def spec(placement="striped", chunk=256, over="rankset", merge="gpu", channels=4):
+def spec(placement="striped", chunk=256, over="rankset", merge="gpu", channels=4, order="rotate"):
     return SystemSpec.build({
         "name": "tiny-l3-plus", "kind": "l3",
         "gpu": {"preset": "a100-80gb", "count": 1},
         "parallelism": {"tiny": {"tp": 1, "dp": 1}},
         "pim": {"org_overrides": {"channels": channels, "rows": 4096}},
-        "coordination": {"placement": placement, "chunk_tokens": chunk, "stripe_over": over, "partial_merge": merge},
+        "coordination": {"placement": placement, "chunk_tokens": chunk, "stripe_over": over, "partial_merge": merge,
+                         "chunk_order": order},
         "scheduler": {"max_batched_tokens": 256},
     })  # fmt: skip
 
@@ -65,6 +66,115 @@ def test_spread_keeps_every_token_and_balances_each_request(tokens, chunk, over,
         if full >= domain:  # a long request: every position holds it, within a chunk of each other
             assert len(mine) == domain
             assert np.ptp(held[req == i]) <= chunk
+
+
+def _decided(rng, s: L3System, place: np.ndarray, tokens: np.ndarray, chunk: int) -> np.ndarray:
+    """A decided stripe order per request: its stripe's slots in a random order, a random prefix of the positions
+    (up to two beyond those its tokens need: decided ahead of a run of steps) decided, the rest -1."""
+    order = np.full((len(place), s.stripe_slots(place[:1]).shape[1]), -1, np.int32)
+    for i, row in enumerate(s.stripe_slots(place)):
+        need = min(len(row), -(-int(tokens[i]) // chunk) + 2)
+        k = rng.integers(0, need + 1)
+        order[i, :k] = rng.permutation(row)[:k]
+    return order
+
+
+@settings(max_examples=30, deadline=None)
+@given(tokens=st.lists(st.integers(0, 20_000), min_size=1, max_size=12), chunk=st.sampled_from([16, 256, 1000]),
+       over=st.sampled_from(["rankset", "replica"]), kv_heads=st.sampled_from([4, 1]),
+       seed=st.integers(0, 2**32 - 1))  # fmt: skip
+def test_decided_stripe_slots_move_positions_not_tokens(tokens, chunk, over, kv_heads, seed):
+    """With some positions' slots decided (least-loaded chunk order), each request's positions hold the same tokens
+    as in rotation order; a decided position lies at its decided slot, the later ones on the stripe's other slots
+    in rotation order."""
+    s = system(chunk=chunk, over=over, kv_heads=kv_heads)
+    rng = np.random.default_rng(seed)
+    tokens = np.array(tokens)
+    place = rng.integers(0, s.slots, len(tokens))
+    order = _decided(rng, s, place, tokens, chunk)
+    req0, _, held0 = s.spread(place, tokens)
+    req, slot, held = s.spread(place, tokens, order)
+    np.testing.assert_array_equal(req, req0)
+    np.testing.assert_array_equal(held, held0)  # position by position
+    rotation = s.stripe_slots(place)
+    for i in range(len(tokens)):
+        mine = slot[req == i]
+        assert len(np.unique(mine)) == len(mine)  # one entry per (request, slot)
+        assert set(mine) <= set(rotation[i])  # within the request's stripe
+        decided = list(order[i][order[i] >= 0])
+        rest = [x for x in rotation[i] if x not in decided]
+        np.testing.assert_array_equal(mine, (decided + rest)[: len(mine)])
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 8), kv_heads=st.sampled_from([4, 1]),
+       over=st.sampled_from(["rankset", "replica"]))  # fmt: skip
+def test_each_new_chunk_goes_to_the_least_loaded_slot_of_its_stripe(seed, n, kv_heads, over):
+    """`_place_chunks` against a chunk-by-chunk reference: each running request's chunks (at its decided slots, then
+    its stripe's others in rotation order; decided ones not yet written too) load their slot with a whole chunk
+    each; every position a request newly needs takes, request after request, the least-loaded slot of its stripe
+    that it does not hold yet, the earliest in rotation order on a tie."""
+    rng = np.random.default_rng(seed)
+    chunk = 256
+    model = TINY.model_copy(update={"n_kv_heads": kv_heads})
+    sp = spec(chunk=chunk, over=over, order="least-loaded")
+    s = L3System(sp.deploy(model))
+    table = RequestTable(np.zeros(n), rng.integers(1, 40 * chunk, n), np.full(n, 10**6))
+    sched = build_scheduler(sp, model, s.topology(), table, WaitingQueue(table))
+    assert table.stripe.shape[1] == s.stripe_slots(np.zeros(1, int)).shape[1]
+    ids = np.arange(n)
+    table.placement[:] = rng.integers(0, s.slots, n)
+    table.stripe[:] = _decided(rng, s, table.placement, table.context(ids), chunk)
+    sched.running = ids
+    stripes = []
+    load = np.zeros(s.slots)
+    for i in ids:
+        decided = [int(x) for x in table.stripe[i] if x >= 0]
+        stripes.append(decided + [int(x) for x in s.stripe_slots(table.placement[i : i + 1])[0] if x not in decided])
+        for k in range(-(-max(int(table.context(ids)[i]), len(decided) * chunk) // chunk)):
+            load[stripes[i][k % len(stripes[i])]] += chunk
+    tokens = table.context(ids) + rng.integers(0, 6 * chunk, n)
+    want = []
+    for i in ids:
+        mine = [int(x) for x in table.stripe[i] if x >= 0]
+        for _ in range(len(mine), min(len(stripes[i]), -(-int(tokens[i]) // chunk))):
+            free = [x for x in s.stripe_slots(table.placement[i : i + 1])[0] if x not in mine]
+            mine.append(min(free, key=lambda x: (load[x], free.index(x))))
+            load[mine[-1]] += chunk
+        want.append(mine)
+    sched._place_chunks(ids, tokens)
+    for i in ids:
+        got = table.stripe[i]
+        np.testing.assert_array_equal(got[: len(want[i])], want[i])
+        assert (got[len(want[i]) :] == -1).all()
+
+
+@pytest.mark.parametrize("over", ["rankset", "replica"])
+def test_every_chunk_written_has_its_slot_decided(over, monkeypatch):
+    """Serving with least-loaded chunk order: every position holding tokens in an executed iteration (each step of
+    a run of steps, prefill chunks too) was given its slot by the scheduler beforehand, each request's slots are
+    distinct, and every request completes."""
+    sp = spec(chunk=256, over=over, order="least-loaded")
+    checked = []
+    work_split = L3System.pim_layer_work_split
+
+    def check(self, ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets, pre_prefix=None, order=None,
+              pre_order=None):  # fmt: skip
+        last = -(-(np.asarray(ctx) + max(offsets)) // 256)
+        before = np.zeros(len(pre_ids)) if pre_prefix is None else np.asarray(pre_prefix)
+        for rows, need in ((order, last), (pre_order, -(-(before + pre_tokens) // 256))):
+            for row, k in zip(rows, np.minimum(need, rows.shape[1]).astype(int), strict=True):
+                assert (row[:k] >= 0).all() and len(set(row[:k])) == k
+                checked.append(k)
+        return work_split(self, ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets, pre_prefix, order,
+                          pre_order)  # fmt: skip
+
+    monkeypatch.setattr(L3System, "pim_layer_work_split", check)
+    rng = np.random.default_rng(3)
+    wl = make_workload(np.zeros(12), rng.integers(16, 1500, 12), rng.integers(200, 3000, 12), mode="offline")
+    res = Simulator(sp.deploy(TINY.model_copy(update={"n_kv_heads": 1})), wl).run()  # a slot is one channel
+    assert (res.table.status == Status.DONE).all()
+    assert max(checked) > 1 and (res.table.stripe >= 0).sum() > 12  # requests did grow over several slots
 
 
 def test_one_long_request_keeps_every_rank_of_the_replica_busy():

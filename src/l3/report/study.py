@@ -50,6 +50,7 @@ PAPER_ROW = "L3 (l3, the paper's design)"
 PLUS_ABLATIONS = {
     "L3+ (l3-plus)": {},
     "striping off": {"coordination": {"placement": "rankset"}},
+    "chunks rotate (no least-loaded choice)": {"coordination": {"chunk_order": "rotate"}},
     "HBM tier off": {"coordination": {"asymmetric": False}},
     "HBM tier off, shared pool on": {"coordination": {"asymmetric": False}, "pim": {"shared": True}},
     "rebalancing off": {"coordination": {"rebalance": False}},

@@ -3,7 +3,10 @@ what the executor says of its hardware (`Topology`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import numpy as np
 
 from l3.sched.kv import KvPool
 from l3.sched.requests import RequestTable, WaitingQueue
@@ -22,13 +25,16 @@ class Topology:
     each request's tokens (default: all at the request's slot); groups: GPU groups one replica's iterations
     are dealt over (each brings its own token and batch budget); overlap: whether one sub-batch's attention runs
     while the other's dense work does (False for an executor that runs a plan's sub-batches one after the other:
-    a second sub-batch then only costs, and every iteration runs as one batch)."""
+    a second sub-batch then only costs, and every iteration runs as one batch); stripe: where the scheduler
+    decides the slot of each new chunk of a striped request, the slots of requests' stripes (placement -> (n, D)),
+    else None."""
 
     kv_tiers: tuple[int, ...]
     slots: int | None = None
     spread: Spread | None = None
     groups: int = 1
     overlap: bool = True
+    stripe: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 def build_scheduler(system: SystemSpec, model: ModelSpec, topology: Topology, table: RequestTable,
@@ -44,4 +50,4 @@ def build_scheduler(system: SystemSpec, model: ModelSpec, topology: Topology, ta
     if topology.slots is None:
         return ContinuousBatchingScheduler(spec, kv, table, queue, replica, model)
     return SubBatchScheduler(spec, kv, table, queue, replica, model, system.coordination, topology.slots,
-                             topology.spread, topology.overlap)  # fmt: skip
+                             topology.spread, topology.overlap, topology.stripe)  # fmt: skip

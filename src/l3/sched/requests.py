@@ -42,6 +42,9 @@ _COLUMNS = {
     "kv_tier": (np.int8, 0),  # KV memory tier of those blocks (see KvPool)
     "placement": (np.int32, -1),  # memory-side position (e.g. PIM channel) chosen at admission
     "sub_batch": (np.int8, -1),  # sub-batch a decoding request runs in (-1: none yet)
+    # A striped request's slots in stripe order, -1 where not yet decided (`set_stripe_width`; no columns until
+    # then): where a memory-side device decides each new chunk's slot as the request grows.
+    "stripe": (np.int32, -1),
 }
 
 
@@ -51,7 +54,8 @@ class RequestTable:
 
     def __init__(self, arrival_s=(), prompt=(), output=()):
         self.n = 0
-        self._buf = {name: np.empty(0, dtype) for name, (dtype, _) in _COLUMNS.items()}
+        self._buf = {name: np.empty((0, 0) if name == "stripe" else 0, dtype)
+                     for name, (dtype, _) in _COLUMNS.items()}  # fmt: skip
         self.reject_reason: dict[int, str] = {}  # id -> full reason
         self.reject_code: dict[int, str] = {}  # id -> short reason code
         self._bind()
@@ -70,7 +74,7 @@ class RequestTable:
         if end > size:
             size = max(end, 2 * size, 16)
             for name, buf in self._buf.items():
-                grown = np.empty(size, buf.dtype)
+                grown = np.empty((size, *buf.shape[1:]), buf.dtype)
                 grown[:start] = buf[:start]
                 self._buf[name] = grown
         for name, (_, value) in _COLUMNS.items():
@@ -82,6 +86,16 @@ class RequestTable:
         self.n = end
         self._bind()
         return np.arange(start, end)
+
+    def set_stripe_width(self, width: int) -> None:
+        """Give `stripe` `width` columns (the positions of a request's stripe), every slot undecided."""
+        now = self._buf["stripe"].shape[1]
+        if now == width:
+            return
+        if now:
+            raise ValueError(f"stripe width already {now}, not {width}")
+        self._buf["stripe"] = np.full((len(self._buf["arrival"]), width), -1, np.int32)
+        self._bind()
 
     def context(self, ids: np.ndarray) -> np.ndarray:
         """Tokens attended by the next decode step of each request."""

@@ -38,10 +38,11 @@ from l3.sched.timing import IterationTiming
 from l3.specs.model import ModelSpec
 from l3.specs.system import CoordinationSpec, SchedulerSpec
 
-Spread = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+Spread = Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]  # (placement, tokens, order=None)
 
 
-def tokens_at_slot(placement: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def tokens_at_slot(placement: np.ndarray, tokens: np.ndarray,
+                   order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """The `Spread` of unsplit placement: request i's tokens[i] tokens all lie at its slot placement[i]."""
     placement, tokens = np.asarray(placement, np.int64), np.asarray(tokens, np.int64)
     keep = np.flatnonzero(tokens > 0)
@@ -82,14 +83,19 @@ def tiered_one_batch_time(g_all, g_dense, p):
 class SubBatchScheduler(ContinuousBatchingScheduler):
     def __init__(self, spec: SchedulerSpec, kv: KvPool, table: RequestTable, queue: WaitingQueue, replica: int,
                  model: ModelSpec, coord: CoordinationSpec, positions: int, spread: Spread | None = None,
-                 overlap: bool = True):  # fmt: skip
-        """`positions`: the placement slots; `spread(placement, tokens)` says which slots hold how many of each
-        request's tokens ((request index, slot, tokens) triples; default: all at the request's slot); `overlap`:
-        whether the executor overlaps the sub-batches (else every iteration runs as one batch)."""
+                 overlap: bool = True, stripe: Callable[[np.ndarray], np.ndarray] | None = None):  # fmt: skip
+        """`positions`: the placement slots; `spread(placement, tokens, order)` says which slots hold how many of
+        each request's tokens ((request index, slot, tokens) triples; default: all at the request's slot);
+        `overlap`: whether the executor overlaps the sub-batches (else every iteration runs as one batch);
+        `stripe`: given, this scheduler decides the slot of each new chunk of a striped request among its
+        stripe's slots (`stripe(placement)`, (n, D)) and records them in the table's `stripe` column."""
         super().__init__(spec, kv, table, queue, replica, model)
         self.coord, self.positions, self.overlap = coord, positions, overlap
         self.policy = get_policy(coord.policy)
         self.spread = spread or tokens_at_slot
+        self.stripe = stripe
+        if stripe is not None:
+            table.set_stripe_width(stripe(np.zeros(1, np.int64)).shape[1])
         self.group = coord.decode_group or (1 if model.gqa_group == 1 else 16)
         self.pim_pred = LinearPredictor(coord.predictor_window)
         self.gpu_pred = ForestPredictor(coord.predictor_window, seed=replica)
@@ -156,7 +162,9 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         # unknown: each request is assumed to generate as many tokens again as it has so far.
         ids = np.append(dev, rid)
         place = np.append(t.placement[dev], 0)  # not placed yet: the least-loaded slot, or a pooled device's one
-        grown = self.pim_features(ids, ids[:0], np.empty(0), grow=t.generated[ids], place=place)
+        order = t.stripe[ids]
+        order[-1] = -1  # and none of its chunks' slots decided
+        grown = self.pim_features(ids, ids[:0], np.empty(0), grow=t.generated[ids], place=place, order=order)
         hbm = run[t.kv_tier[run] == HBM_TIER]
         empty = np.empty(0, np.int64)
         gpu0 = self.gpu_pred.predict(self.gpu_features(empty, empty, hbm)[None, :])[0]
@@ -209,28 +217,63 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         """Place each new request on the least-loaded slot, by tokens held now (output lengths are unknown)."""
         t = self.table
         run = self.running
-        load = self._slot_tokens(t.placement[run], t.context(run))
+        load = self._slot_tokens(t.placement[run], t.context(run), t.stripe[run])
+        t.stripe[ids] = -1  # a new layout (after a preemption too): each chunk's slot decided when first written
         for rid in ids:  # a handful per iteration
             pos = int(np.argmin(load))
             t.placement[rid] = pos
             load += self._slot_tokens(np.array([pos]), t.prefill_target[rid : rid + 1])
 
-    def _slot_tokens(self, placement: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-        _, slot, held = self.spread(placement, tokens)
+    def _slot_tokens(self, placement: np.ndarray, tokens: np.ndarray,
+                     order: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+        _, slot, held = self.spread(placement, tokens, order)
         return np.bincount(slot, weights=held, minlength=self.positions).astype(float)
+
+    def _place_chunks(self, ids: np.ndarray, tokens: np.ndarray) -> None:
+        """Decide the slots of the stripe positions that memory-side requests `ids` need to hold `tokens` tokens
+        each: every new position takes the slot of the request's stripe not yet holding it with the least
+        predicted work: each running request's positions counted at their whole chunks (a partly filled chunk
+        will fill; a decided one not yet written will be), plus, per request a slot serves, the tokens whose time
+        the PIM predictor equates with a request's own cost (its coefficients' ratio; none before it is trained).
+        Ties go to the earlier slot in rotation order."""
+        t, K = self.table, self.coord.chunk_tokens
+        on = self._device_mask(ids)
+        ids, need = ids[on], np.minimum(t.stripe.shape[1], -(-np.asarray(tokens, np.int64)[on] // K))
+        have = (t.stripe[ids] >= 0).sum(axis=1)
+        todo = np.flatnonzero(need > have)
+        if not len(todo):
+            return
+        dev = self._on_device(self.running)
+        decided = (t.stripe[dev] >= 0).sum(axis=1) * K  # slots decided ahead of the tokens count already
+        _, slot, held = self.spread(t.placement[dev], np.maximum(t.context(dev), decided), t.stripe[dev])
+        w = self.pim_pred.w
+        per_request = w[1] / w[0] if w is not None and w[0] > 0 and w[1] > 0 else 0.0
+        cost = np.bincount(slot, -(-held // K) * K + per_request, minlength=self.positions).astype(float)
+        for i in todo:
+            rid = ids[i]
+            domain = self.stripe(t.placement[rid : rid + 1])[0]
+            for j in range(have[i], need[i]):
+                free = domain[~np.isin(domain, t.stripe[rid, :j])]
+                t.stripe[rid, j] = s = free[np.argmin(cost[free])]
+                cost[s] += K + per_request
 
     # --- features -------------------------------------------------------------------------------------
     def pim_features(self, ids: np.ndarray, pre_ids: np.ndarray, pre_tokens: np.ndarray, grow: int = 0,
-                     place: np.ndarray | None = None) -> np.ndarray:
+                     place: np.ndarray | None = None, order: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
         """[busiest slot's decode tokens, its requests, its prefill tokens written, all decode tokens]: requests
-        sharing a slot share a rank in every layer, so the busiest slot sets each layer's attention time."""
+        sharing a slot share a rank in every layer, so the busiest slot sets each layer's attention time. `place`,
+        `order`: the requests' slots and decided stripe slots (default: the table's)."""
         t = self.table
-        place = t.placement[ids] if place is None else place
-        return self._attention_row(t.context(ids) + grow, place, self._slot_tokens(t.placement[pre_ids], pre_tokens))
+        if place is None:
+            place, order = t.placement[ids], t.stripe[ids]
+        written = self._slot_tokens(t.placement[pre_ids], pre_tokens, t.stripe[pre_ids])
+        return self._attention_row(t.context(ids) + grow, place, written, order)
 
-    def _attention_row(self, ctx: np.ndarray, place: np.ndarray, written: np.ndarray) -> np.ndarray:
-        """`pim_features` of decodes with contexts `ctx` at slots `place`, beside `written` prefill tokens per slot."""
-        _, slot, held = self.spread(place, ctx)
+    def _attention_row(self, ctx: np.ndarray, place: np.ndarray, written: np.ndarray,
+                       order: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+        """`pim_features` of decodes with contexts `ctx` at slots `place` (decided stripe slots `order`), beside
+        `written` prefill tokens per slot."""
+        _, slot, held = self.spread(place, ctx, order)
         tokens = np.bincount(slot, weights=held, minlength=self.positions)
         return np.array(_busiest(tokens, np.bincount(slot, minlength=self.positions), written, ctx.sum()), float)
 
@@ -273,6 +316,9 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
     # --- the split ------------------------------------------------------------------------------------
     def split(self, plan: Plan) -> Plan:
         t = self.table
+        if self.stripe is not None:  # the slots of the chunks this iteration writes, before anything is predicted
+            self._place_chunks(plan.decode_ids, t.context(plan.decode_ids))
+            self._place_chunks(plan.prefill_ids, plan.prefill_prefix + plan.prefill_chunks)
         plan.decode_on_device = self._device_mask(plan.decode_ids)
         plan.prefill_on_device = self._device_mask(plan.prefill_ids)
         if not self.overlap:  # the executor runs sub-batches one after the other: a split would only cost
@@ -493,7 +539,10 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
     def repeat_limit(self, plan: Plan) -> RepeatLimit:
         if len(plan.migrate_ids):
             return RepeatLimit(1, False)  # KV on the move: the next iteration attends it from HBM
-        return super().repeat_limit(plan)
+        limit = super().repeat_limit(plan)
+        if self.stripe is not None:  # the chunks the repeated steps write
+            self._place_chunks(plan.decode_ids, self.table.context(plan.decode_ids) + limit.steps - 1)
+        return limit
 
     def commit(self, plan: Plan, end_s: float) -> np.ndarray:
         finished = super().commit(plan, end_s)

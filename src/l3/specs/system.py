@@ -198,6 +198,10 @@ class CoordinationSpec(SpecModel):
     # group of every rankset of the replica (groups first, then the next rankset).
     stripe_over: Literal["rankset", "replica"] = "replica"  # the defaults here: the sweep's choice
     partial_merge: Literal["gpu", "host"] = "host"  # who merges a striped request's partials (log-sum-exp)
+    # Which slot of its stripe each new chunk of a striped request takes: "rotate" = chunk k at stripe position
+    # k mod D (from the slot chosen at admission), "least-loaded" = the slot of its stripe not yet holding it with
+    # the least predicted work when the chunk is first written (after D chunks the order repeats).
+    chunk_order: Literal["rotate", "least-loaded"] = "rotate"
     rankset_overlap: bool = True  # a write blocks only the rank written; off: it blocks its whole channel
     policy: Literal["alignment", "fill-capacity", "halving"] = "alignment"
     decode_group: int = 0  # decodes placed at a time by the alignment policy; 0 = 1 for MHA, 16 for GQA

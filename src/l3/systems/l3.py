@@ -48,6 +48,8 @@ class L3System(AttentionOffloadSystem):
             get_link(pim.cxl_link), max(1, pim.cxl_devices * channels // full.org.channels))  # fmt: skip
         self._host_cats = [CATEGORIES.index("host_write"), CATEGORIES.index("host_read")]
         self.striped = self.coord.placement == "striped"
+        if self.striped and self.coord.chunk_order == "least-loaded":
+            self.decided_stripe = self.stripe_slots
         # A partial: the unnormalised output (FP32, it is not bounded by |v|) and a running max and sum per
         # query head (FP32); a whole output: FP16 per query head.
         self._partial_bytes = m.n_heads * (m.head_dim + 2) * 4
@@ -121,29 +123,56 @@ class L3System(AttentionOffloadSystem):
         groups = self.channels // self.shard
         return groups if self.coord.stripe_over == "rankset" else groups * self.ranksets
 
-    def spread(self, placement: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Where requests' tokens lie: (request index, slot, tokens) per (request, slot) holding any. Request i
-        at slot placement[i] = g0 * R + o0 (channel group g0 of the G = C / S groups, offset o0) with tokens[i]
-        tokens. Unstriped: all at its slot. Striped: chunk k of `chunk_tokens` at position k mod D of the
-        request's stripe, D = G (`stripe_over = "rankset"`: group (g0 + k) mod G, offset o0) or G R
-        (`"replica"`: the groups first, then the next offset), so each position holds floor(n_full / D) or one
-        more full chunk and one holds the partly filled last chunk. Within a slot the heads stay split over its
-        S channels, as unstriped."""
+    def stripe_slots(self, placement: np.ndarray) -> np.ndarray:
+        """The slots of each request's stripe in rotation order, (n, D) (`_stripe_slot`)."""
+        return self._stripe_slot(np.asarray(placement, np.int64)[:, None], np.arange(self._stripe_positions))
+
+    def _stripe_slot(self, placement: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """Slot of stripe position `pos` of requests at slot `placement` = g0 * R + o0 (channel group g0 of the
+        G = C / S groups, offset o0), in rotation order: group (g0 + pos) mod G, offset o0 (`stripe_over =
+        "rankset"`, D = G), or with the offset advancing each time the groups wrap (`"replica"`, D = G R)."""
+        G, R = self.channels // self.shard, self.ranksets
+        g0, o0 = np.divmod(placement, R)
+        wrap = 0 if self._stripe_positions == G else (g0 + pos) // G
+        return (g0 + pos) % G * R + (o0 + wrap) % R
+
+    def spread(self, placement: np.ndarray, tokens: np.ndarray,
+               order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+        """Where requests' tokens lie: (request index, slot, tokens) per (request, slot) holding any. Unstriped:
+        all at the request's slot placement[i]. Striped: chunk k of `chunk_tokens` at position k mod D of the
+        request's stripe (`stripe_slots`; with `order` (n, D) given, position j at order[i, j] where that is
+        decided, >= 0, and the later positions on the stripe's other slots in rotation order), so each position
+        holds floor(n_full / D) or one more full chunk and one holds the partly filled last chunk. Within a slot
+        the heads stay split over its S channels, as unstriped."""
         if not self.striped:
             return super().spread(placement, tokens)
         placement, tokens = np.asarray(placement, np.int64), np.asarray(tokens, np.int64)
         K, D = self.coord.chunk_tokens, self._stripe_positions
-        G, R = self.channels // self.shard, self.ranksets
         full, rem = np.divmod(tokens, K)
         j = np.arange(D)
         held = K * (full[:, None] // D + (j < full[:, None] % D)) + rem[:, None] * (j == full[:, None] % D)
         req, pos = np.nonzero(held)
-        g0, o0 = np.divmod(placement[req], R)
-        wrap = 0 if D == G else (g0 + pos) // G
-        return req, (g0 + pos) % G * R + (o0 + wrap) % R, held[req, pos]
+        slot = self._stripe_slot(placement[req], pos)
+        if order is not None and order.shape[1]:
+            decided = order[req, pos]
+            slot = np.where(decided >= 0, decided, slot)
+            late = np.flatnonzero((decided < 0) & (order[req, 0] >= 0))  # past a request's decided positions
+            if len(late):
+                rows, back = np.unique(req[late], return_inverse=True)
+                slot[late] = self._undecided(order[rows], self.stripe_slots(placement[rows]))[back, pos[late]]
+        return req, slot, held[req, pos]
 
-    def pim_layer_work_split(self, ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets,
-                             pre_prefix=None) -> tuple[np.ndarray, np.ndarray, dict]:  # fmt: skip
+    @staticmethod
+    def _undecided(order: np.ndarray, rotation: np.ndarray) -> np.ndarray:
+        """Each request's stripe order (n, D) with the positions after its decided ones (a prefix: the scheduler
+        decides them in turn) on the stripe's other slots, in rotation order."""
+        taken = (rotation[:, :, None] == order[:, None, :]).any(axis=2)
+        rest = np.take_along_axis(rotation, np.argsort(taken, axis=1, kind="stable"), axis=1)
+        after = np.arange(order.shape[1]) - (order >= 0).sum(axis=1)[:, None]
+        return np.where(order >= 0, order, np.take_along_axis(rest, np.maximum(after, 0), axis=1))
+
+    def pim_layer_work_split(self, ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets, pre_prefix=None,
+                             order=None, pre_order=None) -> tuple[np.ndarray, np.ndarray, dict]:  # fmt: skip
         """`pim_layer_work`, the part of it each rank is blocked by transfers into and out of the DIMMs (Q,
         K/V and prefill writes, output reads; without rankset overlap, every write of the rank's channel), and
         the layer's dynamic energy at each offset (every rank's work above its static power: the device model's
@@ -152,7 +181,8 @@ class L3System(AttentionOffloadSystem):
         The device's rank time includes writing each request's Q and new K/V token and reading its output back
         (striped: per rank holding some of its tokens, a partial); prefill requests `pre_ids` also write
         `pre_tokens` tokens of KV per layer (after their `pre_prefix` tokens) into the ranks that hold them.
-        With rankset overlap a write blocks only the rank written; without it, every rank of its channel."""
+        With rankset overlap a write blocks only the rank written; without it, every rank of its channel.
+        `order`, `pre_order`: the decode and prefill requests' decided stripe slots (`spread`)."""
         R, C, n, k = self.ranksets, self.channels, self.n_ranks, self.slots
         # Requests sharing a slot share their ranks in every layer, and each of the slot's S ranks holds the
         # same share of their heads; layer residue rho only moves a slot to other ranks of the same channels.
@@ -160,8 +190,8 @@ class L3System(AttentionOffloadSystem):
         pre_e = np.zeros(len(COMPONENTS))
         if len(pre_ids):
             before = np.zeros(len(pre_ids)) if pre_prefix is None else np.asarray(pre_prefix, float)
-            _, slot_a, held_a = self.spread(pre_place, before)
-            _, slot_b, held_b = self.spread(pre_place, before + pre_tokens)
+            _, slot_a, held_a = self.spread(pre_place, before, pre_order)
+            _, slot_b, held_b = self.spread(pre_place, before + pre_tokens, pre_order)
             tokens = np.bincount(slot_b, weights=held_b, minlength=k) - np.bincount(slot_a, held_a, minlength=k)
             pre_w = np.asarray(self.pim.kv_write_time(tokens, layers=1), float)
             pre_e = self.pim.kv_write_energy(tokens, layers=1, dynamic=True).sum(axis=0)
@@ -169,7 +199,7 @@ class L3System(AttentionOffloadSystem):
         energy = np.zeros((n_off, len(COMPONENTS)))
         comps, hosts = np.zeros((n_off, k)), np.zeros((n_off, k))
         if len(ids):  # every offset's layout in one device call, offset si on slots si * k ...
-            spreads = [self.spread(placement, ctx + j) for j in offsets]
+            spreads = [self.spread(placement, ctx + j, order) for j in offsets]
             slot = np.concatenate([si * k + sp[1] for si, sp in enumerate(spreads)])
             comp, cat, e = self.pim.layer_attention(np.concatenate([sp[2] for sp in spreads]), slot, dynamic=True,
                                                     n_ranks=n_off * k)  # fmt: skip

@@ -64,24 +64,26 @@ class AttentionOffloadSystem(SystemModel):
     def slots(self) -> int:
         """Placement positions the scheduler chooses among at admission."""
 
-    def pim_layer_work(self, ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets,
-                       pre_prefix=None) -> np.ndarray:  # fmt: skip
+    def pim_layer_work(self, ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets, pre_prefix=None,
+                       order=None, pre_order=None) -> np.ndarray:  # fmt: skip
         """Seconds each unit is occupied by one layer's attention of a sub-batch: (offsets, R residues, units).
 
         ctx: tokens attended per decode request at step offset 0 (grows by one per step); `placement`: their
         slots. Prefill requests `pre_ids` at slots `pre_place` write `pre_tokens` tokens of KV per layer, after
-        the `pre_prefix` they already hold (None: 0)."""
-        return self.pim_layer_work_split(ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets, pre_prefix)[0]
+        the `pre_prefix` they already hold (None: 0). `order`, `pre_order`: their decided stripe slots (`spread`)."""
+        return self.pim_layer_work_split(ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets, pre_prefix,
+                                         order, pre_order)[0]  # fmt: skip
 
     @abstractmethod
-    def pim_layer_work_split(self, ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets,
-                             pre_prefix=None) -> tuple[np.ndarray, np.ndarray, dict]:  # fmt: skip
+    def pim_layer_work_split(self, ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets, pre_prefix=None,
+                             order=None, pre_order=None) -> tuple[np.ndarray, np.ndarray, dict]:  # fmt: skip
         """`pim_layer_work`, the part of it each unit is blocked by transfers rather than attending, and the
         layer's dynamic energy on the memory side at each offset (J by sched.timing.ENERGY_PARTS, (offsets,))."""
 
     def topology(self) -> Topology:
         """Decode attention on the memory side: the scheduler places requests on its slots and sub-batches."""
-        return Topology(kv_tiers=self.kv_tiers, slots=self.slots, spread=self.spread, groups=self.groups)
+        return Topology(kv_tiers=self.kv_tiers, slots=self.slots, spread=self.spread, groups=self.groups,
+                        stripe=self.decided_stripe)
 
     @property
     def link_j_per_byte(self) -> float:
@@ -95,9 +97,14 @@ class AttentionOffloadSystem(SystemModel):
         t = self.dep.host_link.transfer_time(np.asarray(nbytes, float) / self.dep.tp)
         return float(t) if t.ndim == 0 else t
 
-    def spread(self, placement: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    decided_stripe = None  # (placement -> (n, D) slots of each request's stripe) where the scheduler decides
+    # the slot of each new chunk (`coordination.chunk_order = "least-loaded"`)
+
+    def spread(self, placement: np.ndarray, tokens: np.ndarray,
+               order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
         """Where requests' tokens lie: (request index, slot, tokens) for each (request, slot) holding any, request
-        i being at slot placement[i] with tokens[i] tokens. Here a request's tokens all lie at its slot."""
+        i being at slot placement[i] with tokens[i] tokens; `order`: decided stripe slots of striped requests.
+        Here a request's tokens all lie at its slot."""
         return tokens_at_slot(placement, tokens)
 
     def outputs(self, ctx: np.ndarray, placement: np.ndarray, offsets: np.ndarray) -> dict[str, np.ndarray]:
@@ -128,7 +135,8 @@ class AttentionOffloadSystem(SystemModel):
             # The memory side serves the whole sub-batch, whichever GPU group each request is dealt to.
             work, stalled, energy = self.pim_layer_work_split(
                 dev, ctx[~on_gpu], table.placement[dev], pre_ids, pre_chunks, table.placement[pre_ids], offsets,
-                pre_prefix=sb.prefill_prefix[pre])  # fmt: skip
+                pre_prefix=sb.prefill_prefix[pre], order=table.stripe[dev],
+                pre_order=table.stripe[pre_ids])  # fmt: skip
             shape = BatchShape.of(sb, ctx)
             gpu_ctx = ctx[on_gpu].sum() + on_gpu.sum() * grow
             flops, nbytes = self.gpu.attention_work(shape.prefill_pairs + gpu_ctx, shape.prefill_kv_tokens + gpu_ctx)

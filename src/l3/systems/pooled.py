@@ -105,8 +105,8 @@ class PooledAttentionSystem(AttentionOffloadSystem):
     def static_power(self) -> dict[str, float]:
         return super().static_power() | {"dram_background": self.device.energy_spec.static_w}
 
-    def pim_layer_work_split(self, ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets,
-                             pre_prefix=None) -> tuple[np.ndarray, np.ndarray, dict]:  # fmt: skip
+    def pim_layer_work_split(self, ids, ctx, placement, pre_ids, pre_tokens, pre_place, offsets, pre_prefix=None,
+                             order=None, pre_order=None) -> tuple[np.ndarray, np.ndarray, dict]:  # fmt: skip
         steps_ctx = ctx[None, :] + np.asarray(offsets, float)[:, None]  # (offsets, requests) tokens attended
         written = float(np.sum(pre_tokens))
         work = self.device.read_seconds(steps_ctx) + self.device.write_seconds(written)

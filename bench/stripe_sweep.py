@@ -4,7 +4,8 @@ where partials merge (docs/l3-plus.md).
 Serves one seeded synthetic set per model on `l3` and on `l3-plus` with each (chunk_tokens, stripe_over,
 partial_merge), all at the paper's TP x DP (the same deployment for every row, so rows differ only in
 placement), and prints total and steady-state throughput, mean per-layer rank imbalance (slowest / mean working
-rank), the fraction of the physical bound reached and the wall time of each simulation.
+rank) and the share of idle ranks beside it, the fraction of the physical bound reached and the wall time of each
+simulation.
 Usage: python bench/stripe_sweep.py [--models qwen-72b,opt-66b] [--workload openr1] [--requests 200]
        [--chunks 512,1024,2048,4096,8192] [--jobs 2]
 """
@@ -49,16 +50,16 @@ def main() -> None:
     with mp.get_context("spawn").Pool(a.jobs) as pool:
         rows = pool.map(one, jobs, chunksize=1)
     print(f"{a.workload}, {a.requests} requests (seed 0), paper TP x DP; simulated throughputs, measured wall")
-    print("| model | placement | chunk | stripe over | merge | tok/s | steady tok/s | imbalance | bound reached "
-          "| wall s |")
-    print("|---|---|---:|---|---|---:|---:|---:|---:|---:|")
+    print("| model | placement | chunk | stripe over | merge | tok/s | steady tok/s | imbalance | idle ranks "
+          "| bound reached | wall s |")
+    print("|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         c = r["coord"]
         paper = ("l3 (paper)", "-", "-", "-")
         where = ("striped", c["chunk_tokens"], c["stripe_over"], c["partial_merge"]) if c else paper
         print(f"| {r['model_name']} | {' | '.join(map(str, where))} | {r['throughput_tok_s']:.0f} | "
               f"{r['steady_throughput_tok_s'] or 0:.0f} | {r.get('rank_load_imbalance') or 0:.2f} | "
-              f"{r['bound_fraction']:.2f} | {r['sim_wall_s']:.1f} |")
+              f"{r.get('idle_rank_fraction') or 0:.2f} | {r['bound_fraction']:.2f} | {r['sim_wall_s']:.1f} |")
 
 
 if __name__ == "__main__":

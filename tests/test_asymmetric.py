@@ -286,3 +286,39 @@ def test_one_batch_under_the_tier_overlaps_the_gpus_attention_with_the_devices(p
         sched.gpu_pred = _DenseAndHbmAttention()
         sched._last = (np.array([0.018, 0.010]), np.array([0.0, p1]))
         assert sched._one_batch_pays(plan) == want, asymmetric
+
+
+@pytest.mark.parametrize("costs, same_way, ran_one, tiered, untiered", [
+    ((0.4, 0.5), 1, False, True, False),   # one batch measured cheaper: the tier takes it; without, the forest decides
+    ((0.6, 0.5), 1, True, False, False),   # one batch measured dearer: split either way
+    ((0.4, 0.5), 16, True, False, False),  # 16 one-batch iterations in a row: split once to re-measure it
+    ((0.6, 0.5), 16, False, True, False),  # 16 split iterations in a row: the tier tries one batch once
+    ((None, 0.5), 1, False, False, False),  # one batch never measured: the forest decides
+])  # fmt: skip
+def test_under_the_tier_the_measured_way_decides(costs, same_way, ran_one, tiered, untiered):
+    """Under asymmetric pipelining the last measured time per request-step of each way (one batch, split) decides,
+    and after `warmup_iterations` iterations one way the other is tried once; without a tier the measurement only
+    vetoes what the predictors say. The predictors here always say split."""
+    untiered_spec = with_overrides(get_system("l3-plus"), {"coordination": {"asymmetric": False}})
+    for asymmetric, want in ((True, tiered), (False, untiered)):
+        spec = offload_system(system="l3-plus") if asymmetric else untiered_spec.deploy(MODEL, ParallelSpec(tp=4, dp=2))
+        sched = Simulator(spec, make_workload([0.0], [100], [10], mode="offline")).schedulers[0]
+        assert sched.coord.warmup_iterations == 16
+        ids = sched.table.add(np.zeros(4), [1000] * 4, [50] * 4)
+        plan = Plan(decode_ids=ids, decode_sub=np.array([0, 0, 1, 1], np.int8),
+                    decode_on_device=np.array([False, False, True, True]))  # fmt: skip
+        sched._step_cost, sched._same_way, sched._one = list(costs), same_way, ran_one
+        sched._one_batch_pays = lambda plan: False
+        assert sched._choose_one_batch(plan) == want, asymmetric
+
+
+def test_under_the_tier_only_decode_plans_with_device_decodes_measure_the_way():
+    """A plan's time per request-step measures one batch or split only where there was a choice: decodes only,
+    some on the device. A prefill's prompt work, or a plan attended wholly from HBM, would skew it."""
+    sched = Simulator(offload_system(system="l3-plus"), make_workload([0.0], [100], [10], mode="offline")).schedulers[0]
+    ids = sched.table.add(np.zeros(3), [1000] * 3, [50] * 3)
+    some = np.array([False, False, True])
+    assert sched._decides_the_way(Plan(decode_ids=ids, decode_on_device=some))
+    assert not sched._decides_the_way(Plan(decode_ids=ids, decode_on_device=np.zeros(3, bool)))
+    assert not sched._decides_the_way(Plan(decode_ids=ids[1:], decode_on_device=some[1:], prefill_ids=ids[:1],
+                                           prefill_chunks=np.array([64]), prefill_prefix=np.array([0])))

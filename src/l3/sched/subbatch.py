@@ -9,7 +9,9 @@ sub-batches per iteration (a decoding request keeps its sub-batch), and one of t
 - `halving` (NeuPIMs-style): split by count, chunked prefill with the usual token budget.
 - `fill-capacity` (naive): admit and prefill everything that fits memory at once, split by count.
 Under `alignment` with `coordination.single_batch_fallback`, an iteration runs as one batch when the predictors
-say two sub-batches would be slower (small batches, where the second sub-batch mostly re-reads the weights).
+say two sub-batches would be slower (small batches, where the second sub-batch mostly re-reads the weights) and
+the last measured time per request-step does not refute it; with two KV tiers the measurements alone decide once
+each way has been measured (`_choose_one_batch`).
 With `coordination.asymmetric` (NEO-style, two KV tiers: GPU HBM and the device) the split follows the KV:
 sub-batch 0 holds every prefill and the requests whose KV is in HBM (attention on the GPU), sub-batch 1 those
 whose KV is in the device. New requests go to HBM while it has room; under `alignment` they join the device
@@ -374,6 +376,12 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
                 self._last = self._predict(plan)
         return self._one
 
+    def _decides_the_way(self, plan: Plan) -> bool:
+        """Whether `plan`'s time per request-step measures the way it ran (one batch or split). Under asymmetric
+        pipelining only a decode-only plan with device decodes does: without device decodes there was nothing to
+        split, and a prefill's prompt work would count against the way that happened to carry it."""
+        return not self.coord.asymmetric or (not len(plan.prefill_ids) and bool(plan.decode_on_device.any()))
+
     def _predict(self, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
         """(GPU, PIM) predicted seconds of both sub-batches of `plan` (NaN before the predictors are trained)."""
         gx, px = [], []
@@ -388,16 +396,23 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
         """One batch when the predictors favour it and measurements do not refute it. The forest cannot tell
         sub-batch GPU times well after a run of one-batch iterations (it has seen only whole batches), so the
         last measured time per request-step of each way decides; every `warmup_iterations` iterations in one
-        way, the other is tried once to refresh its measurement."""
+        way, the other is tried once to refresh its measurement. Under asymmetric pipelining the measurements
+        decide both ways, the predictors only until each way has been measured: one batch there runs dense work
+        without any GPU attention at the size of the whole batch, a point the forest has never seen (it learns
+        sub-batch 0 with the HBM tier's attention and the smaller sub-batch 1 without), and its guess misses the
+        measured step by 20-50% (Qwen-72B at TP8: 75-94 ms predicted, 62 ms measured)."""
         one, split = self._step_cost
         if split is None:
             return False  # measure a split iteration first
-        if one is not None:
-            if self._same_way >= self.coord.warmup_iterations:
-                if self._one:
-                    return False  # refresh the split measurement
-            elif one > split:
-                return False  # one batch measured slower
+        if one is None:
+            return self._one_batch_pays(plan)
+        stale = self._same_way >= self.coord.warmup_iterations
+        if self.coord.asymmetric:
+            return not self._one if stale else one <= split
+        if stale and self._one:
+            return False  # refresh the split measurement
+        if not stale and one > split:
+            return False  # one batch measured slower
         return self._one_batch_pays(plan)  # predictions last: the whole batch's costs a forest query
 
     def _one_batch_pays(self, plan: Plan) -> bool:
@@ -560,7 +575,7 @@ class SubBatchScheduler(ContinuousBatchingScheduler):
     def observe(self, plan: Plan, timing: IterationTiming) -> None:
         if not self.learning or timing.sub_gpu_s is None:
             return
-        if self.warm and plan.batch_size:
+        if self.warm and plan.batch_size and self._decides_the_way(plan):
             way = 0 if self._one else 1
             self._same_way = self._same_way + 1 if self._last_way == way else 1
             self._last_way = way

@@ -20,7 +20,7 @@ import itertools
 import multiprocessing as mp
 import time
 
-from l3.report.summary import summarize
+from l3.report.summary import largest_losses, summarize
 from l3.sim.simulator import Simulator
 from l3.specs.model import get_model
 from l3.specs.system import get_system, with_overrides
@@ -72,9 +72,8 @@ def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def largest_losses(s: dict, k: int = 2) -> str:
-    parts = sorted(((v, name) for name, v in s["time_breakdown"].items() if name != "bound"), reverse=True)
-    return ", ".join(f"{name.replace('_', ' ')} {v:.2f}" for v, name in parts[:k])
+def losses(s: dict) -> str:
+    return ", ".join(f"{name.replace('_', ' ')} {v:.2f}" for name, v in largest_losses(s["time_breakdown"], 2))
 
 
 def main() -> None:
@@ -101,7 +100,7 @@ def main() -> None:
         print(f"| {r['job'][1]} | {' | '.join(label(r['job'], a.pools))} | "
               f"{r['requests_completed']} / {r['requests_rejected']} | {r['throughput_tok_s']:,.1f} | "
               f"{fmt(r['steady_throughput_tok_s'], ',.1f')} | {fmt(r.get('rank_load_imbalance'), '.2f')} | "
-              f"{fmt(r.get('idle_rank_fraction'), '.2f')} | {fmt(r['bound_fraction'], '.2f')} | {largest_losses(r)} | "
+              f"{fmt(r.get('idle_rank_fraction'), '.2f')} | {fmt(r['bound_fraction'], '.2f')} | {losses(r)} | "
               f"{r['sim_wall_s']:.1f} |")
 
 

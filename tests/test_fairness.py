@@ -14,7 +14,7 @@ from conftest import make_workload
 from l3.parallel import process_map
 from l3.report.compare import compare
 from l3.report.study import ratio_cell
-from l3.report.summary import summarize
+from l3.report.summary import largest_losses, summarize
 from l3.run import choose_parallelism, probe_workload, rejected_by
 from l3.sched.plan import Plan
 from l3.sched.timing import LOSSES, IterationTiming
@@ -130,6 +130,12 @@ def test_the_bound_is_never_below_the_achieved_throughput(kind, dp, n, seed, onl
     assert set(parts) <= {"bound", "replica_idle", *LOSSES}
     assert sum(parts.values()) == pytest.approx(1.0, rel=1e-9)
     assert all(v >= -1e-9 for v in parts.values()), parts
+
+
+def test_largest_losses_leave_out_the_bound_and_the_small_ones():
+    parts = {"bound": 0.6, "gpu_overheads": 0.2, "imbalance": 0.004, "transfers": 0.05, "serialisation": 0.146}
+    assert largest_losses(parts, 4, 0.005) == [("gpu_overheads", 0.2), ("serialisation", 0.146), ("transfers", 0.05)]
+    assert largest_losses(parts, 1) == [("gpu_overheads", 0.2)]
 
 
 def _timing(durations, bound=0.5) -> IterationTiming:

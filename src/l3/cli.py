@@ -48,8 +48,9 @@ def _parallel_note(s: dict) -> str:
 
 def _losses(breakdown: dict) -> str:
     """The largest causes of time beyond the bound, as shares of the replicas' time."""
-    items = sorted(((v, k) for k, v in breakdown.items() if k != "bound" and v >= 0.005), reverse=True)
-    return ", ".join(f"{k} {v:.0%}" for v, k in items[:4]) or "-"
+    from l3.report.summary import largest_losses
+
+    return ", ".join(f"{k} {v:.0%}" for k, v in largest_losses(breakdown, 4, 0.005)) or "-"
 
 
 def _wall(s: dict) -> str:

@@ -22,7 +22,7 @@ import numpy as np
 from l3.errors import L3Error
 from l3.parallel import process_map
 from l3.report.plots import save_figure
-from l3.report.summary import summarize
+from l3.report.summary import largest_losses, summarize
 from l3.run import deploy
 from l3.sched.timing import ENERGY_PARTS
 from l3.sim.simulator import Simulator
@@ -223,12 +223,12 @@ def main_study(n: int, systems: tuple[str, ...] = PAPER_SYSTEMS, name: str = "ma
         for r in res:
             if not r["label"].endswith("[best]"):
                 continue
-            lost = sorted(((v, k) for k, v in r["time_breakdown"].items() if k != "bound" and v >= 0.01), reverse=True)
+            lost = largest_losses(r["time_breakdown"], 3, 0.01)
             d = r["deployment"]
             lines.append(f"| {r['model']} | {r['workload']} | {r['system']} | {d['tp']} x {d['dp']} | "
                          f"{r['throughput_tok_s']:.0f} | {r[LEAD]:.0f} | {r['bound_tok_s']:.0f} | "
                          f"{r['bound_fraction']:.0%} / {_pct(r['steady_bound_fraction'])} | "
-                         f"{', '.join(f'{k} {v:.0%}' for v, k in lost[:3]) or '-'} |")
+                         f"{', '.join(f'{k} {v:.0%}' for k, v in lost) or '-'} |")
         return [*lines, ""]
 
     def report(res: list[dict], out: Path) -> str:

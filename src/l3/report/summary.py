@@ -123,6 +123,13 @@ def bound_summary(res: SimResult, out_tokens: int) -> dict:
     }
 
 
+def largest_losses(breakdown: dict, top: int, at_least: float = 0.0) -> list[tuple[str, float]]:
+    """The `top` largest causes of time beyond the bound in a `time_breakdown` (shares of the replicas' time, at
+    least `at_least` each), largest first."""
+    items = sorted(((v, k) for k, v in breakdown.items() if k != "bound" and v >= at_least), reverse=True)
+    return [(k, v) for v, k in items[:top]]
+
+
 def kv_tier_summary(res: SimResult) -> dict:
     """KV memory per tier (one, or HBM and the attention device's under asymmetric pipelining): capacity per
     replica, mean share held over the run, and the share of completed requests whose KV ended in HBM."""

@@ -16,6 +16,7 @@ from l3.sched import build_scheduler
 from l3.sched.kv import HBM_TIER
 from l3.sched.plan import Plan
 from l3.sched.requests import RequestTable, Status, WaitingQueue
+from l3.sched.timing import decode_bin
 from l3.sim.simulator import Simulator
 from l3.specs.model import ModelSpec, get_model
 from l3.specs.system import ParallelSpec, SystemSpec, get_system, with_overrides
@@ -342,6 +343,24 @@ def test_summary_reports_idle_ranks_merge_cost_and_tier_occupancy(placement):
         assert s["partial_merge_s"]["host"] > 0.0 and s["partial_merge_s"]["gpu"] == 0.0
     (used,) = s["kv_tiers"]["mean_used_fraction"]
     assert 0.0 < used < 1.0 and s["kv_tiers"]["names"] == ["kv"]
+
+
+def test_imbalance_by_device_decodes_splits_the_mean_over_the_sub_batch_sizes():
+    """As the requests finish, the PIM sub-batch passes through every bin of device decodes: each bin's share of
+    the PIM layers and its mean imbalance, weighted together, give back the run's mean imbalance exactly."""
+    rng = np.random.default_rng(3)
+    wl = make_workload(np.zeros(200), np.full(200, 16), rng.integers(64, 64 * 64, 200), mode="offline")
+    s = summarize(Simulator(spec(placement="striped", over="replica", merge="host").deploy(TINY), wl).run())
+    bins = s["rank_load_imbalance_by_device_decodes"]
+    assert list(bins) == ["1-3", "4-15", "16-63", "64+"]
+    assert sum(b["layer_share"] for b in bins.values()) == pytest.approx(1.0)
+    assert sum(b["imbalance"] * b["layer_share"] for b in bins.values()) == pytest.approx(s["rank_load_imbalance"])
+    assert all(b["imbalance"] >= 1.0 for b in bins.values())
+
+
+@pytest.mark.parametrize(("n", "lo"), [(1, 1), (3, 1), (4, 4), (15, 4), (16, 16), (63, 16), (64, 64), (10**6, 64)])
+def test_decode_bin_is_the_lower_edge_of_its_bin(n, lo):
+    assert decode_bin(n) == lo
 
 
 @settings(max_examples=30, deadline=None)

@@ -15,6 +15,7 @@ from conftest import make_workload
 from l3.report.summary import summarize
 from l3.sched.plan import BatchShape, Plan
 from l3.sched.requests import RequestTable
+from l3.sched.timing import IMBALANCE_DECODE_BINS
 from l3.sim.simulator import Simulator
 from l3.specs.model import ModelSpec, get_model
 from l3.specs.system import ParallelSpec, SystemSpec, get_system, with_overrides
@@ -69,6 +70,17 @@ def test_no_device_runs_two_things_at_once():
         for (_, e0), (s1, _) in itertools.pairwise(ivs):
             assert s1 >= e0 - 1e-12, dev
     assert max(e for ivs in lanes.values() for _, e in ivs) <= timing.durations[0] + 1e-12
+
+
+def test_imbalance_is_also_counted_by_the_sub_batchs_device_decodes():
+    """A sub-batch of 5 PIM decodes and one of 20: each sub-batch's layers and its summed imbalance fall in the bin
+    of its own count of device decodes, and the bins add up to the totals."""
+    t, plan = table_and_plan([300, 40, 7000, 900, 2500], [1200, 90, 64, 4000] * 5)
+    stats = system().run(plan, t, 1).stats
+    layers = {lo: stats[f"device_layers_n{lo}"][0] for lo in IMBALANCE_DECODE_BINS}
+    assert layers == {1: 0.0, 4: TINY.n_layers, 16: TINY.n_layers, 64: 0.0}
+    assert stats["imbalance_n4"][0] >= TINY.n_layers and stats["imbalance_n16"][0] >= TINY.n_layers
+    assert stats["imbalance_n4"][0] + stats["imbalance_n16"][0] == pytest.approx(stats["imbalance"][0])
 
 
 def test_dependencies_hold_in_the_timeline():

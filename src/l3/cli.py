@@ -102,6 +102,9 @@ def print_summary(s: dict) -> None:
         rows[-2:-2] = [
             ("scheduler policy", str(s["policy"])),
             ("rank load imbalance (slowest / mean working)", _fmt(s["rank_load_imbalance"])),
+            ("... by PIM decodes per sub-batch (share of layers)",
+             ", ".join(f"{k}: {v['imbalance']:.2f} ({v['layer_share']:.0%})"
+                       for k, v in s["rank_load_imbalance_by_device_decodes"].items()) or "-"),
             ("PIM predictor error, median / p90", err(s["pim_predictor_error"])),
             ("GPU predictor error, median / p90", err(s["gpu_predictor_error"])),
             ("iterations where GPU / PIM waited", f"{s['gpu_waited_fraction']:.0%} / {s['pim_waited_fraction']:.0%}"),

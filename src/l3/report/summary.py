@@ -10,7 +10,7 @@ from l3.sched.kv import HBM_TIER
 from l3.sched.predictors import ErrorLog
 from l3.sched.requests import Status
 from l3.sched.subbatch import SubBatchScheduler
-from l3.sched.timing import ENERGY_PARTS
+from l3.sched.timing import ENERGY_PARTS, IMBALANCE_DECODE_BINS
 from l3.sim.simulator import SimResult
 
 
@@ -152,6 +152,20 @@ def sparse_counts(counts: np.ndarray) -> dict[str, float]:
     return {str(int(i)): float(counts[i]) for i in idx}
 
 
+def imbalance_by_device_decodes(stats: dict[str, float]) -> dict[str, dict[str, float]]:
+    """`rank_load_imbalance` apart for each bin of memory-side decodes per sub-batch (sched.timing
+    .IMBALANCE_DECODE_BINS; labels such as "4-15", "64+"): the bin's mean imbalance and its share of the layers
+    attended on the memory side. Bins with no such layer are left out."""
+    edges = IMBALANCE_DECODE_BINS
+    out = {}
+    for lo, hi in zip(edges, (*edges[1:], None), strict=True):
+        layers = stats.get(f"device_layers_n{lo}", 0.0)
+        if layers:
+            out[f"{lo}-{hi - 1}" if hi else f"{lo}+"] = {"imbalance": stats[f"imbalance_n{lo}"] / layers,
+                                                          "layer_share": layers / stats["device_layers"]}
+    return out
+
+
 def coordination_summary(res: SimResult) -> dict:
     """Figures of systems that pair the GPUs with a memory-side device (empty for GPU-only)."""
     m = res.metrics
@@ -166,6 +180,7 @@ def coordination_summary(res: SimResult) -> dict:
         else None,
         "idle_rank_fraction": m.stats["idle_unit_layers"] / m.stats["device_layers"] if m.stats["device_layers"]
         else None,
+        "rank_load_imbalance_by_device_decodes": imbalance_by_device_decodes(m.stats),
         # seconds merging striped requests' partial attentions (l3-plus): on the GPUs (per GPU group, in the
         # GPU's busy time) and on the host CPUs
         "partial_merge_s": {"gpu": m.stats["merge_gpu_s"], "host": m.stats["merge_host_s"]},

@@ -69,3 +69,13 @@ LOSSES = {
     "serialisation": "other waits of the bounding side: the GPU waiting for attention, or the busiest unit waiting "
     "for its next layer's inputs (behind the slowest unit of each layer, the GPU, sub-batch alignment)",
 }
+
+# Lower edges of the bins of memory-side decodes per sub-batch by which the per-layer unit imbalance is also
+# reported (`rank_load_imbalance_by_device_decodes`): the chunks of a few requests cannot spread evenly over
+# many units, so the imbalance depends on how many requests the memory side attends at once.
+IMBALANCE_DECODE_BINS = (1, 4, 16, 64)
+
+
+def decode_bin(n_decodes: int) -> int:
+    """The lower edge of the `IMBALANCE_DECODE_BINS` bin holding `n_decodes` (>= 1) memory-side decodes."""
+    return max(lo for lo in IMBALANCE_DECODE_BINS if lo <= n_decodes)

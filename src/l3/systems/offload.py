@@ -22,7 +22,7 @@ from l3.sched import Topology
 from l3.sched.plan import BatchShape, Plan
 from l3.sched.requests import RequestTable
 from l3.sched.subbatch import tokens_at_slot
-from l3.sched.timing import IMBALANCE_DECODE_BINS, IterationTiming, decode_bin
+from l3.sched.timing import IterationTiming, decode_bin
 from l3.specs.system import Deployment
 from l3.systems.base import SystemModel
 from l3.systems.layer_clock import PART_ROWS, layer_times, unit_loads
@@ -220,7 +220,7 @@ class AttentionOffloadSystem(SystemModel):
         gpu_sub, mem_sub = np.zeros((steps, 2)), np.zeros((steps, 2))
         busy = {d: np.zeros(steps) for d in self.devices}
         imb_sum, idle_sum, imb_n = np.zeros(steps), np.zeros(steps), 0
-        by_bin = {f"{k}_n{lo}": np.zeros(steps) for lo in IMBALANCE_DECODE_BINS for k in ("imbalance", "device_layers")}
+        by_bin = {}  # the imbalance sums by the sub-batch's count of memory-side decodes: only the bins that occur
         merge = {"merge_gpu_s": np.zeros(steps), "merge_host_s": np.zeros(steps)}
         stall = np.zeros((steps, R))  # per rankset: its ranks' mean time blocked by transfers
         for x in subs:
@@ -243,8 +243,8 @@ class AttentionOffloadSystem(SystemModel):
                 idle_sum += idle
                 imb_n += L
                 lo = decode_bin(x["n_dec"])
-                by_bin[f"imbalance_n{lo}"] += ratio
-                by_bin[f"device_layers_n{lo}"] += L
+                by_bin[f"imbalance_n{lo}"] = by_bin.get(f"imbalance_n{lo}", 0.0) + ratio
+                by_bin[f"device_layers_n{lo}"] = by_bin.get(f"device_layers_n{lo}", 0.0) + np.full(steps, float(L))
             merge["merge_gpu_s"] += L * avg["merge"]
             merge["merge_host_s"] += L * x["host_merge"]
         stats = {
@@ -252,7 +252,7 @@ class AttentionOffloadSystem(SystemModel):
             # slowest / mean working unit's time and the fraction of units idle
             "imbalance": imb_sum,
             "device_layers": np.full(steps, float(imb_n)), "idle_unit_layers": idle_sum, **merge,
-            **by_bin,  # the same two by the sub-batch's count of memory-side decodes (IMBALANCE_DECODE_BINS)
+            **by_bin,  # the same two by the sub-batch's count of memory-side decodes (timing.IMBALANCE_DECODE_BINS)
             **{name: stall[:, q] for q, name in enumerate(self._stall_names)},
             "gpu_waited": (durations - busy["gpu"] > WAIT_THRESHOLD * durations).astype(float),
             "pim_waited": ((durations - mem_sub.sum(axis=1) > WAIT_THRESHOLD * durations)
